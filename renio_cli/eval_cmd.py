@@ -9,7 +9,14 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fail, handle_errors, progress_bar
-from renio_core.eval_stage import EvalConfig, compare, load_summary, prepare_eval, run_eval
+from renio_cli.options import BackendOpt, VllmMemoryOpt
+from renio_core.eval_stage import (
+    EvalConfig,
+    compare,
+    load_summary,
+    prepare_eval,
+    run_eval,
+)
 
 
 def _num(value: Any, share: bool = False) -> str:
@@ -86,7 +93,8 @@ def eval_cmd(
     top_k: int = typer.Option(20, help="Top-k sampling (0 = off)."),
     max_new_tokens: int = typer.Option(1024, help="Completion length cap; reaching it counts as truncated."),
     seed: int = typer.Option(0, help="Sampling seed."),
-    backend: str = typer.Option("hf", help="hf (transformers generate) or vllm."),
+    backend: str = BackendOpt,
+    vllm_memory: float = VllmMemoryOpt,
     limit: int | None = typer.Option(None, help="Only the first N problems of the benchmark."),
     batch_size: int = typer.Option(64, help="Sequences per generate call."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
@@ -114,7 +122,7 @@ def eval_cmd(
     cfg = EvalConfig(
         bench=bench or "", out=str(out) if out else "", model=model, adapter=adapter,
         completions=completions, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, seed=seed, backend=backend, limit=limit,
+        max_new_tokens=max_new_tokens, seed=seed, backend=backend, vllm_memory=vllm_memory, limit=limit,
         batch_size=batch_size, device=device, dtype=dtype,
         summary=str(summary) if summary else None, code_timeout_s=code_timeout,
         code_memory_mb=code_memory_mb, workers=workers, overwrite=overwrite,

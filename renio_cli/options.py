@@ -17,4 +17,9 @@ DtypeOpt = typer.Option(
     "auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16.",
 )
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ...")
-BackendOpt = typer.Option("hf", "--backend", help="hf (exact, any device) or vllm (GPU, optional extra).")
+BackendOpt = typer.Option("hf", "--backend", help="hf (exact, any device) or vllm (optional extra; a GPU, or vLLM's CPU build).")
+VllmMemoryOpt = typer.Option(
+    0.9, "--vllm-memory",
+    help="With --backend vllm: the share of GPU memory vLLM may reserve (of CPU memory on a "
+         "CPU build; OPD scoring splits it between its two engines).",
+)

@@ -8,9 +8,22 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
-from renio_cli.options import BackendOpt, DeviceOpt, DtypeOpt, OverwriteOpt, SeedOpt, ShardOpt
+from renio_cli.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    OverwriteOpt,
+    SeedOpt,
+    ShardOpt,
+    VllmMemoryOpt,
+)
 from renio_core.prompt_io import load_prompts
-from renio_core.rollout_stage import RolloutConfig, RolloutSummary, planned_rows, run_rollout
+from renio_core.rollout_stage import (
+    RolloutConfig,
+    RolloutSummary,
+    planned_rows,
+    run_rollout,
+)
 
 
 def summary_table(s: RolloutSummary, cfg: RolloutConfig) -> Table:
@@ -49,6 +62,7 @@ def rollout(
     shard: str = ShardOpt,
     policy_step: int = typer.Option(0, "--policy-step", help="Train step of the student, recorded per row."),
     backend: str = BackendOpt,
+    vllm_memory: float = VllmMemoryOpt,
     batch_size: int = typer.Option(64, help="Trajectories sampled together (HF backend)."),
     chunk_prompts: int = typer.Option(64, help="Prompts per output part (the unit of resuming and sharding)."),
     math_instruction: str | None = typer.Option(None, help="Replace the math instruction."),
@@ -63,7 +77,7 @@ def rollout(
         model=model, prompts=prompts, out=str(out), adapter=adapter, n=n,
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
         seed=seed, task=task, enable_thinking=enable_thinking, grade=grade, shard=shard,
-        policy_step=policy_step, backend=backend, batch_size=batch_size,
+        policy_step=policy_step, backend=backend, vllm_memory=vllm_memory, batch_size=batch_size,
         chunk_prompts=chunk_prompts, math_instruction=math_instruction,
         code_instruction=code_instruction, dtype=dtype, device=device, overwrite=overwrite,
     )

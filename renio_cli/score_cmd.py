@@ -8,9 +8,22 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
-from renio_cli.options import BackendOpt, DeviceOpt, DtypeOpt, OverwriteOpt, ShardOpt
+from renio_cli.options import (
+    BackendOpt,
+    DeviceOpt,
+    DtypeOpt,
+    OverwriteOpt,
+    ShardOpt,
+    VllmMemoryOpt,
+)
 from renio_core import shards
-from renio_core.score_stage import INPUT_COLUMNS, ScoreConfig, ScoreSummary, planned_rows, run_score
+from renio_core.score_stage import (
+    INPUT_COLUMNS,
+    ScoreConfig,
+    ScoreSummary,
+    planned_rows,
+    run_score,
+)
 
 
 def summary_table(s: ScoreSummary, cfg: ScoreConfig) -> Table:
@@ -46,6 +59,7 @@ def score(
     chunk: int = typer.Option(1024, help="Positions per log-softmax chunk (peak memory ~ chunk x vocab)."),
     shard: str = ShardOpt,
     backend: str = BackendOpt,
+    vllm_memory: float = VllmMemoryOpt,
     rows_per_part: int = typer.Option(512, help="Input rows per output part (the unit of resuming and sharding)."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -56,7 +70,7 @@ def score(
     cfg = ScoreConfig(
         input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
         temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,
-        shard=shard, backend=backend, rows_per_part=rows_per_part, dtype=dtype,
+        shard=shard, backend=backend, vllm_memory=vllm_memory, rows_per_part=rows_per_part, dtype=dtype,
         device=device, overwrite=overwrite,
     )
     total = shards.open_inputs(cfg.input, INPUT_COLUMNS).total_rows  # footers only: cheap

@@ -83,6 +83,7 @@ class EvalConfig:
     max_new_tokens: int = 1024
     seed: int = 0
     backend: str = "hf"
+    vllm_memory: float = 0.9
     limit: int | None = None
     batch_size: int = 64
     device: str = "auto"
@@ -116,6 +117,8 @@ class EvalConfig:
             raise RenioInputError(f"max_new_tokens: must be at least 1, got {self.max_new_tokens}")
         if self.backend not in BACKENDS:
             raise RenioInputError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 < self.vllm_memory <= 1:
+            raise RenioInputError(f"vllm_memory: must be in (0, 1], got {self.vllm_memory}")
         if self.limit is not None and self.limit < 1:
             raise RenioInputError(f"limit: must be at least 1, got {self.limit}")
         if self.batch_size < 1:
@@ -368,7 +371,7 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
         model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-        dtype=cfg.dtype, device=cfg.device, backend=cfg.backend,
+        dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, vllm_memory=cfg.vllm_memory,
     )
     tok = models.load_tokenizer(cfg.model)
     sampler: Any
@@ -540,7 +543,7 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
 def _config_for_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     # Where the results go and how fast they are made do not change them.
-    for key in ("out", "summary", "overwrite", "workers", "batch_size", "device"):
+    for key in ("out", "summary", "overwrite", "workers", "batch_size", "device", "vllm_memory"):
         d.pop(key)
     # A file edited in place, or a checkpoint overwritten at the same path, is new input.
     d["bench_file"] = _file_identity(cfg.bench)

@@ -82,6 +82,7 @@ class RolloutConfig:
     shard: str = "0/1"
     policy_step: int = 0
     backend: str = "hf"
+    vllm_memory: float = 0.9
     batch_size: int = 64
     chunk_prompts: int = 64
     dtype: str = "auto"
@@ -114,6 +115,8 @@ class RolloutConfig:
             raise bad("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.backend not in BACKENDS:
             raise bad("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 < self.vllm_memory <= 1:
+            raise bad("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}")
         if self.batch_size < 1:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.chunk_prompts < 1:
@@ -127,7 +130,7 @@ class RolloutConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the rows: everything but where they go and how the work is split."""
         d = dataclasses.asdict(self)
-        for key in ("out", "shard", "overwrite", "device"):
+        for key in ("out", "shard", "overwrite", "device", "vllm_memory"):
             d.pop(key)
         return d
 
@@ -412,11 +415,14 @@ def run_rollout(
     prompt_set: PromptSet | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    sampler: Any = None,
 ) -> RolloutSummary:
     """Sample this shard's chunks of ``cfg.prompts`` and write them to ``cfg.out``.
 
-    ``model``/``tokenizer`` may be passed preloaded (the ``renio run`` loop); ``progress(n)``
-    is called with the number of rows finished (or found complete) since the last call.
+    ``model``/``tokenizer`` may be passed preloaded (the ``renio run`` loop), or a whole
+    ``sampler`` (a ``VllmSampler`` kept across iterations; the caller closes it).
+    ``progress(n)`` is called with the number of rows finished (or found complete) since the
+    last call.
     """
     prompt_set = prompt_set if prompt_set is not None else load_prompts(cfg.prompts)
     check_grading(cfg, prompt_set)
@@ -463,7 +469,7 @@ def run_rollout(
         return summary
     out.prepare()
 
-    sampler: Any = None
+    own_sampler = sampler is None  # one made here is closed here; a caller's is kept
 
     def get_sampler() -> Any:
         nonlocal sampler, model
@@ -498,8 +504,12 @@ def run_rollout(
             progress(len(chunk_prompts(k)) * cfg.n)
         count(shards.read_table(out.parts.part_path(k)))
 
-    summary.parts_written, summary.parts_skipped = run_chunks(
-        out, n_chunks, meta, make_chunk, on_skip=on_skip)
+    try:
+        summary.parts_written, summary.parts_skipped = run_chunks(
+            out, n_chunks, meta, make_chunk, on_skip=on_skip)
+    finally:
+        if own_sampler and hasattr(sampler, "close"):
+            sampler.close()  # a vLLM engine's worker processes
     out.finalize(n_chunks, meta)
     summary.seconds = busy[0]
     summary.tokens = fresh_tokens

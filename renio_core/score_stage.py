@@ -72,6 +72,7 @@ class ScoreConfig:
     chunk: int = 1024
     shard: str = "0/1"
     backend: str = "hf"
+    vllm_memory: float = 0.9
     rows_per_part: int = 512
     dtype: str = "auto"
     device: str = "auto"
@@ -99,6 +100,8 @@ class ScoreConfig:
             raise bad("rows_per_part", f"must be >= 1, got {self.rows_per_part}")
         if self.backend not in BACKENDS:
             raise bad("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0 < self.vllm_memory <= 1:
+            raise bad("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}")
         if self.dtype not in models.DTYPES:
             raise bad("dtype", f"must be one of {', '.join(models.DTYPES)}")
         parse_shard(self.shard)
@@ -408,7 +411,8 @@ def read_rows(inputs: shards.InputSet, start: int, stop: int) -> pa.Table:
 
 def _fingerprint_fields(cfg: ScoreConfig, resolved: ResolvedScoring) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
-    for key in ("out", "shard", "overwrite", "device", "max_batch_tokens", "chunk"):
+    for key in ("out", "shard", "overwrite", "device", "max_batch_tokens", "chunk",
+                "vllm_memory"):
         d.pop(key)
     d["resolved"] = dataclasses.asdict(resolved)
     return d
@@ -560,8 +564,12 @@ def run_score(
             progress(hi - lo)
         count(shards.read_table(out.parts.part_path(k)))
 
-    summary.parts_written, summary.parts_skipped = run_chunks(
-        out, n_chunks, meta, make_chunk, on_skip=on_skip)
+    try:
+        summary.parts_written, summary.parts_skipped = run_chunks(
+            out, n_chunks, meta, make_chunk, on_skip=on_skip)
+    finally:
+        if scorer is None and hasattr(state["scorer"], "close"):
+            state["scorer"].close()  # vLLM engines made here; a caller's scorer is kept
     out.finalize(n_chunks, meta)
     return finish()
 

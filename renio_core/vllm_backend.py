@@ -34,11 +34,20 @@ def require_vllm() -> Any:
             "--backend vllm needs the 'vllm' package, which is not installed "
             "(pip install 'renio[vllm]'), or use --backend hf"
         ) from None
-    import torch
+    # vLLM decides where it can run (a CUDA GPU, or the CPU for a CPU build of vLLM); ask it
+    # rather than torch, so a CPU build is usable and a CUDA build on a GPU-less node fails
+    # here with one line instead of deep inside engine start-up.
+    try:
+        from vllm.platforms import current_platform
 
-    if not torch.cuda.is_available():
-        raise RenioInputError("--backend vllm needs a CUDA GPU and none is visible; "
-                              "use --backend hf")
+        unusable = current_platform.is_unspecified()
+    except Exception:  # an older or unusual vLLM: fall back to asking torch
+        import torch
+
+        unusable = not torch.cuda.is_available()
+    if unusable:
+        raise RenioInputError("--backend vllm found no device vLLM can run on (no CUDA GPU "
+                              "is visible and this vLLM is not a CPU build); use --backend hf")
     return vllm
 
 
@@ -120,34 +129,124 @@ def logprobs_from_prompt_logprobs(
     return lps, (ids_out if topk else None), (lps_out if topk else None)
 
 
+# vLLM sizes its LoRA buffers for one of these ranks (``LoRAConfig.max_lora_rank``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def engine_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds an adapter of rank ``rank``."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise RenioInputError(f"--backend vllm: LoRA rank {rank} is above vLLM's largest "
+                          f"({VLLM_LORA_RANKS[-1]}); use --backend hf")
+
+
+def adapter_rank(adapter: str | os.PathLike) -> int:
+    """The rank ``r`` of a peft LoRA adapter directory, from its ``adapter_config.json``."""
+    import json
+    from pathlib import Path
+
+    path = Path(adapter) / "adapter_config.json"
+    try:
+        rank = json.loads(path.read_text())["r"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RenioInputError(f"not a LoRA adapter ({type(exc).__name__}: {exc}); vLLM takes "
+                              "peft LoRA adapters only", file=path) from None
+    if not isinstance(rank, int) or rank < 1:
+        raise RenioInputError(f"'r' must be a positive integer, got {rank!r}", file=path)
+    return rank
+
+
+def lora_engine_args(rank: int | None) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments for an engine that takes adapters up to ``rank``."""
+    if rank is None:
+        return {}
+    return {"enable_lora": True, "max_lora_rank": engine_lora_rank(rank), "max_loras": 1}
+
+
 # --------------------------------------------------------------------------------------------
 # Thin adapters over vLLM
 # --------------------------------------------------------------------------------------------
 
 
 def _dtype_arg(dtype: str) -> str:
-    return "auto" if dtype == "auto" else dtype
+    """renio's ``--dtype auto`` means bfloat16 on a GPU and float32 on a CPU, for both
+    backends; vLLM's own ``auto`` would run a float32 checkpoint in bfloat16 on a CPU too."""
+    if dtype != "auto":
+        return dtype
+    from vllm.platforms import current_platform
+
+    return "float32" if current_platform.is_cpu() else "bfloat16"
+
+
+def shutdown(*llms: Any) -> None:
+    """Stop the engines' worker processes now. Left to garbage collection at exit, two engines
+    in one process can abort the interpreter (``terminate called without an active
+    exception``) after the output is already written, turning a good run into exit 134."""
+    seen: set[int] = set()
+    for llm in llms:
+        if llm is None or id(llm) in seen:
+            continue
+        seen.add(id(llm))
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
 
 class VllmSampler:
-    """Drop-in for ``rollout_stage.HFSampler`` (same ``sample`` signature)."""
+    """Drop-in for ``rollout_stage.HFSampler`` (same ``sample`` signature).
 
-    def __init__(self, cfg: Any, tokenizer: Any):
+    One engine can serve a whole ``renio run``: built with ``lora_rank``, it takes each new
+    adapter through :meth:`set_adapter` (a fresh ``LoRARequest`` id, so vLLM loads the new
+    weights instead of reusing its cached copy of the previous iteration's)."""
+
+    def __init__(self, cfg: Any, tokenizer: Any, *, lora_rank: int | None = None):
         vllm = require_vllm()
         self.vllm = vllm
         self.tokenizer = tokenizer
+        if lora_rank is None and cfg.adapter is not None:
+            lora_rank = adapter_rank(cfg.adapter)
         self.llm = vllm.LLM(model=models.resolve_name(cfg.model), seed=cfg.seed,
-                            dtype=_dtype_arg(cfg.dtype), enable_lora=cfg.adapter is not None)
-        self.lora = None
-        if cfg.adapter is not None:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest("student", 1, os.fspath(cfg.adapter))
+                            dtype=_dtype_arg(cfg.dtype), gpu_memory_utilization=cfg.vllm_memory,
+                            **lora_engine_args(lora_rank))
+        self.lora_rank = lora_rank
+        self.lora: Any = None
+        self._lora_ids = 0
+        self.adapter: str | None = None
+        self.set_adapter(cfg.adapter)
         self.eos_ids = models.eos_token_ids(_GenConfigView(cfg.model), tokenizer)
+
+    def set_adapter(self, adapter: str | os.PathLike | None) -> None:
+        """Sample from the base model plus ``adapter`` (None: the base model alone)."""
+        if adapter is None:
+            self.lora, self.adapter = None, None
+            return
+        if self.lora_rank is None:
+            raise RenioInputError("this vLLM engine was built without LoRA support; "
+                                  "cannot apply an adapter", file=adapter)
+        rank = adapter_rank(adapter)
+        if rank > self.lora_rank:
+            raise RenioInputError(f"adapter rank {rank} is above the engine's {self.lora_rank}",
+                                  file=adapter)
+        from vllm.lora.request import LoRARequest
+
+        self._lora_ids += 1
+        self.lora = LoRARequest(f"student-{self._lora_ids}", self._lora_ids,
+                                os.fspath(adapter))
+        self.adapter = os.fspath(adapter)
+
+    def close(self) -> None:
+        shutdown(self.llm)
 
     def sample(self, prompts: Sequence[Any], cfg: Any,
                progress: Callable[[int], None] | None = None) -> Any:
-        from renio_core.rollout_stage import Completion, build_rows, render_prompt, row_seed
+        from renio_core.rollout_stage import (
+            Completion,
+            build_rows,
+            render_prompt,
+            row_seed,
+        )
 
         prompt_ids = [render_prompt(self.tokenizer, p, cfg) for p in prompts]
         requests, params = [], []
@@ -184,10 +283,34 @@ class _GenConfigView:
             self.generation_config = None
 
 
+def merge_adapter(base: str, adapter: str | os.PathLike, out_dir: str | os.PathLike,
+                  dtype: str) -> str:
+    """Write ``base`` + ``adapter`` merged into one plain checkpoint (weights and tokenizer)
+    under ``out_dir``, for an engine that must not see the adapter as a LoRA."""
+    import torch
+
+    model = models.load_model(base, adapter=adapter, dtype=dtype, device="cpu")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out_dir)
+    models.load_tokenizer(base).save_pretrained(out_dir)
+    del model, merged
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return os.fspath(out_dir)
+
+
 class VllmScorer:
-    """Drop-in for ``score_stage.Scorer`` (same ``score_table`` signature), prefill-only."""
+    """Drop-in for ``score_stage.Scorer`` (same ``score_table`` signature), prefill-only.
+
+    A student adapter is merged into a plain checkpoint first rather than served as a LoRA:
+    vLLM's prompt log-probs do not apply LoRA correctly (on vLLM 0.32's CPU build the engine
+    crashes; upstream reports wrong mappings and a dropped lm_head delta, vllm-project/vllm
+    issues 16668 and 51594), and scoring must be exact. The merged copy lives beside the
+    output and is removed by :meth:`close`."""
 
     def __init__(self, cfg: Any, resolved: Any, student_tok: Any, teacher_tok: Any):
+        import tempfile
+        from pathlib import Path
+
         from renio_core.score_stage import Scorer
 
         vllm = require_vllm()
@@ -195,30 +318,47 @@ class VllmScorer:
         self.vllm = vllm
         self.cfg = cfg
         self.resolved = resolved
-        share = 0.9 if cfg.self_distill else 0.45
-        self.student_llm = vllm.LLM(model=models.resolve_name(resolved.student),
-                                    dtype=_dtype_arg(cfg.dtype), gpu_memory_utilization=share,
-                                    enable_lora=resolved.adapter is not None)
-        self.lora = None
+        dtype = _dtype_arg(cfg.dtype)
+        self._merged: str | None = None
+        student_path = models.resolve_name(resolved.student)
         if resolved.adapter is not None:
-            from vllm.lora.request import LoRARequest
-
-            self.lora = LoRARequest("student", 1, os.fspath(resolved.adapter))
-        self.teacher_llm = (self.student_llm if cfg.self_distill else
-                            vllm.LLM(model=models.resolve_name(cfg.teacher),
-                                     dtype=_dtype_arg(cfg.dtype), gpu_memory_utilization=share))
+            parent = Path(cfg.out).resolve().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            self._merged = tempfile.mkdtemp(prefix=f".{Path(cfg.out).name}.merged-student-",
+                                            dir=parent)
+            student_path = merge_adapter(resolved.student, resolved.adapter, self._merged,
+                                         dtype)
+        # OPSD without an adapter scores both sides with one engine (the teacher is the
+        # student's base); otherwise two engines share the memory budget.
+        one_engine = cfg.self_distill and resolved.adapter is None
+        share = cfg.vllm_memory if one_engine else cfg.vllm_memory / 2
+        # vLLM refuses more top log-probs per position than max_logprobs (default 20).
+        max_logprobs = max(20, cfg.topk)
+        self.student_llm = vllm.LLM(model=student_path, dtype=dtype,
+                                    gpu_memory_utilization=share, max_logprobs=max_logprobs)
+        teacher_path = (models.resolve_name(resolved.student) if cfg.self_distill
+                        else models.resolve_name(cfg.teacher))
+        self.teacher_llm = (self.student_llm if one_engine else
+                            vllm.LLM(model=teacher_path, dtype=dtype,
+                                     gpu_memory_utilization=share, max_logprobs=max_logprobs))
         # Reuse the HF scorer's privileged-prompt construction (pure, model-free).
         self._prompts = Scorer(cfg, resolved, None, student_tok, None, teacher_tok)
 
+    def close(self) -> None:
+        import shutil
+
+        shutdown(self.student_llm, self.teacher_llm)
+        if self._merged is not None:
+            shutil.rmtree(self._merged, ignore_errors=True)
+            self._merged = None
+
     def _score(self, llm: Any, prompts: Sequence[Sequence[int]],
-               completions: Sequence[Sequence[int]], topk: int, lora: Any) -> Any:
+               completions: Sequence[Sequence[int]], topk: int) -> Any:
         seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
         params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
-        outs = llm.generate([{"prompt_token_ids": s} for s in seqs], params,
-                            lora_request=lora, use_tqdm=False)
-        results = [logprobs_from_prompt_logprobs(o.prompt_logprobs, s, len(p), len(s), topk)
-                   for o, s, p in zip(outs, seqs, prompts)]
-        return results
+        outs = llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        return [logprobs_from_prompt_logprobs(o.prompt_logprobs, s, len(p), len(s), topk)
+                for o, s, p in zip(outs, seqs, prompts)]
 
     def score_table(self, table: Any, progress: Callable[[int], None] | None = None) -> Any:
         import torch
@@ -228,8 +368,8 @@ class VllmScorer:
         prompts = table.column("prompt_ids").to_pylist()
         completions = table.column("completion_ids").to_pylist()
         teacher_prompts = self._prompts.teacher_prompts(table)
-        s = self._score(self.student_llm, prompts, completions, 0, self.lora)
-        t = self._score(self.teacher_llm, teacher_prompts, completions, self.cfg.topk, None)
+        s = self._score(self.student_llm, prompts, completions, 0)
+        t = self._score(self.teacher_llm, teacher_prompts, completions, self.cfg.topk)
 
         def result(rows: Any, topk: int) -> models.LogprobResult:
             lp = [torch.tensor(r[0], dtype=torch.float32) for r in rows]
