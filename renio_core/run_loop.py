@@ -93,6 +93,16 @@ class RunConfig:
                 raise RenioInputError(
                     f"{section}.{sorted(owned)[0]}: set by the loop itself; remove it "
                     "(top-level keys choose models, prompts and seeds)")
+        if self.score.get("backend", "hf") != "hf":
+            raise RenioInputError(
+                "score.backend: the loop scores with its resident models (exact, already "
+                "loaded for training); remove it, or run `renio score --backend vllm` "
+                "stage by stage")
+        if self.rollout.get("backend", "hf") == "vllm" and not self.train.get("lora", True):
+            raise RenioInputError(
+                "rollout.backend: vllm in the loop serves the trained LoRA adapter to one "
+                "resident engine; a full fine-tune (train.lora: false) would need a new "
+                "engine every iteration. Use LoRA, or rollout.backend: hf")
         unknown = sorted(set(self.eval) - {*EVAL_SAMPLING, "limit"})
         if unknown:
             raise RenioInputError(
@@ -226,6 +236,27 @@ class _Resident:
             self.teacher = models.load_model(cfg.teacher, dtype=dtype, device=device)
         self.adapter: str | None = None
         self.loaded = 0
+        self.vllm_sampler: Any = None
+
+    def sampler(self, rollout_cfg: Any, lora_rank: int) -> Any:
+        """With ``backend: vllm``, one engine for the whole run, built on first use with LoRA
+        enabled up to the trainer's rank; each rollout (and eval) swaps in the newest
+        adapter. None for the HF backend, which samples from the resident student."""
+        if rollout_cfg.backend != "vllm":
+            return None
+        if self.vllm_sampler is None:
+            from renio_core.vllm_backend import VllmSampler
+
+            self.vllm_sampler = VllmSampler(
+                dataclasses.replace(rollout_cfg, adapter=None), self.tokenizer,
+                lora_rank=lora_rank)
+        self.vllm_sampler.set_adapter(rollout_cfg.adapter)
+        return self.vllm_sampler
+
+    def close(self) -> None:
+        if self.vllm_sampler is not None:
+            self.vllm_sampler.close()
+            self.vllm_sampler = None
 
     def use_adapter(self, adapter: str | None) -> None:
         """Make the resident student the base model plus ``adapter`` (a checkpoint dir).
@@ -270,11 +301,6 @@ def run_loop(
     total)`` returns a context manager yielding ``advance(n)`` for a stage's progress bar."""
     from contextlib import nullcontext
 
-    from renio_core.eval_stage import EvalConfig, run_eval
-    from renio_core.rollout_stage import RolloutConfig, run_rollout
-    from renio_core.score_stage import Scorer, resolve, run_score
-    from renio_core.weight_stage import run_weight
-
     say = log or (lambda _msg: None)
 
     def bar(desc: str, total: int | None):
@@ -287,7 +313,25 @@ def run_loop(
     eval_spec = _resolve_prompts(cfg.eval_prompts, "eval_prompts") if cfg.eval_prompts else None
     eval_prompts = load_prompts(eval_spec) if eval_spec else None
     resident = _Resident(cfg, cfg.rollout)
+    try:
+        return _run_iterations(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts,
+                               say, bar)
+    finally:
+        resident.close()  # a vLLM engine's worker processes
+
+
+def _run_iterations(cfg: RunConfig, resident: _Resident, run_dir: Path,
+                    train_prompts: PromptSet, eval_spec: str | None,
+                    eval_prompts: PromptSet | None, say: Callable[[str], None],
+                    bar: Callable[[str, int | None], Any]) -> RunSummary:
+    from renio_core.eval_stage import EvalConfig, run_eval
+    from renio_core.rollout_stage import RolloutConfig, run_rollout
+    from renio_core.score_stage import Scorer, resolve, run_score
+    from renio_core.weight_stage import run_weight
+
     metrics_path = run_dir / "metrics.jsonl"
+    lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
+                                  policy_step=0)["train"].lora_r
 
     def evaluate(where: Path, adapter: str | None, policy_step: int, label: str) -> float | None:
         if eval_prompts is None:
@@ -305,7 +349,8 @@ def run_loop(
         )
         with bar(f"{label}: eval sampling", len(prompt_set.prompts) * rcfg.n) as advance:
             run_rollout(rcfg, advance, prompt_set=prompt_set, model=resident.student,
-                        tokenizer=resident.tokenizer)
+                        tokenizer=resident.tokenizer,
+                        sampler=resident.sampler(rcfg, lora_rank))
         ecfg = EvalConfig(bench=eval_spec, out=str(where / "eval.parquet"),
                           completions=str(where / "eval_rollouts.parquet"),
                           n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
@@ -333,7 +378,8 @@ def run_loop(
 
         with bar(f"{label}: rollout", len(prompt_set.prompts) * c["rollout"].n) as advance:
             r = run_rollout(c["rollout"], advance, prompt_set=prompt_set, model=resident.student,
-                            tokenizer=resident.tokenizer)
+                            tokenizer=resident.tokenizer,
+                            sampler=resident.sampler(c["rollout"], lora_rank))
         rollout_acc = r.correct / r.graded if r.graded else None
 
         inputs = shards.open_inputs(c["score"].input, [])

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 import pytest
 
 from renio_core.errors import RenioInputError
 from renio_core.vllm_backend import (
+    adapter_rank,
     check_scoring_temperature,
     completion_from_vllm,
+    engine_lora_rank,
     logprobs_from_prompt_logprobs,
+    lora_engine_args,
     require_vllm,
 )
 
@@ -95,13 +99,33 @@ def test_temperature_check():
 
 
 def test_require_vllm_is_a_clear_error_here():
-    try:
-        import torch
-        import vllm  # noqa: F401
-
-        if torch.cuda.is_available():
-            pytest.skip("vLLM and a GPU are present")
-    except ImportError:
-        pass
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here (tests/test_vllm_backend.py runs it)")
     with pytest.raises(RenioInputError, match="--backend vllm needs"):
         require_vllm()
+
+
+def test_engine_lora_rank_rounds_up_to_a_rank_vllm_accepts():
+    # vLLM's LoRAConfig.max_lora_rank takes 1, 8, 16, 32, 64, 128, 256, 320 or 512.
+    assert [engine_lora_rank(r) for r in (1, 2, 8, 9, 16, 64, 65, 300, 512)] == \
+        [1, 8, 8, 16, 16, 64, 128, 320, 512]
+    with pytest.raises(RenioInputError, match="LoRA rank 513 is above"):
+        engine_lora_rank(513)
+
+
+def test_lora_engine_args():
+    assert lora_engine_args(None) == {}
+    assert lora_engine_args(48) == {"enable_lora": True, "max_lora_rank": 64, "max_loras": 1}
+
+
+def test_adapter_rank_reads_peft_config_and_names_the_file(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('{"r": 24, "lora_alpha": 48}')
+    assert adapter_rank(tmp_path) == 24
+    (tmp_path / "adapter_config.json").write_text('{"r": 0}')
+    with pytest.raises(RenioInputError, match="'r' must be a positive integer"):
+        adapter_rank(tmp_path)
+    full = tmp_path / "full-model"
+    full.mkdir()
+    with pytest.raises(RenioInputError, match="not a LoRA adapter") as err:
+        adapter_rank(full)
+    assert "adapter_config.json" in str(err.value)
