@@ -43,6 +43,12 @@ def test_bad_run_configs(tmp_path):
         load_run_config(CONFIG, ["eval.temp=1.0"])
     with pytest.raises(RenioInputError, match="rollout.out: set by the loop"):
         load_run_config(CONFIG, ["rollout.out=x.parquet"])
+    with pytest.raises(RenioInputError, match="score.backend: the loop scores with its resident"):
+        load_run_config(CONFIG, ["score.backend=vllm"])
+    with pytest.raises(RenioInputError, match="rollout.backend: vllm .* LoRA"):
+        load_run_config(CONFIG, ["rollout.backend=vllm", "train.lora=false"])
+    with pytest.raises(RenioInputError, match="rollout: --vllm-memory: must be in"):
+        load_run_config(CONFIG, ["rollout.vllm_memory=1.5"])
     proc = subprocess.run([*RENIO, "run", "--config", str(CONFIG), "iterations=0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "iterations: must be >= 1" in proc.stderr
