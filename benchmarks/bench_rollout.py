@@ -7,6 +7,10 @@ Builds a synthetic Qwen3-architecture model (random weights, character vocabular
 temperature / top-p / top-k and length limit, first with transformers' `model.generate`
 (do_sample, left padding), then with renio's sampler (`HFSampler.sample`). Prints tokens/s of
 each and their ratio. Both run in this process on the same device.
+
+`--vllm` also times `renio rollout --backend vllm`'s sampler (`VllmSampler`) on the same
+prompts, in float32 on a CPU build of vLLM, against the same `model.generate` baseline. vLLM
+schedules all prompts itself, so it does not use `--batch`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vllm", action="store_true", help="also time the vLLM backend")
+    ap.add_argument("--vllm-memory", type=float, default=0.2)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_rollout_"))
@@ -103,6 +109,27 @@ def main() -> None:
     print(f"model.generate : {g_tok:7d} tokens in {g_s:7.2f} s = {g_rate:9.1f} tokens/s")
     print(f"renio sampler  : {r_tok:7d} tokens in {r_s:7.2f} s = {r_rate:9.1f} tokens/s")
     print(f"ratio renio / generate = {r_rate / g_rate:.2f}")
+    if args.vllm:
+        import dataclasses
+
+        from renio_core.vllm_backend import VllmSampler
+
+        vsampler = VllmSampler(dataclasses.replace(cfg, vllm_memory=args.vllm_memory), tok)
+        try:
+            def run_vllm() -> int:
+                table = vsampler.sample(prompts, cfg)
+                return sum(len(r) for r in table.column("completion_ids").to_pylist())
+
+            run_vllm()  # warm-up (graph capture / compilation happen on first use)
+            v_s = float("inf")
+            for _ in range(args.repeats):
+                t, v_tok = timed(run_vllm)
+                v_s = min(v_s, t)
+        finally:
+            vsampler.close()
+        v_rate = v_tok / v_s
+        print(f"vLLM sampler   : {v_tok:7d} tokens in {v_s:7.2f} s = {v_rate:9.1f} tokens/s")
+        print(f"ratio vLLM / generate = {v_rate / g_rate:.2f}")
 
 
 if __name__ == "__main__":
