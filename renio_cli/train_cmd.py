@@ -64,10 +64,11 @@ def train(
     seed: int = typer.Option(0, help="Seed (LoRA initialization)."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute decoder activations in backward (less memory)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the student with FSDP (GPUs, under torchrun)."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="Shard the student with FSDP (under torchrun; nccl on GPUs, gloo on CPU)."),
     save_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps; 0 = only at the end."),
     chunk_size: int = typer.Option(1024, help="Completion positions per LM-head chunk (bounds memory)."),
     dtype: str = typer.Option("auto", help="Student weights: auto (bf16 base for LoRA on GPU, else fp32), float32, bfloat16."),
+    bf16_autocast: bool | None = typer.Option(None, "--bf16-autocast/--no-bf16-autocast", help="Run forward and backward under bf16 autocast (fp32 master weights). Default: on for CUDA GPUs with bf16, off on CPU."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
@@ -81,7 +82,7 @@ def train(
         max_steps=max_steps, grad_accum=grad_accum, grad_clip=grad_clip,
         warmup_steps=warmup_steps, seed=seed, gradient_checkpointing=gradient_checkpointing,
         resume=resume, fsdp=fsdp, save_every=save_every, chunk_size=chunk_size, dtype=dtype,
-        device=device, tensorboard=tensorboard, overwrite=overwrite,
+        bf16_autocast=bf16_autocast, device=device, tensorboard=tensorboard, overwrite=overwrite,
     )
     with contextlib.ExitStack() as stack:
         bar: dict[str, Any] = {}

@@ -96,6 +96,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
     chunk_size: int = 1024  # completion positions per LM-head chunk
     dtype: str = "auto"
+    bf16_autocast: bool | None = None  # None: on for CUDA GPUs with bf16, off on CPU
     device: str = "auto"
     tensorboard: bool = False
     overwrite: bool = False
@@ -704,6 +705,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optim_by_name(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An ``optimizer.state_dict()`` (parameters by index, as saved without FSDP) keyed by
+    parameter name instead, as FSDP's full optimizer state dict is; other forms unchanged.
+    (Without FSDP, ``load_state_dict`` takes either form: it matches parameters by order.)"""
+    groups = sd.get("param_groups") or []
+    if not groups or not groups[0]["params"] or not isinstance(groups[0]["params"][0], int):
+        return sd
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
 def _swap_dir(tmp: Path, out: Path) -> None:
     """Put a complete checkpoint directory in place: rename, never a half-copied ``out``."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -804,8 +816,6 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     meta = inputs.metadata
     temperature = resolve_temperature(cfg, meta, first_file)
     teacher_name = resolve_teacher(cfg, meta, first_file)
-    if cfg.fsdp and not torch.cuda.is_available():
-        raise RenioInputError("--fsdp needs CUDA GPUs; on CPU run plain DDP (drop --fsdp)")
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -846,11 +856,17 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
     dropped = len(micro) - steps_per_epoch * per_step
 
     # LoRA on a GPU: the frozen base in bf16, the adapter in fp32 (peft upcasts it). A full
-    # fine-tune keeps fp32 master weights and runs the matmuls under bf16 autocast.
+    # fine-tune keeps fp32 master weights and runs the matmuls under bf16 autocast. On CPU
+    # everything stays fp32 unless --bf16-autocast asks for bf16 matmuls (CPU autocast).
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = "bfloat16" if (device.type == "cuda" and cfg.lora) else "float32"
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.bf16_autocast is None:
+        autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        autocast = cfg.bf16_autocast
+        if autocast and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise RenioInputError("--bf16-autocast: this GPU has no bf16 support; drop the flag")
 
     tok = models.load_tokenizer(cfg.model)
     want_fp = shards.find_in_lineage(inputs.metadata, "tokenizer_fingerprint")
@@ -904,7 +920,10 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
 
         lm = _causal_lm(model)
         layer_names = set(getattr(lm, "_no_split_modules", None) or [])
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # Works with gloo on CPU too. Parameters are gathered in bf16 only when the matmuls
+        # run in bf16 anyway (autocast); gradients are always reduced in fp32.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if autocast else None,
+                                  reduce_dtype=torch.float32)
         for sub in lm.modules():
             if type(sub).__name__ in layer_names:
                 fully_shard(sub, mp_policy=mp)
@@ -927,7 +946,8 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         if cfg.fsdp and d.on:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(module, optimizer, state["optimizer"],
+            names = [n for n, p in module.named_parameters() if p.requires_grad]
+            set_optimizer_state_dict(module, optimizer, _optim_by_name(state["optimizer"], names),
                                      options=StateDictOptions(full_state_dict=True))
         else:
             optimizer.load_state_dict(state["optimizer"])
@@ -955,7 +975,8 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(out / "tensorboard"))
+            # On --resume, hide the interrupted run's events after the checkpoint's step.
+            tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if cfg.resume else None)
 
     def save(at_step: int) -> None:
         _save_checkpoint(cfg, module, optimizer, scheduler, tok, out, at_step, d, inputs,
@@ -1064,6 +1085,13 @@ def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.o
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full = get_model_state_dict(module, options=opts)
             model_sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            # Tied weights (input embeddings = LM head) come back as two copies: point them at
+            # one tensor so that save_pretrained drops the duplicate, as it does without FSDP.
+            first: dict[int, str] = {}
+            for name, param in module.model.named_parameters(remove_duplicate=False):
+                key = first.setdefault(id(param), name)
+                if key != name and key in model_sd and name in model_sd:
+                    model_sd[name] = model_sd[key]
             optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
     if not d.main:
         if d.on:

@@ -445,23 +445,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _renio_train(args: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
+    """``renio train ARGS`` in a subprocess, under ``torchrun --nproc-per-node NPROC`` if > 1."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                     "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    res = subprocess.run([*launcher, "-m", "renio_cli.main", "train", *args], env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
 @pytest.mark.integration
 def test_torchrun_two_processes_match_one(world, weights_file, tmp_path):
     common = ["--weights", str(weights_file), "--model", str(world.student), "--loss", "jsd",
               "--lora-r", "4", "--lora-alpha", "8", "--lr", "1e-3", "--max-steps", "2",
               "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           "-m", "renio_cli.main", "train", *common, "--out", str(two)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr[-3000:]
+    _renio_train([*common, "--out", str(two)], nproc=2)
     one = tmp_path / "one"
-    res1 = subprocess.run([sys.executable, "-m", "renio_cli.main", "train", *common,
-                           "--grad-accum", "2", "--out", str(one)],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert res1.returncode == 0, res1.stderr[-3000:]
+    res1 = _renio_train([*common, "--grad-accum", "2", "--out", str(one)])
     assert "renio train" in res1.stdout
     a, b = _adapter_tensors(one), _adapter_tensors(two)
     assert _max_diff(a, b) < 1e-5
@@ -470,6 +475,88 @@ def test_torchrun_two_processes_match_one(world, weights_file, tmp_path):
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["samples"] for r in m1] == [r["samples"] for r in m2] == [8, 8]
     assert m1[0]["loss"] == pytest.approx(m2[0]["loss"], rel=1e-5)
+
+
+def _model_tensors(ckpt: Path, lora: bool) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return _adapter_tensors(ckpt) if lora else load_file(str(ckpt / "model.safetensors"))
+
+
+def _train_args(world, weights, out, **kw) -> list[str]:
+    """CLI flags for the same run as ``_cfg(world, weights, out, **kw)``."""
+    cfg = _cfg(world, weights, out, **kw)
+    args = ["--weights", cfg.weights, "--model", cfg.model, "--out", cfg.out, "--loss", cfg.loss,
+            "--lora-r", str(cfg.lora_r), "--lora-alpha", str(cfg.lora_alpha), "--lr", str(cfg.lr),
+            "--device", cfg.device, "--grad-accum", str(cfg.grad_accum),
+            "--warmup-steps", str(cfg.warmup_steps), "--save-every", str(cfg.save_every),
+            "--lora" if cfg.lora else "--no-lora"]
+    if cfg.max_steps is not None:
+        args += ["--max-steps", str(cfg.max_steps)]
+    for flag in ("fsdp", "resume"):
+        if getattr(cfg, flag):
+            args.append(f"--{flag}")
+    if cfg.bf16_autocast is not None:
+        args.append("--bf16-autocast" if cfg.bf16_autocast else "--no-bf16-autocast")
+    return args
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["lora", "full", "lora-bf16"])
+def test_torchrun_fsdp_matches_one_process(world, weights_file, tmp_path, mode):
+    """FSDP2 (fully_shard) on CPU with gloo: 2 processes x 1 micro-batch give the same
+    parameters as 1 process x 2 micro-batches. In fp32 the two are the same arithmetic (an
+    average of two gradients); with --bf16-autocast the parameters are gathered in bf16
+    (the GPU mixed-precision policy), so only close."""
+    lora = mode != "full"
+    kw = dict(loss="jsd", max_steps=2, lora=lora, lr=1e-3 if lora else 1e-4,
+              bf16_autocast=True if mode == "lora-bf16" else None)
+    two = tmp_path / "two"
+    _renio_train(_train_args(world, weights_file, two, fsdp=True, **kw), nproc=2)
+    one = tmp_path / "one"
+    run_train(_cfg(world, weights_file, one, grad_accum=2, **kw))
+    a, b = _model_tensors(one, lora), _model_tensors(two, lora)
+    # Also: no extra keys (the tied LM head is saved once, as without FSDP).
+    assert a.keys() == b.keys()
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["samples"] for r in m1] == [r["samples"] for r in m2] == [8, 8]
+    if mode == "lora-bf16":
+        for r1, r2 in zip(m1, m2):
+            assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-2)
+            assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=5e-2)
+        assert _max_diff(a, b) < 2 * 2 * kw["lr"]  # at most a few Adam steps apart
+    else:
+        assert _max_diff(a, b) < 1e-5
+        assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
+    if lora:
+        assert max(float(v.abs().max()) for k, v in a.items() if "lora_B" in k) > 1e-4
+    else:
+        start = models.load_model(world.student, dtype="float32", device="cpu").state_dict()
+        assert max(float((b[k] - start[k]).abs().max()) for k in b) > 1e-4  # it did train
+        models.load_model(str(two), dtype="float32", device="cpu")  # a loadable HF model
+
+
+@pytest.mark.integration
+def test_torchrun_fsdp_resume_matches_uninterrupted(world, weights_file, tmp_path):
+    """Two processes: step 1 under plain DDP, resumed under FSDP to step 2, resumed again to
+    step 4 (optimizer and scheduler state gathered on rank 0, then loaded back into the
+    shards): the same parameters as an uninterrupted single-process run with the same
+    global batch. DDP saves the optimizer state by parameter index, FSDP by name."""
+    kw = dict(loss="jsd", warmup_steps=3, lr=1e-3)
+    cut = tmp_path / "cut"
+    _renio_train(_train_args(world, weights_file, cut, max_steps=1, **kw), nproc=2)
+    _renio_train(_train_args(world, weights_file, cut, fsdp=True, max_steps=2, resume=True,
+                             **kw), nproc=2)
+    state = torch.load(cut / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2 and state["world_size"] == 2 and state["optimizer"]["state"]
+    _renio_train(_train_args(world, weights_file, cut, fsdp=True, max_steps=4, resume=True,
+                             **kw), nproc=2)
+    full = tmp_path / "full"
+    run_train(_cfg(world, weights_file, full, grad_accum=2, max_steps=4, **kw))
+    assert _max_diff(_adapter_tensors(full), _adapter_tensors(cut)) < 1e-5
+    steps = [json.loads(x)["step"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
 
 
 def test_cli_bad_input_exit_2(world, weights_file, tmp_path):
@@ -534,6 +621,126 @@ def test_gradient_checkpointing_gives_the_same_run(world, weights_file, tmp_path
     run_train(_cfg(world, weights_file, tmp_path / "plain", **kw))
     run_train(_cfg(world, weights_file, tmp_path / "gc", gradient_checkpointing=True, **kw))
     assert _max_diff(_adapter_tensors(tmp_path / "plain"), _adapter_tensors(tmp_path / "gc")) < 1e-6
+    # Adam hides the gradient's scale: compare the logged loss and gradient norm too.
+    m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+              for d in ("plain", "gc"))
+    for r1, r2 in zip(m1, m2, strict=True):
+        assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-6)
+        assert r2["grad_norm"] == pytest.approx(r1["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(world, weights_file, lora):
+    """With --gradient-checkpointing each decoder layer really runs again in backward, and
+    the loss and every trainable parameter's gradient are those of the plain model."""
+    from renio_core.train_stage import _build_model, _causal_lm
+
+    mb = next(m for m in read_micro_batches(shards.open_inputs(str(weights_file), []), "rkl") if m)
+    packed = pack(mb, 0, torch.device("cpu"))
+    spec = LossSpec("rkl", 0.0, 0.05, 1.0)
+    results = []
+    for gc in (False, True):
+        cfg = _cfg(world, weights_file, "unused", lora=lora, gradient_checkpointing=gc, loss="rkl")
+        model = _build_model(cfg, cfg.model, None, "float32", torch.device("cpu"))
+        if lora:  # non-zero B, so that the adapter's gradients are not trivially tied
+            with torch.no_grad():
+                torch.manual_seed(1)
+                for name, p in model.named_parameters():
+                    if "lora_B" in name:
+                        p.normal_(0, 0.05)
+        # A submodule's pre-hook: transformers checkpoints the layer's forward, not its
+        # __call__, and the recomputation stops early, before post-hooks would run.
+        mlp = _causal_lm(model).get_decoder().layers[0].mlp
+        calls = []
+        hook = mlp.register_forward_pre_hook(lambda *_, c=calls: c.append(1))
+        loss, _ = DistillModule(model, spec, 5)(packed)
+        loss.backward()
+        hook.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss.detach()), grads, len(calls)))
+    (loss0, g0, calls0), (loss1, g1, calls1) = results
+    assert (calls0, calls1) == (1, 2)  # recomputed in backward
+    assert loss1 == pytest.approx(loss0, rel=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for name in g0:
+        scale = float(g0[name].abs().max()) + 1e-12
+        assert float((g0[name] - g1[name]).abs().max()) <= 1e-5 * scale + 1e-9, name
+
+
+def test_bf16_autocast_on_cpu_stays_close_to_fp32(world, weights_file, tmp_path):
+    """--bf16-autocast runs the matmuls in bf16 on CPU too (fp32 master weights): finite
+    losses close to the fp32 run's, but not the same numbers (autocast did take effect)."""
+    kw = dict(loss="jsd", max_steps=3)
+    run_train(_cfg(world, weights_file, tmp_path / "fp32", **kw))
+    summary = run_train(_cfg(world, weights_file, tmp_path / "bf16", bf16_autocast=True, **kw))
+    assert summary.steps == 3
+    m32, m16 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("fp32", "bf16"))
+    for r32, r16 in zip(m32, m16, strict=True):
+        assert math.isfinite(r16["loss"]) and math.isfinite(r16["grad_norm"])
+        assert r16["loss"] == pytest.approx(r32["loss"], rel=1e-2)
+        assert r16["grad_norm"] == pytest.approx(r32["grad_norm"], rel=5e-2)
+    assert m16[0]["loss"] != m32[0]["loss"]
+    a, b = _adapter_tensors(tmp_path / "fp32"), _adapter_tensors(tmp_path / "bf16")
+    assert all(torch.isfinite(v).all() for v in b.values())
+    lora_b = [k for k in a if "lora_B" in k]
+    rel = (sum(float((a[k] - b[k]).pow(2).sum()) for k in lora_b)
+           / sum(float(a[k].pow(2).sum()) for k in lora_b)) ** 0.5
+    assert rel < 0.25, rel  # the adapter's update: same direction, within bf16 noise
+
+
+def test_tensorboard_events_hold_the_logged_scalars(world, weights_file, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "ckpt"
+    kw = dict(loss="topk", max_steps=3, save_every=2, tensorboard=True)
+
+    def stop_after_3(step, total, record):
+        if step == 3:
+            raise _Stop  # step 3 is logged, but the last checkpoint is step 2
+
+    with pytest.raises(_Stop):
+        run_train(_cfg(world, weights_file, out, **kw), progress=stop_after_3)
+    # Resumed at step 2: the first run's step 3 is purged, not shown twice.
+    run_train(_cfg(world, weights_file, out, resume=True, **kw))
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    tags = set(acc.Tags()["scalars"])
+    for key in ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr"):
+        assert f"train/{key}" in tags, (key, tags)
+        events = acc.Scalars(f"train/{key}")
+        assert [e.step for e in events] == [1, 2, 3], key
+        for e, r in zip(events, records):
+            assert e.value == pytest.approx(r[key], rel=1e-6), key
+
+
+def test_tensorboard_not_installed_is_one_line_error(world, weights_file, tmp_path):
+    """tensorboard made unimportable (an import hook, in a subprocess): exit 2, one line."""
+    block = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'tensorboard' or name.startswith('tensorboard.'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from renio_cli.main import app\n"
+        "sys.argv[0] = 'renio'\n"
+        "app()\n"
+    )
+    out = tmp_path / "ckpt"
+    res = subprocess.run(
+        [sys.executable, "-c", block, "train", "--weights", str(weights_file), "--model",
+         str(world.student), "--out", str(out), "--tensorboard", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "400"},
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--tensorboard needs the 'tensorboard' package" in lines[0]
+    assert not out.exists()
 
 
 def test_temperature_from_score_metadata(world, rollouts, tmp_path):
