@@ -180,6 +180,21 @@ def _dtype_arg(dtype: str) -> str:
     return "float32" if current_platform.is_cpu() else "bfloat16"
 
 
+def start_engine(vllm: Any, model: str, **kwargs: Any) -> Any:
+    """``vllm.LLM(model, ...)``, with a failed start turned into one line. vLLM logs the root
+    cause from its engine process above; the usual ones are named here."""
+    try:
+        return vllm.LLM(model=model, **kwargs)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise RenioInputError(
+            f"vLLM could not start an engine for {model!r} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}); "
+            "its log above gives the cause. Common ones: --vllm-memory above what is free "
+            "(on a GPU, or of RAM on vLLM's CPU build), or a model vLLM cannot run on this "
+            "device; --backend hf runs any model"
+        ) from None
+
+
 def shutdown(*llms: Any) -> None:
     """Stop the engines' worker processes now. Left to garbage collection at exit, two engines
     in one process can abort the interpreter (``terminate called without an active
@@ -207,9 +222,10 @@ class VllmSampler:
         self.tokenizer = tokenizer
         if lora_rank is None and cfg.adapter is not None:
             lora_rank = adapter_rank(cfg.adapter)
-        self.llm = vllm.LLM(model=models.resolve_name(cfg.model), seed=cfg.seed,
-                            dtype=_dtype_arg(cfg.dtype), gpu_memory_utilization=cfg.vllm_memory,
-                            **lora_engine_args(lora_rank))
+        self.llm = start_engine(vllm, models.resolve_name(cfg.model), seed=cfg.seed,
+                                dtype=_dtype_arg(cfg.dtype),
+                                gpu_memory_utilization=cfg.vllm_memory,
+                                **lora_engine_args(lora_rank))
         self.lora_rank = lora_rank
         self.lora: Any = None
         self._lora_ids = 0
@@ -334,13 +350,21 @@ class VllmScorer:
         share = cfg.vllm_memory if one_engine else cfg.vllm_memory / 2
         # vLLM refuses more top log-probs per position than max_logprobs (default 20).
         max_logprobs = max(20, cfg.topk)
-        self.student_llm = vllm.LLM(model=student_path, dtype=dtype,
-                                    gpu_memory_utilization=share, max_logprobs=max_logprobs)
         teacher_path = (models.resolve_name(resolved.student) if cfg.self_distill
                         else models.resolve_name(cfg.teacher))
-        self.teacher_llm = (self.student_llm if one_engine else
-                            vllm.LLM(model=teacher_path, dtype=dtype,
-                                     gpu_memory_utilization=share, max_logprobs=max_logprobs))
+        self.student_llm: Any = None
+        self.teacher_llm: Any = None
+        try:
+            self.student_llm = start_engine(vllm, student_path, dtype=dtype,
+                                            gpu_memory_utilization=share,
+                                            max_logprobs=max_logprobs)
+            self.teacher_llm = (self.student_llm if one_engine else
+                                start_engine(vllm, teacher_path, dtype=dtype,
+                                             gpu_memory_utilization=share,
+                                             max_logprobs=max_logprobs))
+        except BaseException:
+            self.close()  # the engine that did start, and the merged copy
+            raise
         # Reuse the HF scorer's privileged-prompt construction (pure, model-free).
         self._prompts = Scorer(cfg, resolved, None, student_tok, None, teacher_tok)
 

@@ -222,3 +222,17 @@ def _hf_greedy(m: dict, adapter: Path, out: Path) -> Path:
         str(first4), "--out", str(out), "--temperature", "0", "--max-new-tokens", "24",
         "--n", "1")
     return out
+
+
+def test_engine_that_cannot_start_is_one_clear_last_line(models_dir, tmp_path):
+    # All of the memory, more than is ever free: vLLM refuses to start its engine.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = tmp_path / "r.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "renio_cli.main", "rollout", "--model", str(models_dir["student"]),
+         "--prompts", str(models_dir["prompts"]), "--out", str(out), "--backend", "vllm",
+         "--vllm-memory", "1.0"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: vLLM could not start an engine") and "--vllm-memory" in last
+    assert not out.exists() and not (tmp_path / "r.parquet.parts").exists()
