@@ -152,7 +152,10 @@ class TrainConfig:
     def data_fields(self) -> dict[str, Any]:
         """What must not change between a run and its resumption."""
         keep = ("loss", "beta", "token_clip", "topk_tail", "temperature", "teacher", "lora", "lora_r",
-                "lora_alpha", "lora_targets", "grad_accum", "seed", "chunk_size")
+                "lora_alpha", "lora_targets", "grad_accum", "seed", "chunk_size",
+                # The optimizer and scheduler states restore the checkpoint's own values, so a
+                # new one given with --resume would be silently ignored: refuse it instead.
+                "lr", "warmup_steps", "grad_clip")
         return {k: shards._jsonable(getattr(self, k)) for k in keep}
 
 
@@ -882,8 +885,9 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
     if cfg.resume:
         state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
         saved, now = state.get("data") or {}, cfg.data_fields()
+        # A key the checkpoint does not record (made by an older renio) cannot be compared.
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {now[k]} (now)"
-                   for k in now if saved.get(k) != now[k]]
+                   for k in now if k in saved and saved[k] != now[k]]
         if changed:
             raise RenioInputError(
                 "--resume: the checkpoint was made with other settings: " + "; ".join(changed)

@@ -406,6 +406,20 @@ class _Stop(Exception):
     pass
 
 
+def test_resume_with_other_settings_is_refused_naming_them(world, weights_file, tmp_path):
+    out = tmp_path / "ckpt"
+    kw = dict(loss="topk", max_steps=1, lr=1e-3, warmup_steps=0)
+    run_train(_cfg(world, weights_file, out, **kw))
+    before = (out / "trainer_state.pt").read_bytes()
+    for change, named in ((dict(lr=2e-3), "--lr 0.001 (checkpoint) vs 0.002 (now)"),
+                          (dict(warmup_steps=5), "--warmup-steps 0 (checkpoint) vs 5 (now)"),
+                          (dict(grad_accum=2), "--grad-accum 1 (checkpoint) vs 2 (now)")):
+        with pytest.raises(RenioInputError, match="made with other settings") as err:
+            run_train(_cfg(world, weights_file, out, resume=True, **{**kw, **change}))
+        assert named in str(err.value)
+    assert (out / "trainer_state.pt").read_bytes() == before
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("lora", [True, False])
 def test_resume_matches_uninterrupted(world, weights_file, tmp_path, lora):
