@@ -11,6 +11,10 @@
    each mode in a fresh subprocess: renio chunked (--chunk 256), renio unchunked (one chunk of
    all 4000 positions), and the naive full-logits forward + log_softmax. Reports the peak RSS
    above the RSS after loading the model.
+
+`--vllm` adds the vLLM backend's prefill-only scoring (`vllm_backend.score_prefill`, the call
+`renio score --backend vllm` makes) of the same rows to the throughput part, in float32 on a
+CPU build of vLLM. vLLM scores at temperature 1, which costs the same as 1.1.
 """
 
 from __future__ import annotations
@@ -80,6 +84,22 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"  bare forward : {n_tokens / b_s:9.1f} completion tokens/s ({b_s:.2f} s)")
     print(f"  renio score  : {n_tokens / r_s:9.1f} completion tokens/s ({r_s:.2f} s)")
     print(f"  ratio renio / bare forward = {b_s / r_s:.2f}")
+    if args.vllm:
+        from renio_core.vllm_backend import require_vllm, score_prefill, shutdown, start_engine
+
+        vllm = require_vllm()
+        llm = start_engine(vllm, str(path), dtype="float32",
+                           gpu_memory_utilization=args.vllm_memory)
+        try:
+            def run_vllm() -> None:
+                score_prefill(vllm, llm, prompts, comps, 0)
+
+            run_vllm()  # warm-up
+            v_s = min(timed(run_vllm) for _ in range(args.repeats))
+        finally:
+            shutdown(llm)
+        print(f"  vLLM prefill : {n_tokens / v_s:9.1f} completion tokens/s ({v_s:.2f} s)")
+        print(f"  ratio vLLM / bare forward = {b_s / v_s:.2f}")
 
 
 def _rss_mb() -> float:
@@ -145,6 +165,8 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="also time the vLLM backend")
+    ap.add_argument("--vllm-memory", type=float, default=0.2)
     args = ap.parse_args()
     throughput(args)
     if not args.skip_memory:

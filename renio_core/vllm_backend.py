@@ -314,6 +314,17 @@ def merge_adapter(base: str, adapter: str | os.PathLike, out_dir: str | os.PathL
     return os.fspath(out_dir)
 
 
+def score_prefill(vllm: Any, llm: Any, prompts: Sequence[Sequence[int]],
+                  completions: Sequence[Sequence[int]], topk: int) -> list[Any]:
+    """Per row, the completion's log-probs (and top-k) at temperature 1: the completion is
+    folded into the prompt and one new token is asked for, so vLLM only runs the prefill."""
+    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    params = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
+    outs = llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+    return [logprobs_from_prompt_logprobs(o.prompt_logprobs, s, len(p), len(s), topk)
+            for o, s, p in zip(outs, seqs, prompts)]
+
+
 class VllmScorer:
     """Drop-in for ``score_stage.Scorer`` (same ``score_table`` signature), prefill-only.
 
@@ -378,11 +389,7 @@ class VllmScorer:
 
     def _score(self, llm: Any, prompts: Sequence[Sequence[int]],
                completions: Sequence[Sequence[int]], topk: int) -> Any:
-        seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-        params = self.vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=topk)
-        outs = llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
-        return [logprobs_from_prompt_logprobs(o.prompt_logprobs, s, len(p), len(s), topk)
-                for o, s, p in zip(outs, seqs, prompts)]
+        return score_prefill(self.vllm, llm, prompts, completions, topk)
 
     def score_table(self, table: Any, progress: Callable[[int], None] | None = None) -> Any:
         import torch
