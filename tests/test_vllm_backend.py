@@ -44,6 +44,7 @@ if not _vllm_usable():
     pytest.skip("vLLM is not installed, or has no device to run on", allow_module_level=True)
 
 MEMORY = "0.2"  # of the GPU, or of the machine's memory on vLLM's CPU build
+FP32 = ("--dtype", "float32")  # both backends, on any device (auto is bfloat16 on a GPU)
 TOL = 1e-4
 ROW_COLS = ["prompt_id", "sample_index", "completion_ids", "finish_reason"]
 
@@ -90,7 +91,7 @@ def rows(spec: Path) -> dict:
 def rollout(m: dict, out: Path, backend: str, *extra: str) -> dict:
     cli("rollout", "--model", str(m["student"]), "--prompts", str(m["prompts"]), "--out",
         str(out), "--backend", backend, "--vllm-memory", MEMORY, "--max-new-tokens", "32",
-        *extra)
+        *FP32, *extra)
     return rows(out)
 
 
@@ -122,7 +123,7 @@ def test_sampled_rollout_is_reproducible_and_shards_change_nothing(models_dir, t
 
 def _score(m: dict, rollouts: Path, out: Path, backend: str, *extra: str) -> dict:
     cli("score", "--in", str(rollouts), "--out", str(out), "--backend", backend,
-        "--vllm-memory", MEMORY, *extra)
+        "--vllm-memory", MEMORY, *FP32, *extra)
     table = shards.read_table(str(out))
     return {(r["prompt_id"], r["sample_index"]): r for r in table.to_pylist()}
 
@@ -179,7 +180,7 @@ def test_eval_greedy_equals_hf(models_dir, tmp_path):
         out = tmp_path / f"{backend}.parquet"
         cli("eval", "--model", str(m["student"]), "--bench", str(m["prompts"]), "--n", "1",
             "--temperature", "0", "--max-new-tokens", "32", "--backend", backend,
-            "--vllm-memory", MEMORY, "--out", str(out))
+            "--vllm-memory", MEMORY, *FP32, "--out", str(out))
         table = shards.read_table(str(out))
         return sorted((r["prompt_id"], r["completion_text"]) for r in table.to_pylist())
 
@@ -194,7 +195,7 @@ def test_run_loop_keeps_one_engine_and_swaps_in_each_new_adapter(models_dir, tmp
         "eval_prompts": str(m["prompts"]), "iterations": 2, "prompts_per_iteration": 6,
         "eval_every": 1,
         "rollout": {"n": 2, "temperature": 1.0, "max_new_tokens": 24, "backend": "vllm",
-                    "vllm_memory": float(MEMORY)},
+                    "vllm_memory": float(MEMORY), "dtype": "float32"},
         "weight": {"scheme": "renio"},
         "train": {"lora_r": 16, "lora_alpha": 32, "lr": 0.001},
         "eval": {"n": 1, "limit": 4, "temperature": 0, "max_new_tokens": 24},
@@ -220,7 +221,7 @@ def _hf_greedy(m: dict, adapter: Path, out: Path) -> Path:
     first4.write_text("\n".join(lines) + "\n")
     cli("rollout", "--model", str(m["student"]), "--adapter", str(adapter), "--prompts",
         str(first4), "--out", str(out), "--temperature", "0", "--max-new-tokens", "24",
-        "--n", "1")
+        "--n", "1", *FP32)
     return out
 
 
