@@ -229,14 +229,13 @@ class VllmSampler:
         self.lora_rank = lora_rank
         self.lora: Any = None
         self._lora_ids = 0
-        self.adapter: str | None = None
         self.set_adapter(cfg.adapter)
         self.eos_ids = models.eos_token_ids(_GenConfigView(cfg.model), tokenizer)
 
     def set_adapter(self, adapter: str | os.PathLike | None) -> None:
         """Sample from the base model plus ``adapter`` (None: the base model alone)."""
         if adapter is None:
-            self.lora, self.adapter = None, None
+            self.lora = None
             return
         if self.lora_rank is None:
             raise RenioInputError("this vLLM engine was built without LoRA support; "
@@ -250,7 +249,6 @@ class VllmSampler:
         self._lora_ids += 1
         self.lora = LoRARequest(f"student-{self._lora_ids}", self._lora_ids,
                                 os.fspath(adapter))
-        self.adapter = os.fspath(adapter)
 
     def close(self) -> None:
         shutdown(self.llm)
@@ -302,15 +300,11 @@ class _GenConfigView:
 def merge_adapter(base: str, adapter: str | os.PathLike, out_dir: str | os.PathLike,
                   dtype: str) -> str:
     """Write ``base`` + ``adapter`` merged into one plain checkpoint (weights and tokenizer)
-    under ``out_dir``, for an engine that must not see the adapter as a LoRA."""
-    import torch
-
+    under ``out_dir``, for an engine that must not see the adapter as a LoRA. Done on the
+    CPU, so the GPU stays free for the engines."""
     model = models.load_model(base, adapter=adapter, dtype=dtype, device="cpu")
-    merged = model.merge_and_unload()
-    merged.save_pretrained(out_dir)
+    model.merge_and_unload().save_pretrained(out_dir)
     models.load_tokenizer(base).save_pretrained(out_dir)
-    del model, merged
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return os.fspath(out_dir)
 
 
@@ -387,10 +381,6 @@ class VllmScorer:
             shutil.rmtree(self._merged, ignore_errors=True)
             self._merged = None
 
-    def _score(self, llm: Any, prompts: Sequence[Sequence[int]],
-               completions: Sequence[Sequence[int]], topk: int) -> Any:
-        return score_prefill(self.vllm, llm, prompts, completions, topk)
-
     def score_table(self, table: Any, progress: Callable[[int], None] | None = None) -> Any:
         import torch
 
@@ -399,8 +389,9 @@ class VllmScorer:
         prompts = table.column("prompt_ids").to_pylist()
         completions = table.column("completion_ids").to_pylist()
         teacher_prompts = self._prompts.teacher_prompts(table)
-        s = self._score(self.student_llm, prompts, completions, 0)
-        t = self._score(self.teacher_llm, teacher_prompts, completions, self.cfg.topk)
+        s = score_prefill(self.vllm, self.student_llm, prompts, completions, 0)
+        t = score_prefill(self.vllm, self.teacher_llm, teacher_prompts, completions,
+                          self.cfg.topk)
 
         def result(rows: Any, topk: int) -> models.LogprobResult:
             lp = [torch.tensor(r[0], dtype=torch.float32) for r in rows]
