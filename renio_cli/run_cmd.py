@@ -10,6 +10,10 @@ from rich.table import Table
 from renio_cli.common import console, err_console, fmt, handle_errors, progress_bar
 from renio_core.run_loop import RunSummary, load_run_config, run_loop
 
+# Phases of the time-split table: (column, keys of IterationRecord.time summed into it).
+TIME_COLUMNS = (("sample", ("sample",)), ("score", ("score",)), ("weight", ("weight",)),
+                ("train", ("train",)), ("eval", ("eval",)), ("other", ("other",)))
+
 
 def summary_table(summary: RunSummary) -> Table:
     table = Table(
@@ -32,6 +36,28 @@ def summary_table(summary: RunSummary) -> Table:
     return table
 
 
+def time_table(summary: RunSummary) -> Table:
+    """Where the iterations' time went: seconds per phase, and the stages' own work."""
+    table = Table(title="time per iteration, seconds (mean over the iterations run now)",
+                  caption="work: sampling, scoring and optimizer-step compute, without loading, "
+                          "shard writes or checkpoint saves")
+    for name, _ in TIME_COLUMNS:
+        table.add_column(name, justify="right")
+    table.add_column("work", justify="right")
+    table.add_column("total", justify="right")
+    rows = [r for r in summary.iterations if r.time]
+    if not rows:
+        return table
+
+    def mean(keys: tuple[str, ...]) -> float:
+        return sum(sum(r.time.get(k, 0.0) for k in keys) for r in rows) / len(rows)
+
+    work = mean(("sample_work", "score_work", "weight", "train_steps"))
+    table.add_row(*(f"{mean(keys):.2f}" for _, keys in TIME_COLUMNS), f"{work:.2f}",
+                  f"{sum(r.seconds for r in rows) / len(rows):.2f}")
+    return table
+
+
 @handle_errors
 def run(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. iterations=2 weight.threshold=1.0"),
@@ -49,6 +75,8 @@ def run(
         progress_factory=progress_bar,
     )
     console.print(summary_table(summary))
+    if any(r.time for r in summary.iterations):
+        console.print(time_table(summary))
     if summary.base_eval_accuracy is not None and summary.final_eval_accuracy is not None:
         delta = summary.final_eval_accuracy - summary.base_eval_accuracy
         console.print(f"eval accuracy: {summary.base_eval_accuracy:.1%} before -> "

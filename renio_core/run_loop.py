@@ -8,26 +8,41 @@ held-out prompts (``eval.parquet`` + ``eval.json``). The student with its LoRA a
 teacher stay loaded across stages and iterations; after each train step the new adapter is
 loaded into the resident student.
 
-Resuming: every stage is idempotent on its outputs (complete parts are skipped; a complete
-checkpoint is not retrained), so running the same command again after a kill continues from
-the last complete stage.
+One optimizer for the whole run, as the official single trainer has: each iteration's train
+stage continues the previous checkpoint's AdamW state and learning-rate schedule
+(``TrainConfig.init_from``), the schedule's length being the run's own step count
+(``iterations x steps per iteration``). ``train.steps_per_batch`` (default 1, the official
+loop's) optimizer steps are taken on each iteration's fresh rollouts.
+
+Resuming: an iteration is done once its line is in ``metrics.jsonl`` (written last); a rerun
+skips done iterations and, inside the first unfinished one, every stage is idempotent on its
+outputs (complete parts are skipped; a checkpoint is reused only when it recorded the end of
+its training, never a mid-training ``save_every`` save), so the same command after a kill
+continues exactly from the last complete stage.
+
+Disk: the optimizer state (``trainer_state.pt``) is kept only in the newest checkpoint and in
+every ``keep_checkpoint_every``-th; ``prune_checkpoints`` also removes those older
+checkpoints' weights, ``prune_shards`` older iterations' rollouts, scores and weights.
 
 The YAML maps one to one onto :class:`RunConfig`; its sections ``rollout``, ``score``,
 ``weight``, ``train`` and ``eval`` hold the fields of the stages' own config dataclasses.
 
-Deliberate differences from the official code: the optimizer state starts fresh each
-iteration (each iteration is one ``renio train`` over that iteration's weights shard,
-continuing the previous adapter); prompts for iteration ``i`` are the next
-``prompts_per_iteration`` prompts of the prompt file, cycling.
+Deliberate differences from the official code: prompts for iteration ``i`` are the next
+``prompts_per_iteration`` prompts of the prompt file in order, cycling (the official trainer
+shuffles its dataset once per epoch); each iteration writes its stages' shards and a checkpoint
+(the official trainer keeps its samples in memory), so that every step can be inspected and a
+killed run resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +59,8 @@ LOOP_OWNED = {
                 "overwrite"},
     "score": {"input", "teacher", "out", "student", "adapter", "shard", "overwrite"},
     "weight": {"input", "out", "overwrite"},
-    "train": {"weights", "model", "out", "adapter", "teacher", "resume", "overwrite", "seed"},
+    "train": {"weights", "model", "out", "adapter", "teacher", "resume", "overwrite", "seed",
+              "init_from", "schedule_steps", "grad_accum"},
     "eval": {"bench", "out", "model", "adapter", "completions", "overwrite", "summary"},
 }
 EVAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "max_new_tokens")
@@ -65,6 +81,12 @@ class RunConfig:
     eval_before: bool = True
     seed: int = 0
     task: str = "math"
+    # Keep the optimizer state of every k-th iteration's checkpoint (0: only the newest).
+    keep_checkpoint_every: int = 0
+    # Remove older checkpoints entirely (weights too), except every keep_checkpoint_every-th.
+    prune_checkpoints: bool = False
+    # Remove older iterations' rollouts, scores and weights shards.
+    prune_shards: bool = False
     rollout: dict[str, Any] = dataclasses.field(default_factory=dict)
     score: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -82,6 +104,10 @@ class RunConfig:
                 f"prompts_per_iteration: must be >= 1, got {self.prompts_per_iteration}")
         if self.eval_every < 0:
             raise RenioInputError(f"eval_every: must be >= 0 (0 = never), got {self.eval_every}")
+        if self.keep_checkpoint_every < 0:
+            raise RenioInputError(
+                f"keep_checkpoint_every: must be >= 0 (0 = only the newest), got "
+                f"{self.keep_checkpoint_every}")
         for section in SECTIONS:
             value = getattr(self, section)
             if value is None:
@@ -111,36 +137,57 @@ class RunConfig:
         # Build every stage config once now, so a typo fails before any work.
         self.stage_configs(Path(self.run_dir) / "iter-00000", adapter=None, policy_step=0)
 
+    @property
+    def lora(self) -> bool:
+        return bool(self.train.get("lora", True))
+
+    def steps_per_iteration(self) -> int:
+        """Optimizer steps of one iteration's train stage (its shard's passes x steps)."""
+        if self.train.get("max_steps") is not None:
+            return int(self.train["max_steps"])
+        return int(self.train.get("epochs", 1)) * int(self.train.get("steps_per_batch", 1))
+
     def stage_configs(self, it_dir: Path, *, adapter: str | None, policy_step: int,
                       iteration: int = 0) -> dict[str, Any]:
-        """The four stage configs of one iteration (validated by their own ``__post_init__``)."""
+        """The four stage configs of one iteration (validated by their own ``__post_init__``).
+
+        ``adapter`` is the previous iteration's checkpoint (None in the first): a LoRA adapter
+        on the student, or with ``train.lora: false`` the fully fine-tuned student itself.
+        """
         from renio_core.rollout_stage import RolloutConfig
         from renio_core.score_stage import ScoreConfig
         from renio_core.train_stage import TrainConfig
         from renio_core.weight_stage import WeightConfig
 
         def build(cls: type, section: str, **owned: Any) -> Any:
+            values = train_section if section == "train" else getattr(self, section)
             try:
-                return cls(**{**getattr(self, section), **owned})
+                return cls(**{**values, **owned})
             except TypeError as exc:
                 raise RenioInputError(f"{section}: {exc}") from None
             except RenioInputError as exc:
                 raise RenioInputError(f"{section}: {exc}") from None
 
+        # A full fine-tune's checkpoint is the student; LoRA's is an adapter on it.
+        student = adapter if (adapter is not None and not self.lora) else self.student
+        lora_adapter = adapter if self.lora else None
+        train_section = {"steps_per_batch": 1, **self.train}
         rollouts = str(it_dir / "rollouts.parquet")
         scores = str(it_dir / "scores.parquet")
         weights = str(it_dir / "weights.parquet")
         return {
-            "rollout": build(RolloutConfig, "rollout", model=self.student, prompts=self.prompts,
-                             out=rollouts, adapter=adapter, policy_step=policy_step,
+            "rollout": build(RolloutConfig, "rollout", model=student, prompts=self.prompts,
+                             out=rollouts, adapter=lora_adapter, policy_step=policy_step,
                              seed=self.seed * 100003 + iteration, grade=True, task=self.task),
             "score": build(ScoreConfig, "score", input=rollouts, teacher=self.teacher, out=scores,
-                           student=self.student, adapter=adapter),
+                           student=student, adapter=lora_adapter),
             "weight": build(WeightConfig, "weight", input=scores, out=weights),
-            "train": build(TrainConfig, "train", weights=weights, model=self.student,
-                           out=str(it_dir / "ckpt"), adapter=adapter,
+            "train": build(TrainConfig, "train",
+                           weights=weights, model=student, out=str(it_dir / "ckpt"),
+                           adapter=lora_adapter, init_from=adapter,
+                           schedule_steps=self.iterations * self.steps_per_iteration(),
                            teacher=None if self.train.get("loss", "jsd") != "jsd" else self.teacher,
-                           seed=self.seed + iteration, overwrite=True),
+                           seed=self.seed * 100003 + iteration, overwrite=True),
         }
 
 
@@ -207,6 +254,15 @@ class IterationRecord:
     train_loss: float | None
     eval_accuracy: float | None
     seconds: float
+    # Wall seconds by phase (TIME_KEYS); "*_work" is the stage's own compute inside it.
+    time: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+# sample/score/weight/train/eval: each stage's wall time; sample_work, score_work and
+# train_steps: its own compute (model loading, shard writes and checkpoint saves excluded);
+# other: the rest of the iteration (adapter swaps, metrics, pruning).
+TIME_KEYS = ("sample", "sample_work", "score", "score_work", "weight", "train", "train_steps",
+             "eval", "other")
 
 
 @dataclasses.dataclass
@@ -223,19 +279,25 @@ class _Resident:
 
     def __init__(self, cfg: RunConfig, stage_defaults: dict[str, Any]):
         self.student_name = models.resolve_name(cfg.student)
+        self.lora = cfg.lora
         self.tokenizer = models.load_tokenizer(self.student_name)
-        device = stage_defaults.get("device", "auto")
-        dtype = stage_defaults.get("dtype", "auto")
-        self.student = models.load_model(self.student_name, dtype=dtype, device=device)
+        self.device = stage_defaults.get("device", "auto")
+        self.dtype = stage_defaults.get("dtype", "auto")
+        self.student = models.load_model(self.student_name, dtype=self.dtype, device=self.device)
         self.teacher = None
         self.teacher_tok = None
         if cfg.teacher != "self":
             self.teacher_tok = models.load_tokenizer(cfg.teacher)
             models.check_tokenizers_compatible(self.tokenizer, self.teacher_tok,
                                                student_name=cfg.student, teacher_name=cfg.teacher)
-            self.teacher = models.load_model(cfg.teacher, dtype=dtype, device=device)
-        self.adapter: str | None = None
-        self.loaded = 0
+            self.teacher = models.load_model(cfg.teacher, dtype=self.dtype, device=self.device)
+        elif not cfg.lora:
+            # OPSD with a full fine-tune: no adapter to switch off, so the frozen base stays
+            # loaded beside the student it is trained into.
+            self.teacher = models.load_model(self.student_name, dtype=self.dtype,
+                                             device=self.device)
+            self.teacher.requires_grad_(False)
+        self.checkpoint: str | None = None
         self.vllm_sampler: Any = None
 
     def sampler(self, rollout_cfg: Any, lora_rank: int) -> Any:
@@ -248,8 +310,8 @@ class _Resident:
             from renio_core.vllm_backend import VllmSampler
 
             self.vllm_sampler = VllmSampler(
-                dataclasses.replace(rollout_cfg, adapter=None), self.tokenizer,
-                lora_rank=lora_rank)
+                dataclasses.replace(rollout_cfg, adapter=None),
+                self.tokenizer, lora_rank=lora_rank)
         self.vllm_sampler.set_adapter(rollout_cfg.adapter)
         return self.vllm_sampler
 
@@ -258,25 +320,29 @@ class _Resident:
             self.vllm_sampler.close()
             self.vllm_sampler = None
 
-    def use_adapter(self, adapter: str | None) -> None:
-        """Make the resident student the base model plus ``adapter`` (a checkpoint dir).
+    def use_checkpoint(self, ckpt: str | None) -> None:
+        """Make the resident student equal to checkpoint ``ckpt`` (an adapter on the base, or
+        a fully fine-tuned model).
 
         Only needed when a resumed run starts from a checkpoint on disk: otherwise the resident
         student is the one just trained, already equal to the newest checkpoint.
         """
-        if adapter == self.adapter or adapter is None:
+        if ckpt == self.checkpoint or ckpt is None:
             return
-        from peft import PeftModel, set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        if isinstance(self.student, PeftModel):
-            set_peft_model_state_dict(self.student,
-                                      load_file(str(Path(adapter) / "adapter_model.safetensors")))
+        if not self.lora:
+            self.student = models.load_model(ckpt, dtype=self.dtype, device=self.device)
         else:
-            with models.quiet_peft():
-                self.student = PeftModel.from_pretrained(self.student, adapter, is_trainable=True)
+            from peft import PeftModel, set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            if isinstance(self.student, PeftModel):
+                set_peft_model_state_dict(
+                    self.student, load_file(str(Path(ckpt) / "adapter_model.safetensors")))
+            else:
+                with models.quiet_peft():
+                    self.student = PeftModel.from_pretrained(self.student, ckpt, is_trainable=True)
         self.student.eval()
-        self.adapter = adapter
+        self.checkpoint = ckpt
 
     def train(self, train_cfg: Any, out: str, on_step: Any) -> Any:
         """Train the resident student in place (continuing its adapter) and record that it
@@ -288,7 +354,7 @@ class _Resident:
             summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher)
         finally:
             self.student.eval()
-        self.adapter = out
+        self.checkpoint = out
         return summary
 
 
@@ -314,131 +380,199 @@ def run_loop(
     eval_prompts = load_prompts(eval_spec) if eval_spec else None
     resident = _Resident(cfg, cfg.rollout)
     try:
-        return _run_iterations(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts,
-                               say, bar)
+        loop = _Loop(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts, say, bar)
+        return loop.run()
     finally:
         resident.close()  # a vLLM engine's worker processes
 
 
-def _run_iterations(cfg: RunConfig, resident: _Resident, run_dir: Path,
-                    train_prompts: PromptSet, eval_spec: str | None,
-                    eval_prompts: PromptSet | None, say: Callable[[str], None],
-                    bar: Callable[[str, int | None], Any]) -> RunSummary:
-    from renio_core.eval_stage import EvalConfig, run_eval
-    from renio_core.rollout_stage import RolloutConfig, run_rollout
-    from renio_core.score_stage import Scorer, resolve, run_score
-    from renio_core.weight_stage import run_weight
+class _Loop:
+    """The iterations of one run, each a short method's worth of stages."""
 
-    metrics_path = run_dir / "metrics.jsonl"
-    lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
-                                  policy_step=0)["train"].lora_r
+    def __init__(self, cfg: RunConfig, resident: _Resident, run_dir: Path,
+                 train_prompts: PromptSet, eval_spec: str | None,
+                 eval_prompts: PromptSet | None, say: Callable[[str], None],
+                 bar: Callable[[str, int | None], Any]):
+        self.cfg, self.resident, self.run_dir = cfg, resident, run_dir
+        self.train_prompts, self.eval_spec, self.eval_prompts = train_prompts, eval_spec, eval_prompts
+        self.say, self.bar = say, bar
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
+                                           policy_step=0)["train"].lora_r
 
-    def evaluate(where: Path, adapter: str | None, policy_step: int, label: str) -> float | None:
+    def run(self) -> RunSummary:
+        cfg, run_dir = self.cfg, self.run_dir
+        done = _read_records(self.metrics_path)
+        base_acc = None
+        if cfg.eval_before and cfg.eval_every > 0:
+            base_json = run_dir / "eval-base" / "eval.json"
+            if done and base_json.is_file():
+                base_acc = _eval_accuracy(base_json)
+            else:
+                base_acc = self.evaluate(run_dir / "eval-base", None, 0, "base")
+        records: list[IterationRecord] = []
+        ckpt: str | None = None
+        policy_step = 0
+        for i in range(cfg.iterations):
+            it_ckpt = run_dir / f"iter-{i:05d}" / "ckpt"
+            if i in done and (i + 1 in done or _checkpoint_finished(it_ckpt)):
+                record = done[i]  # finished before a kill: nothing to redo
+                self.say(f"iter {i}: done earlier, skipped")
+            else:
+                record = self.iteration(i, ckpt, policy_step)
+                _append_metrics(self.metrics_path, record)
+                self.prune(i)
+            records.append(record)
+            ckpt, policy_step = str(it_ckpt), record.policy_step
+        final = next((r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None)
+        last_eval = next((run_dir / f"iter-{r.iteration:05d}" / "eval.json" for r in reversed(records)
+                          if r.eval_accuracy is not None), None)
+        if last_eval is not None:
+            # A stable name for the newest evaluation, for `renio eval --compare`.
+            tmp = run_dir / "eval-final.json.tmp"
+            tmp.write_text(last_eval.read_text())
+            os.replace(tmp, run_dir / "eval-final.json")
+        return RunSummary(run_dir, base_acc, records, final, Path(ckpt) if ckpt else run_dir)
+
+    def iteration(self, i: int, prev_ckpt: str | None, policy_step: int) -> IterationRecord:
+        from renio_core.rollout_stage import run_rollout
+        from renio_core.score_stage import Scorer, resolve, run_score
+        from renio_core.weight_stage import run_weight
+
+        cfg, resident, label = self.cfg, self.resident, f"iter {i}"
+        t: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
+        t0 = time.perf_counter()
+        it_dir = self.run_dir / f"iter-{i:05d}"
+        c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i)
+        resident.use_checkpoint(prev_ckpt)
+        prompt_set = _iteration_prompts(self.train_prompts, cfg, i)
+
+        with _timed(t, "sample"), self.bar(f"{label}: rollout",
+                                           len(prompt_set.prompts) * c["rollout"].n) as advance:
+            r = run_rollout(c["rollout"], advance, prompt_set=prompt_set, model=resident.student,
+                            tokenizer=resident.tokenizer,
+                            sampler=resident.sampler(c["rollout"], self.lora_rank))
+        t["sample_work"] = r.seconds
+        rollout_acc = r.correct / r.graded if r.graded else None
+
+        with _timed(t, "score"):
+            inputs = shards.open_inputs(c["score"].input, [])
+            scorer = Scorer(c["score"], resolve(c["score"], inputs), resident.student,
+                            resident.tokenizer, resident.teacher, resident.teacher_tok)
+            if c["score"].self_distill and not cfg.lora:
+                scorer.teacher_model = resident.teacher  # the frozen base
+            with self.bar(f"{label}: score", inputs.total_rows) as advance:
+                t["score_work"] = run_score(c["score"], advance, scorer=scorer).seconds
+        with _timed(t, "weight"):
+            w = run_weight(c["weight"])
+        self.say(f"{label}: {w.rows} rollouts, accuracy "
+                 f"{'-' if rollout_acc is None else f'{rollout_acc:.3f}'}, pivotal share "
+                 f"{w.pivotal_share:.2%}, AUROC "
+                 f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
+
+        ckpt = it_dir / "ckpt"
+        with _timed(t, "train"):
+            if _checkpoint_finished(ckpt):
+                self.say(f"{label}: checkpoint already complete, not retrained")
+                resident.checkpoint = None  # the resident student may be older: reload it
+                resident.use_checkpoint(str(ckpt))
+            else:
+                with self.bar(f"{label}: train", c["train"].max_steps) as advance:
+                    resident.train(c["train"], str(ckpt),
+                                   lambda *_: advance(1) if advance is not None else None)
+        steps = _checkpoint_metrics(ckpt)
+        t["train_steps"] = sum(s.get("step_seconds", 0.0) for s in steps)
+        policy_step = max((s.get("global_step", policy_step + s.get("step", 0)) for s in steps),
+                          default=policy_step)
+        eval_acc = None
+        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == cfg.iterations - 1):
+            with _timed(t, "eval"):
+                eval_acc = self.evaluate(it_dir, str(ckpt), policy_step, label)
+        total = time.perf_counter() - t0
+        t["other"] = max(0.0, total - sum(t[k] for k in ("sample", "score", "weight", "train", "eval")))
+        return IterationRecord(
+            iteration=i, policy_step=policy_step, rollout_accuracy=rollout_acc,
+            mean_weight_correct=w.mean_weight_correct,
+            mean_weight_incorrect=w.mean_weight_incorrect, auroc_incorrect=w.auroc_incorrect,
+            pivotal_share=w.pivotal_share, train_loss=steps[-1].get("loss") if steps else None,
+            eval_accuracy=eval_acc, seconds=total, time={k: round(v, 4) for k, v in t.items()},
+        )
+
+    def evaluate(self, where: Path, ckpt: str | None, policy_step: int, label: str) -> float | None:
+        from renio_core.eval_stage import EvalConfig, run_eval
+        from renio_core.rollout_stage import RolloutConfig, run_rollout
+
+        cfg, resident, eval_prompts = self.cfg, self.resident, self.eval_prompts
         if eval_prompts is None:
             return None
-        resident.use_adapter(adapter)
+        resident.use_checkpoint(ckpt)
         sampling = {k: cfg.eval[k] for k in EVAL_SAMPLING if k in cfg.eval}
         limit = cfg.eval.get("limit")
         prompt_set = eval_prompts
         if limit is not None:
             prompt_set = dataclasses.replace(eval_prompts, prompts=eval_prompts.prompts[:limit])
+        full_ft = ckpt is not None and not cfg.lora
         rcfg = RolloutConfig(
             **{**{k: v for k, v in cfg.rollout.items() if k not in EVAL_SAMPLING}, **sampling},
-            model=cfg.student, prompts=eval_spec, out=str(where / "eval_rollouts.parquet"),
-            adapter=adapter, policy_step=policy_step, seed=cfg.seed + 7919, grade=True,
+            model=ckpt if full_ft else cfg.student, prompts=self.eval_spec,
+            out=str(where / "eval_rollouts.parquet"), adapter=None if full_ft else ckpt,
+            policy_step=policy_step, seed=cfg.seed + 7919, grade=True,
         )
-        with bar(f"{label}: eval sampling", len(prompt_set.prompts) * rcfg.n) as advance:
+        with self.bar(f"{label}: eval sampling", len(prompt_set.prompts) * rcfg.n) as advance:
             run_rollout(rcfg, advance, prompt_set=prompt_set, model=resident.student,
                         tokenizer=resident.tokenizer,
-                        sampler=resident.sampler(rcfg, lora_rank))
-        ecfg = EvalConfig(bench=eval_spec, out=str(where / "eval.parquet"),
+                        sampler=resident.sampler(rcfg, self.lora_rank))
+        ecfg = EvalConfig(bench=self.eval_spec, out=str(where / "eval.parquet"),
                           completions=str(where / "eval_rollouts.parquet"),
                           n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
                           top_k=rcfg.top_k, max_new_tokens=rcfg.max_new_tokens,
                           limit=limit, summary=str(where / "eval.json"))
         result = run_eval(ecfg)
         acc = result.summary.get("metrics", {}).get("avg_at_n")
-        say(f"{label}: eval avg@{rcfg.n} = {acc:.3f}" if acc is not None else f"{label}: eval done")
+        self.say(f"{label}: eval avg@{rcfg.n} = {acc:.3f}" if acc is not None
+                 else f"{label}: eval done")
         return acc
 
-    base_acc = None
-    if cfg.eval_before and cfg.eval_every > 0:
-        base_acc = evaluate(run_dir / "eval-base", None, 0, "base")
+    def prune(self, newest: int) -> None:
+        """Once iteration ``newest`` is recorded, older iterations keep only what was asked."""
+        from renio_core.train_stage import STATE_FILE
 
-    records: list[IterationRecord] = []
-    adapter: str | None = None
-    policy_step = 0
-    for i in range(cfg.iterations):
-        t0 = time.perf_counter()
-        it_dir = run_dir / f"iter-{i:05d}"
-        label = f"iter {i}"
-        c = cfg.stage_configs(it_dir, adapter=adapter, policy_step=policy_step, iteration=i)
-        resident.use_adapter(adapter)
-        prompt_set = _iteration_prompts(train_prompts, cfg, i)
-
-        with bar(f"{label}: rollout", len(prompt_set.prompts) * c["rollout"].n) as advance:
-            r = run_rollout(c["rollout"], advance, prompt_set=prompt_set, model=resident.student,
-                            tokenizer=resident.tokenizer,
-                            sampler=resident.sampler(c["rollout"], lora_rank))
-        rollout_acc = r.correct / r.graded if r.graded else None
-
-        inputs = shards.open_inputs(c["score"].input, [])
-        resolved = resolve(c["score"], inputs)
-        scorer = Scorer(c["score"], resolved, resident.student, resident.tokenizer,
-                        resident.teacher, resident.teacher_tok)
-        with bar(f"{label}: score", inputs.total_rows) as advance:
-            run_score(c["score"], advance, scorer=scorer)
-
-        w = run_weight(c["weight"])
-        say(f"{label}: {w.rows} rollouts, accuracy "
-            f"{'-' if rollout_acc is None else f'{rollout_acc:.3f}'}, pivotal share "
-            f"{w.pivotal_share:.2%}, AUROC "
-            f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
-
-        ckpt = it_dir / "ckpt"
-        if _checkpoint_complete(ckpt):
-            say(f"{label}: checkpoint already complete, not retrained")
-        else:
-            with bar(f"{label}: train", None) as advance:
-                def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
-                    if advance is not None:
-                        advance(1)
-                resident.train(c["train"], str(ckpt), on_step)
-        steps = _checkpoint_metrics(ckpt)
-        train_loss = steps[-1].get("loss") if steps else None
-        policy_step += max((r.get("step", 0) for r in steps), default=0)
-        adapter = str(ckpt)
-
-        eval_acc = None
-        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == cfg.iterations - 1):
-            eval_acc = evaluate(it_dir, adapter, policy_step, label)
-        record = IterationRecord(
-            iteration=i, policy_step=policy_step, rollout_accuracy=rollout_acc,
-            mean_weight_correct=w.mean_weight_correct,
-            mean_weight_incorrect=w.mean_weight_incorrect, auroc_incorrect=w.auroc_incorrect,
-            pivotal_share=w.pivotal_share, train_loss=train_loss, eval_accuracy=eval_acc,
-            seconds=time.perf_counter() - t0,
-        )
-        records.append(record)
-        _append_metrics(metrics_path, record)
-
-    final = next((r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None)
-    last_eval = next((run_dir / f"iter-{r.iteration:05d}" / "eval.json" for r in reversed(records)
-                      if r.eval_accuracy is not None), None)
-    if last_eval is not None:
-        # A stable name for the newest evaluation, for `renio eval --compare`.
-        tmp = run_dir / "eval-final.json.tmp"
-        tmp.write_text(last_eval.read_text())
-        os.replace(tmp, run_dir / "eval-final.json")
-    return RunSummary(run_dir, base_acc, records, final, Path(adapter) if adapter else run_dir)
+        cfg = self.cfg
+        for j in range(newest):
+            it_dir = self.run_dir / f"iter-{j:05d}"
+            kept = cfg.keep_checkpoint_every > 0 and (j + 1) % cfg.keep_checkpoint_every == 0
+            ckpt = it_dir / "ckpt"
+            if not kept and cfg.prune_checkpoints:
+                shutil.rmtree(ckpt, ignore_errors=True)
+            elif not kept:
+                (ckpt / STATE_FILE).unlink(missing_ok=True)
+            if cfg.prune_shards:
+                for name in ("rollouts.parquet", "scores.parquet", "weights.parquet"):
+                    path = it_dir / name
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def _timed(times: dict[str, float], key: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[key] += time.perf_counter() - start
 
 
-def _checkpoint_complete(ckpt: Path) -> bool:
-    from renio_core.train_stage import STATE_FILE
+def _checkpoint_finished(ckpt: Path) -> bool:
+    """A checkpoint written at the end of its training: not a mid-training ``save_every``."""
+    from renio_core.train_stage import CONFIG_FILE
 
-    return (ckpt / STATE_FILE).is_file()
+    try:
+        info = json.loads((ckpt / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(info.get("finished"))
 
 
 def _checkpoint_metrics(ckpt: Path) -> list[dict[str, Any]]:
@@ -449,6 +583,23 @@ def _checkpoint_metrics(ckpt: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _eval_accuracy(path: Path) -> float | None:
+    return json.loads(path.read_text()).get("metrics", {}).get("avg_at_n")
+
+
+def _read_records(path: Path) -> dict[int, IterationRecord]:
+    if not path.is_file():
+        return {}
+    fields = {f.name for f in dataclasses.fields(IterationRecord)}
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            data = json.loads(line)
+            out[int(data["iteration"])] = IterationRecord(
+                **{k: v for k, v in data.items() if k in fields})
+    return out
 
 
 def _append_metrics(path: Path, record: IterationRecord) -> None:

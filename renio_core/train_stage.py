@@ -23,8 +23,13 @@ Deliberate differences from the official code:
   (``topk_divergence(tail=True)``); ``topk_tail=False`` (``--topk-renormalize``) is DESIGN.md's
   "both sides renormalized on the top-k";
 * LoRA dropout is 0, so that a resumed or a distributed run reproduces an uninterrupted one;
-* the learning rate warms up linearly over ``warmup_steps`` and then stays constant (one
-  on-policy iteration is a short run; a decay belongs to the outer loop);
+* the learning rate warms up as ``(s + 1) / warmup_steps`` (the official trainer's Hugging Face
+  schedule uses ``s / warmup_steps``, which makes the first step a no-op; the official scripts
+  use no warmup, where both agree), then follows ``lr_schedule``: ``constant``, ``linear``
+  (decay to 0 at ``schedule_steps``, Hugging Face's default and the official run's) or
+  ``cosine``. ``init_from`` continues another checkpoint's AdamW state and schedule position,
+  so a run made of many ``renio train`` calls (``renio run``, or the shell) steps one
+  optimizer, as the official single trainer does;
 * micro-batches are visited in file order each epoch, without shuffling: their order is the
   order of the weight stage's normalization groups;
 * teacher and student vocabularies that differ in size (padded embeddings) are both cut to the
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -49,10 +55,12 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from renio_core import losses, models, shards
+from renio_core import losses, models, shards, weighting
 from renio_core.errors import RenioInputError
 
 LOSSES = ("jsd", "topk", "rkl")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+WEIGHTS_FROM = ("shard", "live")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -89,6 +97,21 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # The learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).
+    lr_schedule: str = "constant"
+    # Total optimizer steps of the schedule, counted from the first run of a chain of
+    # --init-from runs; None = this run's own steps (plus, with init_from, the checkpoint's).
+    schedule_steps: int | None = None
+    # Optimizer steps per pass over the shard: the micro-batches are split into this many
+    # equal steps (grad_accum derived). None = --grad-accum micro-batches per step.
+    steps_per_batch: int | None = None
+    # A finished checkpoint whose optimizer and schedule state this run continues (not its
+    # data position: a new shard). With LoRA, also the adapter to continue (unless --adapter).
+    init_from: str | None = None
+    # ReNIO weights from the shard's 'weight' column, or "live": recomputed inside each train
+    # step from this forward pass's student log-probs and the stored teacher log-probs, with
+    # the weight stage's clip/threshold/tem/norm, normalized over the micro-batch.
+    weights_from: str = "shard"
     seed: int = 0
     gradient_checkpointing: bool = False
     resume: bool = False
@@ -128,6 +151,8 @@ class TrainConfig:
                 raise RenioInputError("lora_targets: give at least one module name")
         elif self.adapter is not None:
             raise RenioInputError("adapter: --adapter continues a LoRA adapter; drop --no-lora")
+        if self.init_from is not None and self.lora and self.adapter is None:
+            self.adapter = self.init_from  # continue its adapter along with its optimizer
         if not self.lr > 0:
             raise RenioInputError(f"lr: must be > 0, got {self.lr}")
         if self.epochs < 1:
@@ -140,6 +165,25 @@ class TrainConfig:
             raise RenioInputError(f"grad_clip: must be >= 0 (0 = no clipping), got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise RenioInputError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise RenioInputError(
+                f"lr_schedule: must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.schedule_steps is not None and self.schedule_steps < 1:
+            raise RenioInputError(f"schedule_steps: must be >= 1, got {self.schedule_steps}")
+        if self.steps_per_batch is not None:
+            if self.steps_per_batch < 1:
+                raise RenioInputError(f"steps_per_batch: must be >= 1, got {self.steps_per_batch}")
+            if self.grad_accum != 1:
+                raise RenioInputError(
+                    "steps_per_batch: derives the gradient accumulation from the shard; drop "
+                    "--grad-accum")
+        if self.weights_from not in WEIGHTS_FROM:
+            raise RenioInputError(
+                f"weights_from: must be one of {', '.join(WEIGHTS_FROM)}, got {self.weights_from!r}")
+        if self.init_from is not None and self.resume:
+            raise RenioInputError(
+                "init_from: --resume continues OUT's own state; --init-from starts a new run from "
+                "another checkpoint's; use one")
         if self.save_every < 0:
             raise RenioInputError(f"save_every: must be >= 0, got {self.save_every}")
         if self.chunk_size < 1:
@@ -155,7 +199,8 @@ class TrainConfig:
                 "lora_alpha", "lora_targets", "grad_accum", "seed", "chunk_size",
                 # The optimizer and scheduler states restore the checkpoint's own values, so a
                 # new one given with --resume would be silently ignored: refuse it instead.
-                "lr", "warmup_steps", "grad_clip")
+                "lr", "warmup_steps", "grad_clip", "lr_schedule", "schedule_steps",
+                "steps_per_batch", "init_from", "weights_from")
         return {k: shards._jsonable(getattr(self, k)) for k in keep}
 
 
@@ -370,6 +415,66 @@ def resolve_teacher(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -
     )
 
 
+def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
+    """The multiplier of the base learning rate for optimizer step ``step`` (0-based, counted
+    over the whole schedule): ``(step + 1) / warmup`` during warmup, then constant, linear to 0
+    at ``total`` (Hugging Face's ``get_linear_schedule_with_warmup`` after warmup), or a
+    half cosine to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return min(1.0, (step + 1) / warmup)
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, max(0.0, (step - warmup) / span))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclasses.dataclass
+class LiveWeightSpec:
+    """The weight stage's settings, for ReNIO weights recomputed inside the train step."""
+
+    clip: float
+    threshold: float
+    tem: float
+    norm: str
+    scheme: str
+
+
+def live_weight_spec(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -> LiveWeightSpec | None:
+    if cfg.weights_from != "live":
+        return None
+    wcfg = (shards.find_stage(meta, "weight") or {}).get("config") or {}
+    missing = [k for k in ("clip", "threshold", "tem", "norm", "scheme") if k not in wcfg]
+    if missing:
+        raise RenioInputError(
+            f"--weights-from live needs the weight stage's settings, but metadata key "
+            f"'config.{missing[0]}' of the weight stage is missing (file not made by 'renio "
+            "weight'?)", file=file)
+    if wcfg["norm"] == "ema":
+        raise RenioInputError(
+            "--weights-from live normalizes within each micro-batch; the shard was weighted with "
+            "--norm ema (a running mean over the file's groups): use batch_mean, clamp or none",
+            file=file)
+    return LiveWeightSpec(float(wcfg["clip"]), float(wcfg["threshold"]), float(wcfg["tem"]),
+                          str(wcfg["norm"]), str(wcfg["scheme"]))
+
+
+def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
+                 teacher_logprobs_N: np.ndarray, lengths_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ReNIO weights of one micro-batch (one normalization group), the weight stage's formula
+    on this step's student log-probs. Returns ``(weights_B, pivotal_count_B)``."""
+    offsets_B1 = np.r_[0, np.cumsum(lengths_B)].astype(np.int64)
+    mean_B, pivotal_B = weighting.trajectory_log_ratios(
+        student_logprobs_N, teacher_logprobs_N, offsets_B1, clip=spec.clip,
+        threshold=spec.threshold)
+    if spec.scheme == "uniform":
+        return np.ones(len(lengths_B)), pivotal_B
+    raw_B = weighting.raw_weights(mean_B, spec.tem)
+    return weighting.normalize_groups(raw_B, np.zeros(len(raw_B), dtype=np.int64), spec.norm), pivotal_B
+
+
 # --------------------------------------------------------------------------------------------
 # The chunked LM head + divergence
 # --------------------------------------------------------------------------------------------
@@ -528,11 +633,14 @@ class DistillModule(torch.nn.Module):
     """
 
     def __init__(self, model: Any, spec: LossSpec, chunk: int, *, teacher: Any = None,
-                 self_teacher: bool = False):
+                 self_teacher: bool = False, live: LiveWeightSpec | None = None):
         super().__init__()
         self.model = model
         self.spec = spec
         self.chunk = chunk
+        self.live = live
+        # (weights_B, pivotal_count_B) of the last forward, when the weights are live.
+        self.last_live: tuple[np.ndarray, np.ndarray] | None = None
         # A plain attribute, not a submodule: DDP/FSDP must not wrap or sync the frozen teacher.
         self.__dict__["teacher"] = teacher
         self.self_teacher = self_teacher
@@ -558,12 +666,36 @@ class DistillModule(torch.nn.Module):
         hidden_NH = hidden_BLH[p.rows_N, p.cols_N]
         head = _head(lm)
         chunk_fn = self._chunk_fn(p, teacher_h_NH, teacher_w_VH, teacher_cfg)
+        coef_N = p.coef_N
+        if self.live is not None:
+            coef_N = self._live_coef(p, hidden_NH, lm)
         if hidden_NH.shape[0] == 0:
             # Nothing to learn from, but every parameter must still take part (DDP).
             zero = hidden_BLH.sum() * 0.0 + head.weight.sum() * 0.0
             return zero.float(), torch.zeros(0, device=zero.device)
-        return ChunkedHeadLoss.apply(hidden_NH, head.weight, p.coef_N, chunk_fn, self.chunk,
+        return ChunkedHeadLoss.apply(hidden_NH, head.weight, coef_N, chunk_fn, self.chunk,
                                      lm.config)
+
+    def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any) -> torch.Tensor:
+        """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
+        micro-batch's ReNIO weights -> the per-token loss coefficients."""
+        n_total = hidden_NH.shape[0]
+        lp_N = torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
+        with torch.no_grad():
+            for lo in range(0, n_total, self.chunk):
+                hi = min(n_total, lo + self.chunk)
+                logits_CV = models._head_logits(lm, hidden_NH[lo:hi].detach()).float()
+                logits_CV = logits_CV / self.spec.temperature
+                lp_N[lo:hi] = (logits_CV.gather(1, p.targets_N[lo:hi, None])[:, 0]
+                               - torch.logsumexp(logits_CV, dim=-1))
+        lengths_B = p.lengths_B.cpu().numpy()
+        weights_B, pivotal_B = live_weights(self.live, lp_N.cpu().numpy(),
+                                            p.teacher_logprobs_N.cpu().numpy(), lengths_B)
+        self.last_live = (weights_B, pivotal_B)
+        B = len(lengths_B)
+        coef_B = torch.as_tensor(weights_B, dtype=torch.float32) / (
+            torch.as_tensor(lengths_B).clamp(min=1).float() * B)
+        return coef_B.to(hidden_NH.device)[p.rows_N]
 
     def _chunk_fn(self, p: PackedBatch, teacher_h_NH, teacher_w_VH, teacher_cfg) -> ChunkFn:
         spec = self.spec
@@ -848,7 +980,14 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         device = torch.device("cuda", d.local_rank)
     else:
         device = models.choose_device(cfg.device)
-    per_step = d.world * cfg.grad_accum
+    grad_accum = cfg.grad_accum
+    if cfg.steps_per_batch is not None:
+        grad_accum = len(micro) // (d.world * cfg.steps_per_batch)
+        if grad_accum == 0:
+            raise RenioInputError(
+                f"{len(micro)} micro-batches (batch_id groups) cannot make {cfg.steps_per_batch} "
+                f"optimizer steps on {d.world} processes (--steps-per-batch)", file=inputs.files[0])
+    per_step = d.world * grad_accum
     steps_per_epoch = len(micro) // per_step
     if steps_per_epoch == 0:
         raise RenioInputError(
@@ -910,14 +1049,20 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
     teacher = None
     if preloaded_teacher is not None and teacher_name is not None and not self_teacher:
         teacher = preloaded_teacher
+    elif preloaded_teacher is not None and self_teacher and not cfg.lora:
+        # OPSD with a full fine-tune: the caller keeps the frozen base weights loaded.
+        teacher, self_teacher = preloaded_teacher, False
     elif teacher_name is not None and (not self_teacher or not cfg.lora):
         # OPD, or OPSD without an adapter to switch off: the frozen base as a separate model.
-        teacher = _load_teacher(cfg.model if self_teacher else teacher_name,
-                                "bfloat16" if device.type == "cuda" else "float32", device, tok)
+        # An explicit --dtype applies to the teacher too; "auto" is bf16 on a GPU.
+        t_dtype = cfg.dtype if cfg.dtype != "auto" else (
+            "bfloat16" if device.type == "cuda" else "float32")
+        teacher = _load_teacher(cfg.model if self_teacher else teacher_name, t_dtype, device, tok)
         self_teacher = False
 
     spec = LossSpec(cfg.loss, cfg.beta, cfg.token_clip, temperature, cfg.topk_tail)
-    module = DistillModule(model, spec, cfg.chunk_size, teacher=teacher, self_teacher=self_teacher)
+    module = DistillModule(model, spec, cfg.chunk_size, teacher=teacher, self_teacher=self_teacher,
+                           live=live_weight_spec(cfg, inputs.metadata, inputs.files[0]))
     wrapped: torch.nn.Module = module
     if d.on and cfg.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -941,20 +1086,13 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
 
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warm = cfg.warmup_steps
+    offset, sched_total = _schedule_position(cfg, state, total_steps, optimizer, module, d)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
-    )
+        optimizer, lambda s: lr_factor(offset + s, schedule=cfg.lr_schedule,
+                                       warmup=cfg.warmup_steps, total=sched_total))
     step = 0
     if state is not None:
-        if cfg.fsdp and d.on:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            names = [n for n, p in module.named_parameters() if p.requires_grad]
-            set_optimizer_state_dict(module, optimizer, _optim_by_name(state["optimizer"], names),
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer(optimizer, state["optimizer"], module, d, cfg.fsdp)
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         rng = state["rng"]
@@ -984,7 +1122,9 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
 
     def save(at_step: int) -> None:
         _save_checkpoint(cfg, module, optimizer, scheduler, tok, out, at_step, d, inputs,
-                         temperature, teacher_name)
+                         temperature, teacher_name,
+                         schedule={"global_offset": offset, "schedule_total": sched_total,
+                                   "finished": at_step >= total_steps})
 
     samples_seen = tokens_seen = 0
     first_loss = last_loss = None
@@ -995,23 +1135,28 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         base = within * per_step
         optimizer.zero_grad(set_to_none=True)
         sums = [0.0] * 6  # loss, weight sum, samples, pivotal share sum, tokens, micro-batches
-        for a in range(cfg.grad_accum):
+        step_weights: list[float] = []
+        for a in range(grad_accum):
             mb = micro[base + a * d.world + d.rank]
             assert mb is not None, "micro-batch of another rank"
             packed = pack(mb, pad_id, device)
-            sync = a == cfg.grad_accum - 1
+            sync = a == grad_accum - 1
             # DDP: all-reduce the gradients once, after the step's last micro-batch.
             ctx = wrapped.no_sync() if (d.on and not cfg.fsdp and not sync) else contextlib.nullcontext()
             if d.on and cfg.fsdp:
                 wrapped.set_requires_gradient_sync(sync)
             with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, _per_token = wrapped(packed)
-                (loss / cfg.grad_accum).backward()
+                (loss / grad_accum).backward()
             lengths = [len(c) for c in mb.completion_ids]
+            weights, pivotal = mb.weights, mb.pivotal_count
+            if module.last_live is not None:
+                weights, pivotal = module.last_live[0].tolist(), module.last_live[1].tolist()
+                step_weights.extend(weights)
             sums[0] += float(loss.detach())
-            sums[1] += sum(mb.weights)
-            sums[2] += len(mb.weights)
-            sums[3] += sum(pc / n if n else 0.0 for pc, n in zip(mb.pivotal_count, lengths))
+            sums[1] += sum(weights)
+            sums[2] += len(weights)
+            sums[3] += sum(pc / n if n else 0.0 for pc, n in zip(pivotal, lengths))
             sums[4] += sum(lengths)
             sums[5] += 1
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -1026,6 +1171,7 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         seconds = time.perf_counter() - t0
         record = {
             "step": step,
+            "global_step": offset + step,
             "epoch": (step - 1) // steps_per_epoch,
             "loss": sums[0] / sums[5],
             "mean_weight": sums[1] / sums[2],
@@ -1037,6 +1183,8 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
             "tokens_per_s": sums[4] / seconds if seconds > 0 else None,
             "step_seconds": seconds,
         }
+        if module.live is not None:
+            record["live_weights"] = step_weights  # this rank's rows, in micro-batch order
         samples_seen += int(sums[2])
         tokens_seen += int(sums[4])
         weight_sum += sums[1]
@@ -1067,9 +1215,61 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
     )
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
+                    module: DistillModule, d: Dist, fsdp: bool) -> None:
+    if fsdp and d.on:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        set_optimizer_state_dict(module, optimizer, _optim_by_name(sd, names),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(sd)
+
+
+def _schedule_position(cfg: TrainConfig, state: dict[str, Any] | None, total_steps: int,
+                       optimizer: torch.optim.Optimizer, module: DistillModule,
+                       d: Dist) -> tuple[int, int]:
+    """Where this run starts on the learning-rate schedule and the schedule's total steps.
+
+    ``--resume``: the checkpoint's own values. ``--init-from``: continue that checkpoint's
+    schedule and AdamW state (loaded here), refusing settings that would silently differ.
+    """
+    if state is not None:
+        return int(state.get("global_offset", 0)), int(state.get("schedule_total") or total_steps)
+    if cfg.init_from is None:
+        return 0, cfg.schedule_steps or total_steps
+    src = Path(cfg.init_from)
+    if not (src / STATE_FILE).is_file():
+        raise RenioInputError(f"--init-from: no trainer state ({STATE_FILE}) in the checkpoint "
+                              "(pruned, or not made by 'renio train')", file=src)
+    init = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = init.get("data") or {}
+    offset = int(init.get("global_step", init.get("step", 0)))
+    total = cfg.schedule_steps or int(init.get("schedule_total") or 0) or offset + total_steps
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {getattr(cfg, k)} (now)"
+               for k in ("lr", "warmup_steps", "lr_schedule", "lora", "lora_r", "lora_alpha")
+               if k in saved and saved[k] != shards._jsonable(getattr(cfg, k))]
+    # A constant rate does not depend on the total (a run may be extended); a decay does.
+    if cfg.lr_schedule != "constant" and init.get("schedule_total") and total != init["schedule_total"]:
+        changed.append(f"--schedule-steps {init['schedule_total']} (checkpoint) vs {total} (now)")
+    if changed:
+        raise RenioInputError("--init-from: the checkpoint's optimizer ran with other settings: "
+                              + "; ".join(changed), file=src)
+    try:
+        _load_optimizer(optimizer, init["optimizer"], module, d, cfg.fsdp)
+    except (ValueError, KeyError) as exc:
+        raise RenioInputError(f"--init-from: its optimizer state does not fit this model's "
+                              f"trainable parameters ({exc})", file=src) from None
+    for group in optimizer.param_groups:  # the schedule is re-applied from the base rate
+        group["lr"] = group["initial_lr"] = cfg.lr
+    return offset, total
+
+
 def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.optim.Optimizer,
                      scheduler: Any, tok: Any, out: Path, step: int, d: Dist,
-                     inputs: shards.InputSet, temperature: float, teacher_name: str | None) -> None:
+                     inputs: shards.InputSet, temperature: float, teacher_name: str | None,
+                     schedule: dict[str, Any] | None = None) -> None:
     """Write the HF-format model or adapter plus the trainer state, then swap it into place."""
     rng_states: list[Any] = [_rng_state()]
     model_sd = optim_sd = None
@@ -1120,9 +1320,12 @@ def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.o
         "data": cfg.data_fields(),
         "input_fingerprint": shards.fingerprint_of(inputs.fingerprint()),
         "world_size": d.world,
+        **(schedule or {}),
+        "global_step": (schedule or {}).get("global_offset", 0) + step,
     }
     torch.save(state, tmp / STATE_FILE)
-    info = {"step": step, "config": shards._jsonable(cfg), "temperature": temperature,
+    info = {"step": step, "finished": bool((schedule or {}).get("finished", True)),
+            "config": shards._jsonable(cfg), "temperature": temperature,
             "teacher": teacher_name, "base_model": cfg.model, "lora": cfg.lora,
             "upstream": inputs.metadata}
     (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")

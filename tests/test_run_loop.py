@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from renio_core.errors import RenioInputError
 from renio_core.run_loop import load_run_config
@@ -86,3 +87,173 @@ def test_kill_and_resume(tmp_path, toy_world):
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [ln["iteration"] for ln in lines] == [0, 1]
     assert "renio run" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# The official loop's dynamics: one optimizer, fresh rollouts per step, exact resume
+# --------------------------------------------------------------------------------------------
+
+ONE_STEP = ["prompts_per_iteration=8", "rollout.n=1", "eval_every=0", "rollout.max_new_tokens=48",
+            "train.lr_schedule=linear"]
+
+
+def _adapter_bytes(ckpt: Path) -> bytes:
+    return (ckpt / "adapter_model.safetensors").read_bytes()
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    out = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec.pop("seconds"), rec.pop("time")
+        out.append(rec)
+    return out
+
+
+def _step_lrs(ckpt: Path) -> list[float]:
+    return [json.loads(x)["lr"] for x in (ckpt / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.integration
+def test_one_optimizer_across_iterations_equals_the_stages_by_hand(tmp_path, toy_world):
+    """Three iterations of `renio run` == rollout, score, weight, train --init-from by hand."""
+    from renio_core.run_loop import run_loop
+
+    cfg = load_run_config(CONFIG, [f"run_dir={tmp_path / 'run'}", "iterations=3", *ONE_STEP])
+    run_loop(cfg)
+    run_dir = tmp_path / "run"
+    # One optimizer step per iteration on a linear schedule over the run's 3 steps:
+    # lr = 3e-4 * (3 - s) / 3 for global step s = 0, 1, 2.
+    lrs = [_step_lrs(run_dir / f"iter-{i:05d}" / "ckpt") for i in range(3)]
+    assert lrs == [[pytest.approx(3e-4 * 2 / 3)], [pytest.approx(3e-4 * 1 / 3)], [0.0]]
+    assert [r["policy_step"] for r in _records(run_dir)] == [1, 2, 3]
+
+    prompts = [json.loads(x) for x in toy_world.train_prompts.read_text().splitlines()]
+    prev = None
+    for i in range(3):
+        d = tmp_path / f"hand-{i}"
+        d.mkdir()
+        (d / "p.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[8 * i: 8 * i + 8]))
+        adapter = ["--adapter", str(prev)] if prev else []
+        _cli("rollout", "--model", "toy:student", *adapter, "--prompts", d / "p.jsonl",
+             "--out", d / "r.parquet", "--n", "1", "--temperature", "1.1", "--top-p", "0.95",
+             "--top-k", "20", "--max-new-tokens", "48", "--batch-size", "128",
+             "--seed", str(i), "--grade")
+        _cli("score", "--in", d / "r.parquet", "--teacher", "toy:teacher", "--out", d / "s.parquet")
+        _cli("weight", "--in", d / "s.parquet", "--out", d / "w.parquet", "--clip", "2.0",
+             "--threshold", "1.0", "--group-size", "8")
+        init = ["--init-from", str(prev)] if prev else []
+        _cli("train", "--weights", d / "w.parquet", "--model", "toy:student", "--out", d / "ckpt",
+             "--teacher", "toy:teacher", "--token-clip", "0", "--lora-r", "16", "--lora-alpha", "32",
+             "--lr", "3e-4", "--lr-schedule", "linear", "--schedule-steps", "3",
+             "--steps-per-batch", "1", "--seed", str(i), *init)
+        prev = d / "ckpt"
+        assert _adapter_bytes(prev) == _adapter_bytes(run_dir / f"iter-{i:05d}" / "ckpt"), i
+
+
+def _cli(*args) -> None:
+    proc = subprocess.run([*RENIO, *map(str, args)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _run_killed_when(args: list[str], ready) -> None:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("moment", ["scored", "mid-train-save"])
+def test_sigkill_mid_iteration_then_rerun_is_exact(tmp_path, toy_world, moment):
+    """A run killed inside an iteration and rerun ends with the bytes and metrics of a run that
+    was never killed. 'mid-train-save': killed after a save_every checkpoint of an unfinished
+    train stage, which must not count as finished (issue: 133 steps instead of 160)."""
+    common = ["iterations=3", *ONE_STEP, "train.steps_per_batch=4", "train.save_every=1",
+              "rollout.n=4", "weight.group_size=8"]
+    whole = tmp_path / "whole"
+    _cli("run", "--config", CONFIG, f"run_dir={whole}", *common)
+
+    cut = tmp_path / "cut"
+    args = [*RENIO, "run", "--config", str(CONFIG), f"run_dir={cut}", *common]
+    it1 = cut / "iter-00001"
+    if moment == "scored":
+        ready = lambda: (it1 / "scores.parquet").exists()  # noqa: E731
+    else:
+        def ready() -> bool:
+            try:
+                info = json.loads((it1 / "ckpt" / "train_config.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return info["step"] >= 1 and not info["finished"]
+    _run_killed_when(args, ready)
+    if moment == "mid-train-save":
+        info = json.loads((it1 / "ckpt" / "train_config.json").read_text())
+        assert not info["finished"]  # the kill really landed mid-training
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "iter 0: done earlier" in done.stderr
+    for i in range(3):
+        a, b = whole / f"iter-{i:05d}" / "ckpt", cut / f"iter-{i:05d}" / "ckpt"
+        assert _adapter_bytes(a) == _adapter_bytes(b), i
+    assert _records(whole) == _records(cut)
+    assert [r["policy_step"] for r in _records(cut)] == [4, 8, 12]
+
+
+@pytest.mark.integration
+def test_disk_stays_bounded(tmp_path, toy_world):
+    """Only the newest checkpoint keeps its optimizer state (and every k-th if asked);
+    pruning removes older checkpoints and shards; the time split is recorded."""
+    from renio_core.run_loop import TIME_KEYS, run_loop
+
+    run_dir = tmp_path / "run"
+    run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=4", *ONE_STEP,
+                                      "keep_checkpoint_every=2"]))
+    has_state = [(run_dir / f"iter-{i:05d}" / "ckpt" / "trainer_state.pt").exists() for i in range(4)]
+    assert has_state == [False, True, False, True]
+    assert all((run_dir / f"iter-{i:05d}" / "ckpt" / "adapter_model.safetensors").exists()
+               for i in range(4))
+    assert (run_dir / "iter-00000" / "weights.parquet").exists()
+    for rec in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()):
+        assert set(rec["time"]) == set(TIME_KEYS)
+        assert sum(rec["time"][k] for k in ("sample", "score", "weight", "train", "eval", "other")) \
+            == pytest.approx(rec["seconds"], rel=1e-3, abs=1e-3)
+        assert 0 < rec["time"]["train_steps"] <= rec["time"]["train"]
+        assert 0 < rec["time"]["sample_work"] <= rec["time"]["sample"]
+
+    pruned = tmp_path / "pruned"
+    run_loop(load_run_config(CONFIG, [f"run_dir={pruned}", "iterations=3", *ONE_STEP,
+                                      "prune_checkpoints=true", "prune_shards=true"]))
+    assert not (pruned / "iter-00000" / "ckpt").exists() and not (pruned / "iter-00001" / "ckpt").exists()
+    assert (pruned / "iter-00002" / "ckpt" / "trainer_state.pt").exists()
+    assert not list((pruned / "iter-00000").glob("*s.parquet"))
+    assert (pruned / "iter-00002" / "weights.parquet").exists()
+
+
+@pytest.mark.integration
+def test_full_finetune_runs_resumes_and_evaluates(tmp_path, toy_world):
+    """train.lora=false: each checkpoint is the whole student; a rerun with more iterations
+    continues from it (loaded from disk) exactly as an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [*ONE_STEP, "train.lora=false", "train.lr=1e-4", "train.lr_schedule=constant",
+              "eval_every=2", "eval.limit=8", "eval.n=1"]
+    whole = tmp_path / "whole"
+    _cli("run", "--config", CONFIG, f"run_dir={whole}", "iterations=2", *common)
+    part = tmp_path / "part"
+    _cli("run", "--config", CONFIG, f"run_dir={part}", "iterations=1", *common)
+    _cli("run", "--config", CONFIG, f"run_dir={part}", "iterations=2", *common)
+    for i in range(2):
+        a = load_file(str(whole / f"iter-{i:05d}" / "ckpt" / "model.safetensors"))
+        b = load_file(str(part / f"iter-{i:05d}" / "ckpt" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), i
+    base = load_file(str(Path(toy_world.student) / "model.safetensors"))
+    a = load_file(str(whole / "iter-00001" / "ckpt" / "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in base if k in a)  # it trained
+    assert json.loads((whole / "eval-final.json").read_text())["metrics"]["avg_at_n"] is not None
+    meta = json.loads(pq.read_schema(whole / "iter-00001" / "rollouts.parquet").metadata[b"renio"])
+    assert meta["config"]["model"].endswith("iter-00000/ckpt") and meta["config"]["adapter"] is None

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -838,3 +839,68 @@ def test_torchrun_nccl_two_gpus_match_one(world, weights_file, tmp_path, fsdp):
     one = tmp_path / "one"
     _renio_train([*common, "--grad-accum", "2", "--out", str(one)])
     assert _max_diff(_adapter_tensors(one), _adapter_tensors(two)) < 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# One optimizer across calls (--init-from), learning-rate schedules, live weights
+# --------------------------------------------------------------------------------------------
+
+
+def test_lr_factor_by_hand():
+    from renio_core.train_stage import lr_factor
+
+    # linear to 0 over 4 steps, no warmup: (4 - s) / 4
+    assert [lr_factor(s, schedule="linear", warmup=0, total=4) for s in range(5)] == \
+        [1.0, 0.75, 0.5, 0.25, 0.0]
+    # 2 warmup steps ((s + 1) / 2), then linear over the remaining 4: (6 - s) / 4
+    assert [lr_factor(s, schedule="linear", warmup=2, total=6) for s in range(6)] == \
+        [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    # cosine over 4 steps: (1 + cos(pi s / 4)) / 2
+    assert [lr_factor(s, schedule="cosine", warmup=0, total=4) for s in range(5)] == \
+        pytest.approx([1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 0.0])
+    assert lr_factor(10, schedule="constant", warmup=3, total=4) == 1.0
+
+
+def test_init_from_continues_one_optimizer_exactly(world, weights_file, tmp_path):
+    """Two steps in one run == one step, then one more with --init-from: same AdamW moments,
+    same step count, same place on the schedule (a fresh AdamW would differ at once)."""
+    kw = dict(loss="rkl", grad_accum=4, lr_schedule="linear")
+    run_train(_cfg(world, weights_file, tmp_path / "two", max_steps=2, **kw))
+    run_train(_cfg(world, weights_file, tmp_path / "first", max_steps=1, schedule_steps=2, **kw))
+    run_train(_cfg(world, weights_file, tmp_path / "second", max_steps=1,
+                   init_from=str(tmp_path / "first"), **kw))
+    assert _max_diff(_adapter_tensors(tmp_path / "two"), _adapter_tensors(tmp_path / "second")) == 0.0
+    rec = json.loads((tmp_path / "second" / "metrics.jsonl").read_text())
+    assert rec["step"] == 1 and rec["global_step"] == 2
+    assert rec["lr"] == 0.0  # linear to 0 at step 2 of 2: lr = 1e-3 * (2 - 2) / 2
+    # Settings the checkpoint's optimizer did not run with are refused, one line each.
+    with pytest.raises(RenioInputError, match=r"--init-from: .*--lr 0.001 \(checkpoint\) vs 0.002"):
+        run_train(_cfg(world, weights_file, tmp_path / "x", max_steps=1, **{**kw, "lr": 2e-3},
+                       init_from=str(tmp_path / "first")))
+    with pytest.raises(RenioInputError, match="--schedule-steps 2 \\(checkpoint\\) vs 5"):
+        run_train(_cfg(world, weights_file, tmp_path / "y", max_steps=1, schedule_steps=5,
+                       init_from=str(tmp_path / "first"), **kw))
+
+
+def test_steps_per_batch_splits_the_shard(world, weights_file, tmp_path):
+    # 4 micro-batches (16 rows, groups of 4): 2 steps of 2 micro-batches each.
+    s = run_train(_cfg(world, weights_file, tmp_path / "a", loss="rkl", steps_per_batch=2))
+    assert s.total_steps == 2 and s.samples_seen == 16
+    with pytest.raises(RenioInputError, match="steps_per_batch: derives"):
+        _cfg(world, weights_file, tmp_path / "b", steps_per_batch=2, grad_accum=2)
+
+
+def test_live_weights_by_hand():
+    from renio_core.train_stage import LiveWeightSpec, live_weights
+
+    spec = LiveWeightSpec(clip=2.0, threshold=1.0, tem=1.0, norm="batch_mean", scheme="renio")
+    # Row 0: ratios [3 -> clipped 2, 0.5, 1.0]: pivotal {2, 1}, mean 1.5, raw e^1.5.
+    # Row 1: ratios [0.2]: no pivotal token, raw e^0 = 1. Row 2: empty, raw 1.
+    s = np.array([-1.0, -1.0, -1.0, -1.0], dtype=np.float32)
+    q = np.array([-4.0, -1.5, -2.0, -1.2], dtype=np.float32)
+    w, piv = live_weights(spec, s, q, np.array([3, 1, 0]))
+    raw = np.array([math.exp(1.5), 1.0, 1.0])
+    assert piv.tolist() == [2, 0, 0]
+    assert w == pytest.approx(raw / raw.mean())
+    w, _ = live_weights(LiveWeightSpec(2.0, 1.0, 1.0, "batch_mean", "uniform"), s, q, np.array([3, 1, 0]))
+    assert w.tolist() == [1.0, 1.0, 1.0]
