@@ -207,7 +207,7 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str]) -> Run
         if "=" not in item:
             raise RenioInputError(f"override {item!r}: expected key=value (e.g. iterations=2)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        value = _scalar(raw) if raw else None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -220,6 +220,17 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str]) -> Run
     if unknown:
         raise RenioInputError(f"unknown key '{unknown[0]}' in the run config", file=path)
     return RunConfig(**data)
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML scalar, except that ``1e-4`` is a number (YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def _resolve_prompts(spec: str, which: str) -> str:

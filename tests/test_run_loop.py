@@ -257,3 +257,27 @@ def test_full_finetune_runs_resumes_and_evaluates(tmp_path, toy_world):
     assert json.loads((whole / "eval-final.json").read_text())["metrics"]["avg_at_n"] is not None
     meta = json.loads(pq.read_schema(whole / "iter-00001" / "rollouts.parquet").metadata[b"renio"])
     assert meta["config"]["model"].endswith("iter-00000/ckpt") and meta["config"]["adapter"] is None
+
+
+@pytest.mark.integration
+def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, toy_world):
+    """train.weights_from=live recomputes each row's ReNIO weight inside the train step from
+    that forward pass; before the step's update the student is the one that was scored, so
+    the weights equal the weight stage's (LoRA dropout is 0)."""
+    from renio_core.run_loop import run_loop
+
+    run_dir = tmp_path / "run"
+    run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=2", *ONE_STEP,
+                                      "rollout.n=4", "train.weights_from=live"]))
+    for i in range(2):
+        it = run_dir / f"iter-{i:05d}"
+        stage = pq.read_table(it / "weights.parquet").column("weight").to_pylist()
+        (step,) = [json.loads(x) for x in (it / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+        assert len(step["live_weights"]) == len(stage) == 32
+        assert max(abs(a - b) for a, b in zip(step["live_weights"], stage)) < 1e-5
+        assert max(stage) > 1.5 * min(stage)  # the weights are not all alike
+
+
+def test_overrides_read_exponent_numbers(tmp_path):
+    cfg = load_run_config(CONFIG, [f"run_dir={tmp_path}", "train.lr=1e-4", "seed=3"])
+    assert cfg.train["lr"] == 1e-4 and cfg.seed == 3
