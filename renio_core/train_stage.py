@@ -1266,6 +1266,23 @@ def _schedule_position(cfg: TrainConfig, state: dict[str, Any] | None, total_ste
     return offset, total
 
 
+def _save_adapter(model: Any, out: Path) -> None:
+    """The files of peft's ``save_pretrained`` that loading needs (adapter weights and
+    config), without the model card it renders from a template on every save: the
+    ``renio run`` loop saves once per optimizer step."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(model)
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+
+
 def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.optim.Optimizer,
                      scheduler: Any, tok: Any, out: Path, step: int, d: Dist,
                      inputs: shards.InputSet, temperature: float, teacher_name: str | None,
@@ -1309,6 +1326,8 @@ def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.o
     model = module.model
     if model_sd is not None:
         model.save_pretrained(str(tmp), state_dict=model_sd)
+    elif models.has_adapter(model):
+        _save_adapter(model, tmp)
     else:
         model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
