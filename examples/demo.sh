@@ -8,8 +8,8 @@ $RENIO toy build
 $RENIO run --config sample_configs/toy-opd.yaml run_dir="$OUT/opd" "$@"
 $RENIO run --config sample_configs/toy-opd-renio.yaml run_dir="$OUT/opd-renio" "$@"
 cp "$OUT/opd/eval-base/eval.json" "$OUT/before.json"
-cp "$OUT/opd/eval-final.json" "$OUT/after-opd.json"
-cp "$OUT/opd-renio/eval-final.json" "$OUT/after-opd-renio.json"
+cp "$OUT/opd/eval-final.json" "$OUT/OPD.json"
+cp "$OUT/opd-renio/eval-final.json" "$OUT/OPD+ReNIO.json"
 echo
 echo "Toy test set: the student before, and after the same compute of OPD and of OPD+ReNIO"
-$RENIO eval --compare "$OUT/before.json" "$OUT/after-opd.json" "$OUT/after-opd-renio.json"
+$RENIO eval --compare "$OUT/before.json" "$OUT/OPD.json" "$OUT/OPD+ReNIO.json"

@@ -70,9 +70,9 @@ def compare_table(paths: list[Path], summaries: list[dict[str, Any]]) -> Table:
     table = Table(title="renio eval --compare")
     table.add_column("metric")
     for p in paths:
-        table.add_column(p.name, justify="right")
+        table.add_column(p.stem, justify="right")
     for p in paths[1:]:
-        table.add_column(f"Δ {p.name}", justify="right")
+        table.add_column(f"Δ {p.stem}", justify="right")
     for row in compare(summaries):
         table.add_row(row["metric"], *[_num(v, row["share"]) for v in row["values"]],
                       *[_delta(d, row["share"]) for d in row["deltas"]])

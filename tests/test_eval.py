@@ -289,7 +289,7 @@ def test_compare_rows_and_cli(tmp_path: Path) -> None:
     assert rows["pass@n"]["values"] == [0.9, 0.9]
     assert rows["length, incorrect"]["deltas"] == [None]
     proc = run("eval", "--compare", a, b)
-    assert "+25.0 pt" in proc.stdout and "-20.00" in proc.stdout and "Δ b.json" in proc.stdout
+    assert "+25.0 pt" in proc.stdout and "-20.00" in proc.stdout and "Δ b" in proc.stdout and "b.json" not in proc.stdout
     assert_input_error(run("eval", "--compare", a, check=False), "at least two")
     (tmp_path / "bad.json").write_text("{}")
     assert_input_error(run("eval", "--compare", a, tmp_path / "bad.json", check=False),
