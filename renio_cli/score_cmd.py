@@ -31,7 +31,7 @@ def summary_table(s: ScoreSummary, cfg: ScoreConfig) -> Table:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("student", s.student)
-    table.add_row("teacher", s.teacher)
+    table.add_row("teacher", f"{s.teacher} ({'privileged' if cfg.privileged else 'plain'} prompt)")
     table.add_row("temperature", f"{s.temperature:g}")
     table.add_row("rows", f"{s.rows:,}")
     table.add_row("completion tokens", f"{s.tokens:,}")
@@ -63,6 +63,7 @@ def score(
     rows_per_part: int = typer.Option(512, help="Input rows per output part (the unit of resuming and sharding)."),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
+    teacher_prompt: str | None = typer.Option(None, help="What the teacher sees before the completion: plain (the student's prompt) or privileged (problem + reference solution + instruction, as the official collator shows its OPD teacher). Default: privileged for --teacher self, plain otherwise."),
     overwrite: bool = OverwriteOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -71,7 +72,7 @@ def score(
         input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
         temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,
         shard=shard, backend=backend, vllm_memory=vllm_memory, rows_per_part=rows_per_part, dtype=dtype,
-        device=device, overwrite=overwrite,
+        device=device, overwrite=overwrite, teacher_prompt=teacher_prompt,
     )
     total = shards.open_inputs(cfg.input, INPUT_COLUMNS).total_rows  # footers only: cheap
     with progress_bar("scoring", planned_rows(cfg, total)) as advance:

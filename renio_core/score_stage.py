@@ -3,7 +3,8 @@ the teacher, at the scoring temperature T (arXiv 2606.23104: ReNIO's weight is b
 ``s_t - q_t``; the default T is the rollout temperature, 1.1 in the official runs).
 
 * OPD: a separate teacher model sees the student's prompt (``teacher_prompt_ids`` =
-  ``prompt_ids``).
+  ``prompt_ids``), or with ``--teacher-prompt privileged`` the privileged prompt, as the
+  official collator (BDML-lab/ReNIO ``data_collator.py``) shows its separate OPD teacher.
 * OPSD (``--teacher self``): the student's base weights with any adapter disabled, shown the
   privileged prompt of :mod:`renio_core.prompts` that contains the reference solution.
 
@@ -18,7 +19,13 @@ the input's order and columns.
 
 Deliberate differences from the official code: the official trainer computes teacher
 log-probs inside the training step; here scoring is a separate, resumable stage, so the
-weight can be inspected before training.
+weight can be inspected before training (``renio train --weights-from live`` recomputes the
+student's side inside the step). OPD's default teacher prompt is the plain student prompt, so
+that prompt sets without reference solutions work; the official OPD recipe
+(``sample_configs/official-opd-qwen3-1.7b.yaml``) sets ``privileged``. The official collator
+renders the teacher's prompt with thinking enabled and the student's with it disabled; renio
+renders both with the rollout's setting, so the sampled completion follows the same template
+tokens in both contexts.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from renio_core.errors import RenioInputError
 from renio_core.prompts import TASKS, privileged_messages, render_ids
 
 BACKENDS = ("hf", "vllm")
+TEACHER_PROMPTS = ("plain", "privileged")
 
 NEW_COLUMNS = {
     "teacher_prompt_ids": pa.list_(pa.int32()),
@@ -77,10 +85,21 @@ class ScoreConfig:
     dtype: str = "auto"
     device: str = "auto"
     overwrite: bool = False
+    # What the teacher is shown before the completion: "plain" (the student's prompt) or
+    # "privileged" (problem, reference solution, instruction). None: privileged for OPSD,
+    # plain for OPD.
+    teacher_prompt: str | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> RenioInputError:
             return RenioInputError(f"--{field.replace('_', '-')}: {msg}")
+
+        if self.teacher_prompt not in (None, *TEACHER_PROMPTS):
+            raise bad("teacher_prompt", f"must be one of {', '.join(TEACHER_PROMPTS)}, got "
+                      f"{self.teacher_prompt!r}")
+        if self.teacher == "self" and self.teacher_prompt == "plain":
+            raise bad("teacher_prompt", "plain with --teacher self would score the student "
+                      "against its own base on the same prompt; OPSD's teacher is privileged")
 
         if not self.input:
             raise bad("in", "a rollouts file or directory is required")
@@ -109,6 +128,12 @@ class ScoreConfig:
     @property
     def self_distill(self) -> bool:
         return self.teacher == "self"
+
+    @property
+    def privileged(self) -> bool:
+        """The teacher sees the privileged prompt (always in OPSD; by choice in OPD)."""
+        return self.teacher_prompt == "privileged" or (
+            self.teacher_prompt is None and self.self_distill)
 
 
 @dataclasses.dataclass
@@ -194,16 +219,17 @@ def resolve(cfg: ScoreConfig, inputs: shards.InputSet) -> ResolvedScoring:
 
 
 def validate_rows(cfg: ScoreConfig, inputs: shards.InputSet) -> None:
-    """Every row is checked before any model runs: ids present, OPSD solutions present."""
-    if cfg.self_distill:
+    """Every row is checked before any model runs: ids present, solutions present for a
+    privileged teacher prompt."""
+    who = ("--teacher self (OPSD's privileged prompt)" if cfg.self_distill
+           else "--teacher-prompt privileged")
+    if cfg.privileged:
         for col in ("problem", "solution"):
             if not inputs.has_column(col):
-                raise RenioInputError(
-                    "missing column, needed by --teacher self (OPSD's privileged prompt)",
-                    file=inputs.files[0], column=col,
-                )
+                raise RenioInputError(f"missing column, needed by {who}",
+                                      file=inputs.files[0], column=col)
     cols = ["prompt_ids", "completion_ids"] + (["problem", "solution", "task"]
-                                              if cfg.self_distill else [])
+                                              if cfg.privileged else [])
     for batch in shards.iter_batches(inputs, cols):
         shards.check_no_nulls(batch, "prompt_ids")
         shards.check_no_nulls(batch, "completion_ids")
@@ -212,13 +238,13 @@ def validate_rows(cfg: ScoreConfig, inputs: shards.InputSet) -> None:
             row = int(np.flatnonzero(lengths == 0)[0])
             raise RenioInputError("empty prompt", file=batch.file, row=batch.first_row + row,
                                   column="prompt_ids")
-        if cfg.self_distill:
+        if cfg.privileged:
             for col in ("problem", "solution"):
                 arr = batch.column(col)
                 if arr.null_count:
                     row = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
                     raise RenioInputError(
-                        f"no {col} for this row; --teacher self (OPSD) needs the reference "
+                        f"no {col} for this row; {who} needs the reference "
                         "solution in the privileged prompt", file=batch.file,
                         row=batch.first_row + row, column=col,
                     )
@@ -317,7 +343,7 @@ class Scorer:
         self.pad_id = student_tok.pad_token_id or 0
 
     def teacher_prompts(self, table: pa.Table) -> list[list[int]]:
-        if not self.cfg.self_distill:
+        if not self.cfg.privileged:
             return [list(p) for p in table.column("prompt_ids").to_pylist()]
         problems = table.column("problem").to_pylist()
         solutions = table.column("solution").to_pylist()
@@ -490,7 +516,8 @@ def run_score(
                             self_distill=cfg.self_distill),
         },
         tokenizer_fingerprint=resolved.tokenizer_fingerprint,
-        extra={"scoring_temperature": resolved.temperature},
+        extra={"scoring_temperature": resolved.temperature,
+               "teacher_prompt": "privileged" if cfg.privileged else "plain"},
     )
     summary = ScoreSummary(out=Path(cfg.out), temperature=resolved.temperature,
                            student=resolved.student,

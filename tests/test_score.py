@@ -155,6 +155,47 @@ def test_opsd_missing_solution_names_the_row(world, tmp_path):
     assert not (tmp_path / "s.parquet").exists()
 
 
+def test_opd_privileged_teacher_prompt(world, tmp_path):
+    """--teacher-prompt privileged: the separate OPD teacher sees the problem and the reference
+    solution (the official collator's OPD teacher input), scored exactly after that prompt."""
+    cfg = ScoreConfig(input=world["rollout"], teacher=world["teacher"], teacher_prompt="privileged",
+                      out=str(tmp_path / "s.parquet"), dtype="float32", device="cpu")
+    run_score(cfg)
+    tok = models.load_tokenizer(world["student"])
+    teacher = models.load_model(world["teacher"], dtype="float32", device="cpu")
+    rows = shards.read_table(cfg.out).to_pylist()
+    for r in rows[:4]:
+        want = render_ids(tok, privileged_messages(r["problem"], r["solution"], "math"))
+        assert r["teacher_prompt_ids"] == want != r["prompt_ids"]
+        assert r["solution"] in tok.decode(r["teacher_prompt_ids"])
+        t_want, _ = direct_logprobs(teacher, want, r["completion_ids"], 1.1)
+        assert torch.allclose(torch.tensor(r["teacher_logprobs"]), t_want, atol=1e-5)
+    assert shards.read_metadata(Path(cfg.out))["teacher_prompt"] == "privileged"
+    plain = run_score(ScoreConfig(input=world["rollout"], teacher=world["teacher"],
+                                  out=str(tmp_path / "p.parquet"), dtype="float32", device="cpu"))
+    assert shards.read_metadata(Path(plain.out))["teacher_prompt"] == "plain"
+    with pytest.raises(RenioInputError, match="--teacher-prompt: plain with --teacher self"):
+        ScoreConfig(input="x", teacher="self", out="y", teacher_prompt="plain")
+    with pytest.raises(RenioInputError, match="--teacher-prompt: must be one of plain, privileged"):
+        ScoreConfig(input="x", teacher="t", out="y", teacher_prompt="gold")
+
+
+def test_privileged_without_solutions_is_one_line_exit_2(world, tmp_path):
+    table = shards.read_table(world["rollout"]).drop_columns(["solution"])
+    meta = shards.read_metadata(shards.resolve_inputs(world["rollout"])[0])
+    shards.write_table_atomic(tmp_path / "nosol.parquet", table, meta)
+    out = tmp_path / "s.parquet"
+    proc = subprocess.run(
+        [sys.executable, "-m", "renio_cli.main", "score", "--in", str(tmp_path / "nosol.parquet"),
+         "--teacher", world["teacher"], "--teacher-prompt", "privileged", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'solution'" in lines[0] and "--teacher-prompt privileged" in lines[0]
+    assert not out.exists()
+
+
 def test_foreign_file_needs_student_and_temperature(world, tmp_path):
     table = shards.read_table(world["rollout"]).replace_schema_metadata(None)
     pq.write_table(table, tmp_path / "foreign.parquet")
