@@ -32,6 +32,9 @@ def summary_table(summary: WeightSummary, cfg: WeightConfig) -> Table:
         table.add_row("mean weight, correct rows", fmt(summary.mean_weight_correct))
         table.add_row("mean weight, incorrect rows", fmt(summary.mean_weight_incorrect))
         table.add_row("AUROC of raw_weight for incorrect", fmt(summary.auroc_incorrect, ".3f"))
+    if summary.group_prompts_mean is not None:
+        table.add_row(f"distinct prompts per group ({cfg.grouping})",
+                      f"{summary.group_prompts_mean:.2f} mean, {summary.group_prompts_min} min")
     if summary.parts_skipped:
         table.add_row("parts", f"{summary.parts_written} written, {summary.parts_skipped} already complete")
     return table
@@ -45,7 +48,8 @@ def weight(
     threshold: float = typer.Option(0.8, help="Tokens with clipped log-ratio >= threshold are pivotal."),
     tem: float = typer.Option(1.0, help="Temperature of the weight: raw = exp(mean / tem)."),
     norm: str = typer.Option("batch_mean", help="Group normalization: batch_mean, ema, clamp or none."),
-    group_size: int = typer.Option(8, help="Rows per normalization group (consecutive, in file order)."),
+    group_size: int = typer.Option(8, help="Rows per normalization group."),
+    grouping: str = typer.Option("consecutive", help="consecutive: runs of --group-size rows in file order; distinct: --group-size distinct prompts, one sample each (the official trainer's micro-batch), when prompts have several samples."),
     scheme: str = typer.Option("renio", help="renio, or uniform (every weight 1: plain OPD/OPSD)."),
     filter_: str = typer.Option("all", "--filter", help="all, correct or incorrect (needs a graded 'correct' column)."),
     rows_per_part: int = typer.Option(65536, help="Rows per part when --out is a directory."),
@@ -56,7 +60,7 @@ def weight(
     """Turn teacher-scored rollouts into ReNIO sample weights (DESIGN.md, 'ReNIO weights')."""
     cfg = WeightConfig(
         input=input_, out=str(out), clip=clip, threshold=threshold, tem=tem, norm=norm,
-        group_size=group_size, scheme=scheme, filter=filter_, overwrite=overwrite,
+        group_size=group_size, grouping=grouping, scheme=scheme, filter=filter_, overwrite=overwrite,
         batch_rows=batch_rows, rows_per_part=rows_per_part,
     )
     total = shards.open_inputs(cfg.input, []).total_rows  # footers only: cheap

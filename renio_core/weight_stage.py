@@ -57,6 +57,9 @@ class WeightConfig:
     tem: float = 1.0
     norm: str = "batch_mean"
     group_size: int = 8
+    # consecutive: runs of group_size rows; distinct: group_size distinct prompts, one sample
+    # each (the official micro-batch), when prompts have several samples.
+    grouping: str = "consecutive"
     scheme: str = "renio"
     filter: str = "all"
     overwrite: bool = False
@@ -80,6 +83,9 @@ class WeightConfig:
             raise RenioInputError(f"scheme: must be one of {', '.join(weighting.SCHEMES)}, got {self.scheme!r}")
         if self.filter not in weighting.FILTERS:
             raise RenioInputError(f"filter: must be one of {', '.join(weighting.FILTERS)}, got {self.filter!r}")
+        if self.grouping not in weighting.GROUPINGS:
+            raise RenioInputError(
+                f"grouping: must be one of {', '.join(weighting.GROUPINGS)}, got {self.grouping!r}")
         if self.group_size < 1:
             raise RenioInputError(f"group_size: must be at least 1, got {self.group_size}")
         if self.batch_rows < 1:
@@ -114,6 +120,9 @@ class WeightSummary:
     auroc_incorrect: float | None
     parts_written: int
     parts_skipped: int
+    # Distinct prompts per normalization group: mean and minimum (None without prompt_id).
+    group_prompts_mean: float | None = None
+    group_prompts_min: int | None = None
 
     @property
     def pivotal_share(self) -> float:
@@ -152,15 +161,21 @@ class _RowStats:
     raw: np.ndarray             # (R,) float64
     lengths: np.ndarray         # (R,) int64 completion tokens
     correct: np.ndarray | None  # (R,) int8: 1 correct, 0 incorrect, -1 ungraded
+    prompt_ids: np.ndarray | None  # (R,) object: prompt_id, None where the column is absent
 
 
 def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
                   progress: Callable[[int], None] | None) -> _RowStats:
     """Pass 1: read only the columns the formula needs, validate them, weigh every row."""
-    means, counts, raws, lens, corrects = [], [], [], [], []
+    means, counts, raws, lens, corrects, pids = [], [], [], [], [], []
     has_correct = inputs.has_column("correct")
+    has_pid = inputs.has_column("prompt_id")
+    if cfg.grouping == "distinct" and not has_pid:
+        raise RenioInputError("--grouping distinct groups rows by prompt, but the column is "
+                              "missing", file=inputs.files[0], column="prompt_id")
     columns = ["completion_ids", "student_logprobs", "teacher_logprobs"]
     columns += ["correct"] if has_correct else []
+    columns += ["prompt_id"] if has_pid else []
     for batch in shards.prefetch(shards.iter_batches(inputs, columns, batch_rows=cfg.batch_rows)):
         rb = batch.data
         lengths_B = shards.check_same_lengths(batch, "student_logprobs", "completion_ids")
@@ -183,18 +198,25 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
             graded = ~arr.is_null().to_numpy(zero_copy_only=False)
             value = arr.fill_null(False).to_numpy(zero_copy_only=False)
             corrects.append(np.where(graded, value.astype(np.int8), np.int8(-1)).astype(np.int8))
+        if has_pid:
+            shards.check_no_nulls(batch, "prompt_id")
+            pids.append(np.asarray(rb.column("prompt_id").to_pylist(), dtype=object))
         if progress is not None:
             progress(rb.num_rows)
     return _RowStats(
         np.concatenate(means), np.concatenate(counts), np.concatenate(raws),
         np.concatenate(lens), np.concatenate(corrects) if has_correct else None,
+        np.concatenate(pids) if has_pid else None,
     )
 
 
 def _new_columns(stats: _RowStats, keep_R: np.ndarray, cfg: WeightConfig) -> dict[str, np.ndarray]:
     """Groups and normalized weights of the kept rows, in order."""
     raw_K = stats.raw[keep_R]
-    group_ids_K = np.arange(len(raw_K), dtype=np.int64) // cfg.group_size
+    if cfg.grouping == "distinct":
+        group_ids_K = weighting.distinct_prompt_groups(stats.prompt_ids[keep_R], cfg.group_size)
+    else:
+        group_ids_K = np.arange(len(raw_K), dtype=np.int64) // cfg.group_size
     if cfg.scheme == "uniform":
         weights_K = np.ones(len(raw_K), dtype=np.float64)
     else:
@@ -420,7 +442,16 @@ def run_weight(
             mean_incorrect = float(weights[is_incorrect].mean()) if is_incorrect.any() else None
             value = weighting.auroc(cols["raw_weight"][graded], is_incorrect[graded])
             auroc = None if np.isnan(value) else value
+    group_mean = group_min = None
+    if stats.prompt_ids is not None and total:
+        per_group: dict[int, set] = {}
+        for gid, pid in zip(cols["batch_id"].tolist(), stats.prompt_ids[keep_R].tolist()):
+            per_group.setdefault(gid, set()).add(pid)
+        sizes = [len(v) for v in per_group.values()]
+        group_mean, group_min = float(np.mean(sizes)), int(min(sizes))
     return WeightSummary(
+        group_prompts_mean=group_mean,
+        group_prompts_min=group_min,
         out=target.out,
         rows=total,
         rows_in=len(keep_R),

@@ -8,15 +8,19 @@ Paper: "Reweighting Negative Trajectory Importance for LLM On-Policy Distillatio
 2. pivotal tokens are those with ``r_t >= threshold``
 3. ``m`` = mean of ``r_t`` over pivotal tokens, 0 when there are none
 4. ``raw = exp(m / tem)``
-5. normalization within consecutive groups of rows (``batch_mean``, ``ema``, ``clamp``, ``none``)
+5. normalization within groups of rows (``batch_mean``, ``ema``, ``clamp``, ``none``): runs of
+   ``group_size`` consecutive rows, or (``distinct``) groups of ``group_size`` distinct prompts
+   with one sample each, as the official trainer's device micro-batches
 
 Token arrays are flat (all trajectories of a record batch concatenated, ``*_N``) with row
 offsets (``offsets_B1``, length B + 1), the layout Arrow list columns already have, so nothing
 here loops over tokens in Python. Sums are taken in float64.
 
 Deliberate differences from the official code: none in the formula. Groups are formed from
-consecutive rows in file order (DESIGN.md) instead of from the trainer's device batches, so the
-same weights can be inspected before training. With ``scheme="uniform"`` the diagnostics
+the shard's rows before training (the official trainer normalizes over each device's
+micro-batch of distinct prompts inside the train step), so the weights can be inspected first;
+``grouping="distinct"`` forms the official groups when a prompt has several samples, and
+``renio train --weights-from live`` recomputes them inside the step. With ``scheme="uniform"`` the diagnostics
 (``pivotal_count``, ``log_ratio_mean``, ``raw_weight``) are still computed; only ``weight`` is 1.
 """
 
@@ -27,6 +31,7 @@ import dataclasses
 import numpy as np
 
 NORMS = ("batch_mean", "ema", "clamp", "none")
+GROUPINGS = ("consecutive", "distinct")
 SCHEMES = ("renio", "uniform")
 FILTERS = ("all", "correct", "incorrect")
 
@@ -106,22 +111,25 @@ def normalize_groups(
 ) -> np.ndarray:
     """Step 5 for rows whose groups are complete.
 
-    ``group_ids_B`` must be non-decreasing (groups are consecutive rows). For ``ema`` the
-    groups are visited in order and ``ema`` is updated in place, so a caller streaming many
-    record batches passes the same state each time.
+    A group is all rows with the same id, wherever they are. For ``ema`` the groups are
+    visited in order of their first row and ``ema`` is updated in place, so a caller
+    streaming many record batches passes the same state each time.
     """
     raw_B = np.asarray(raw_B, dtype=np.float64)
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if raw_B.size == 0 or norm == "none":
         return raw_B.copy()
-    # Dense group index 0..G-1 over the groups present, in order.
-    starts = np.flatnonzero(np.r_[True, group_ids_B[1:] != group_ids_B[:-1]])
-    dense_B = np.cumsum(np.r_[False, group_ids_B[1:] != group_ids_B[:-1]])
-    counts_G = np.diff(np.r_[starts, len(raw_B)])
+    # Dense group index 0..G-1, numbered in order of each group's first row.
+    _, first_G, inverse_B = np.unique(np.asarray(group_ids_B), return_index=True,
+                                      return_inverse=True)
+    rank_G = np.empty(len(first_G), dtype=np.int64)
+    rank_G[np.argsort(first_G, kind="stable")] = np.arange(len(first_G))
+    dense_B = rank_G[inverse_B.ravel()]
+    counts_G = np.bincount(dense_B, minlength=len(first_G))
 
     def group_mean(values_B: np.ndarray) -> np.ndarray:
-        return np.bincount(dense_B, weights=values_B, minlength=len(starts)) / counts_G
+        return np.bincount(dense_B, weights=values_B, minlength=len(first_G)) / counts_G
 
     if norm == "batch_mean":
         return np.minimum(raw_B / group_mean(raw_B)[dense_B], BATCH_MEAN_CAP)
@@ -135,6 +143,29 @@ def normalize_groups(
     for g, mean in enumerate(means_G):  # one step per group, never per token
         divisors_G[g] = state.update(float(mean))
     return raw_B / divisors_G[dense_B]
+
+
+def distinct_prompt_groups(prompt_ids_B: np.ndarray, group_size: int) -> np.ndarray:
+    """Group ids that put ``group_size`` distinct prompts, one sample each, in every group.
+
+    Rows are read in order and cut into windows holding ``group_size`` distinct prompts; in a
+    window, the k-th row of each prompt goes to the window's k-th group. With ``n`` samples per
+    prompt (rows prompt by prompt), a window of ``group_size x n`` rows makes ``n`` groups of
+    ``group_size`` rows, like the official trainer's micro-batches of distinct prompts. Group
+    ids count up from 0 in order of each group's first row.
+    """
+    ids_B = np.empty(len(prompt_ids_B), dtype=np.int64)
+    next_id = 0
+    window: dict[object, int] = {}  # prompt -> rows of it seen in this window
+    base = 0
+    for b, pid in enumerate(prompt_ids_B):
+        if pid not in window and len(window) == group_size:
+            base, window = next_id, {}
+        k = window.get(pid, 0)
+        window[pid] = k + 1
+        ids_B[b] = base + k
+        next_id = max(next_id, base + k + 1)
+    return ids_B
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:

@@ -331,3 +331,24 @@ def test_directory_missing_a_shard_part_is_refused(tmp_path):
     # A glob reads the present parts on purpose.
     run("weight", "--in", str(d / "part-*.parquet"), "--out", out)
     assert pq.read_metadata(out).num_rows == 20
+
+
+def test_distinct_grouping_puts_distinct_prompts_in_each_group(tmp_path):
+    """n = 2 samples per prompt (rows p0s0, p0s1, p1s0, ...): consecutive groups of 4 hold 2
+    prompts; distinct groups of 4 hold 4 prompts, one sample each."""
+    table = F.random_scores(16, 10, seed=3)  # prompt_id p0, p0, p1, p1, ...
+    scores = F.write(table, tmp_path / "scores.parquet")
+    out = tmp_path / "w.parquet"
+    proc = run("weight", "--in", scores, "--out", out, "--group-size", 4, "--grouping", "distinct")
+    t = pq.read_table(out).to_pydict()
+    assert t["batch_id"] == [0, 1] * 4 + [2, 3] * 4
+    for g in range(4):
+        rows = [i for i, b in enumerate(t["batch_id"]) if b == g]
+        assert len({t["prompt_id"][i] for i in rows}) == 4
+        w = np.array([t["weight"][i] for i in rows])
+        assert w.mean() == pytest.approx(1.0, abs=1e-6) or w.max() == pytest.approx(10.0)
+    assert "4.00 mean, 4 min" in proc.stdout
+    proc = run("weight", "--in", scores, "--out", tmp_path / "c.parquet", "--group-size", 4)
+    assert "2.00 mean, 2 min" in proc.stdout
+    assert_bad_input(run("weight", "--in", scores, "--out", tmp_path / "x.parquet", "--grouping",
+                         "prompt", check=False), tmp_path / "x.parquet", "grouping: must be one of")

@@ -132,3 +132,27 @@ def test_auroc_by_hand():
     assert W.auroc(np.array([1.0, 1.0]), np.array([1, 0])) == 0.5
     assert W.auroc(np.array([2.0, 1.0, 1.0]), np.array([1, 1, 0])) == 0.75
     assert math.isnan(W.auroc(np.array([1.0, 2.0]), np.array([1, 1])))
+
+
+def test_distinct_prompt_groups_by_hand():
+    from renio_core.weighting import distinct_prompt_groups
+
+    # 4 prompts x 3 samples, rows prompt by prompt, groups of 2 distinct prompts: the window
+    # {a, b} makes groups 0, 1, 2 (the k-th sample of each), the window {c, d} groups 3, 4, 5.
+    pids = np.array(list("aaabbbcccddd"), dtype=object)
+    assert distinct_prompt_groups(pids, 2).tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 5, 3, 4, 5]
+    # Filtered rows (b lost a sample): {a, b} makes groups 0 (a, b) and 1 (a); {c, e} makes
+    # 2 (c, e) and 3 (c).
+    pids = np.array(list("aabcce"), dtype=object)
+    assert distinct_prompt_groups(pids, 2).tolist() == [0, 1, 0, 2, 3, 2]
+    # One sample per prompt: the same as consecutive runs.
+    assert distinct_prompt_groups(np.array(list("abcde"), dtype=object), 2).tolist() == [0, 0, 1, 1, 2]
+
+
+def test_normalize_interleaved_groups_by_hand():
+    raw = np.array([1.0, 2.0, 3.0, 4.0])
+    ids = np.array([0, 1, 0, 1])  # group 0: {1, 3}, mean 2; group 1: {2, 4}, mean 3
+    got = W.normalize_groups(raw, ids, "batch_mean")
+    assert got == pytest.approx([0.5, 2 / 3, 1.5, 4 / 3])
+    # ema visits groups by first row: g = 2, then 0.1 * 3 + 0.9 * 2 = 2.1
+    assert W.normalize_groups(raw, ids, "ema") == pytest.approx([0.5, 2 / 2.1, 1.5, 4 / 2.1])
