@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors
-from renio_core import html_report
+from renio_core import html_report, shards
 from renio_core import inspect_report as ir
 from renio_core.errors import RenioInputError
 
@@ -174,6 +174,7 @@ def inspect(
     threshold: float | None = typer.Option(
         None, help="Pivotal threshold. Default: the weight stage's, else 0.8."),
     worst: int = typer.Option(5, "--worst", help="Positions listed where the teacher disagreed most."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --html file."),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Look inside a shard: tokens coloured by student - teacher log-prob, pivotal tokens,
@@ -198,6 +199,8 @@ def inspect(
     if worst < 0:
         raise RenioInputError(f"--worst: must be at least 0, got {worst}")
 
+    if html is not None:
+        shards.refuse_overwriting_inputs(html, *shard_paths, tokenizer, flag="--html")
     view = ir.open_shard(shard_paths[0])
     ir.check_sort(view, sort)
     if html is not None:
@@ -214,7 +217,7 @@ def inspect(
         page = html_report.render_html(
             shard=view.spec, stage=view.stage, settings=settings, summary=ir.summarize(stats),
             trajectories=trajectories, text=text, included=included)
-        out = html_report.write_html(html, page)
+        out = html_report.write_html(html, page, overwrite=overwrite)
         console.print(f"wrote {out} ({included})", highlight=False, soft_wrap=True)
         return
 

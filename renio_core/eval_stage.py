@@ -559,6 +559,9 @@ def run_eval(cfg: EvalConfig, *, plan: EvalPlan | None = None,
              sample_progress: Advance | None = None,
              grade_progress: Advance | None = None) -> EvalResult:
     """Sample (or read) completions, grade them, write the per-sample file and the summary."""
+    for path, flag in ((cfg.out, "--out"), (cfg.summary_path, "--summary")):
+        shards.refuse_overwriting_inputs(path, cfg.completions, cfg.bench, cfg.model,
+                                         cfg.adapter, flag=flag)
     plan = plan or prepare_eval(cfg)
     out = Path(cfg.out)
     target = shards.OutputTarget(out, overwrite=cfg.overwrite)

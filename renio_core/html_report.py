@@ -186,13 +186,17 @@ def render_html(*, shard: str, stage: str | None, settings: Settings, summary: S
     return re.sub(r"@@([A-Z]+)@@", lambda m: values[m.group(1)], _PAGE)
 
 
-def write_html(path: str | os.PathLike, page: str) -> Path:
-    """Write atomically: a reader never sees half a report."""
+def write_html(path: str | os.PathLike, page: str, *, overwrite: bool = False) -> Path:
+    """Write atomically: a reader never sees half a report. An existing file is replaced only
+    with ``overwrite``."""
+    from renio_core.errors import RenioInputError
+
     path = Path(path)
     if path.is_dir():
-        from renio_core.errors import RenioInputError
-
         raise RenioInputError("--html: is a directory; give a file name", file=path)
+    if path.exists() and not overwrite:
+        raise RenioInputError("--html: the file exists; pass --overwrite to replace it",
+                              file=path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")

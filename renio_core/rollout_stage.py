@@ -424,6 +424,7 @@ def run_rollout(
     ``progress(n)`` is called with the number of rows finished (or found complete) since the
     last call.
     """
+    shards.refuse_overwriting_inputs(cfg.out, cfg.prompts, cfg.model, cfg.adapter)
     prompt_set = prompt_set if prompt_set is not None else load_prompts(cfg.prompts)
     check_grading(cfg, prompt_set)
     if cfg.backend == "vllm":

@@ -493,6 +493,8 @@ def run_score(
     busy = [0.0]  # seconds spent scoring (model loading excluded), for tokens/s
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
     resolved = resolve(cfg, inputs)
+    shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files, resolved.student,
+                                     resolved.adapter, cfg.teacher)
     if cfg.backend == "vllm":
         from renio_core import vllm_backend
 

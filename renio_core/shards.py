@@ -85,6 +85,36 @@ def _is_part_name(name: str) -> bool:
     return name.endswith(".parquet") and not name.startswith(".")
 
 
+def _existing_paths(item: str | os.PathLike | None) -> list[Path]:
+    """The local files and folders an input spec names (a glob: its matches); none for a hub
+    or toy model name."""
+    if item is None:
+        return []
+    text = os.fspath(item)
+    if not text:
+        return []
+    if os.path.exists(text):
+        return [Path(text)]
+    if any(ch in text for ch in "*?["):
+        return [Path(p) for p in _glob.glob(text)]
+    return []
+
+
+def refuse_overwriting_inputs(out: str | os.PathLike, *inputs: str | os.PathLike | None,
+                              flag: str = "--out") -> None:
+    """One line, before anything is written or deleted, when ``out`` is one of the inputs,
+    holds one (a folder that --overwrite would replace), or lies inside an input folder (a
+    directory of parts, a model)."""
+    target = Path(os.path.realpath(os.fspath(out)))
+    for item in inputs:
+        for path in _existing_paths(item):
+            real = Path(os.path.realpath(path))
+            if target == real or target in real.parents or (real.is_dir() and real in target.parents):
+                raise RenioInputError(
+                    f"{flag} {os.fspath(out)} would write over its own input {os.fspath(path)}; "
+                    "choose another output path", file=os.fspath(out))
+
+
 def resolve_inputs(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """Turn a file, a directory of parts, a glob, or a list of those into sorted file paths."""
     if isinstance(spec, (list, tuple)):

@@ -956,6 +956,9 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise RenioInputError("--tensorboard needs the 'tensorboard' package installed") from None
+    shards.refuse_overwriting_inputs(cfg.out, cfg.weights, *inputs.files, cfg.model,
+                                     None if cfg.resume else cfg.adapter, cfg.init_from,
+                                     teacher_name if teacher_name != "self" else None)
     out = _check_out(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0")) if world > 1 else 0

@@ -330,6 +330,7 @@ def run_weight(
     number of input rows weighed in pass 1.
     """
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
+    shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files)
     _check_filter_column(cfg, inputs)
     target = shards.OutputTarget(cfg.out, overwrite=cfg.overwrite)
     target.remove_stale_tmp()
