@@ -9,10 +9,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import errno
+
 import click
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,11 +33,16 @@ console = Console()
 err_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def fail(message: str) -> typer.Exit:
-    """Print one error line and return the exit-2 exception for the caller to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print one error line and return the exit-2 exception for the caller to raise.
+
+    The message is printed literally (a path may contain '[red]' or '[/b]') and on one line
+    (YAML and OS messages carry newlines)."""
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}",
+                      highlight=False, soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -52,6 +60,13 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except RenioInputError as exc:
             raise fail(str(exc)) from None
+        except OSError as exc:
+            # The output cannot be written (permissions, read-only or full file system): the
+            # user's to fix, and every write is atomic, so nothing half-written is left.
+            if exc.errno not in WRITE_ERRNOS:
+                raise
+            where = exc.filename or "output"
+            raise fail(f"{where}: cannot write: {exc.strerror or exc}") from None
         except KeyboardInterrupt:
             err_console.print("interrupted; completed parts are kept, re-run to finish")
             raise typer.Exit(code=130) from None
@@ -100,15 +115,36 @@ def load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: Path 
         raise fail(f"{value}: cannot read YAML config: {exc}") from None
     if not isinstance(data, dict):
         raise fail(f"{value}: a config file must be a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
+    params = {p.name: p for p in ctx.command.params}
     defaults: dict[str, Any] = {}
     for key, val in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
+        if name not in params:
             raise fail(f"{value}: unknown key '{key}' for 'renio {ctx.command.name}'")
+        problem = _yaml_type_problem(params[name], val)
+        if problem:
+            raise fail(f"{value}: key '{key}': {problem}, got {val!r}")
         defaults[name] = val
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     return value
+
+
+def _yaml_type_problem(param: click.Parameter, val: Any) -> str | None:
+    """What is wrong with a YAML value for an option of a number or flag type (checked here
+    so that it is one line, not the parser's box)."""
+    want = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if val is None:
+        return None
+    if want is bool and not isinstance(val, bool):
+        return "must be true or false"
+    if want is int and (isinstance(val, bool) or not isinstance(val, int)):
+        return "must be an integer"
+    if want is float and (isinstance(val, bool) or not isinstance(val, (int, float))):
+        try:
+            float(val)
+        except (TypeError, ValueError):
+            return "must be a number"
+    return None
 
 
 ConfigOpt = typer.Option(

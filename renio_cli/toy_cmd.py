@@ -52,7 +52,7 @@ def build(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Toy cache directory."),
 ) -> None:
     """Build the toy world and print the accuracies measured on its test split."""
-    from renio_core.toy import build_toy_world, ensure_toy_world
+    from renio_core.toy import build_toy_world_into, ensure_toy_world
 
     if out is None and quick:
         raise fail("--quick needs --out (the cache holds only fully trained worlds)")
@@ -63,18 +63,8 @@ def build(
         if out is None:
             world = ensure_toy_world(cache_dir, seed=seed, progress=bars)
         else:
-            if out.exists() and (not out.is_dir() or any(out.iterdir())):
-                if not overwrite:
-                    raise fail(f"{out}: exists and is not empty; pass --overwrite to replace it")
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            tmp = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            build_toy_world(tmp, seed=seed, quick=quick, progress=bars)
-            if out.exists():
-                out.rmdir()
-            tmp.rename(out)
-            from renio_core.toy import ToyWorld
-            world = ToyWorld.at(out)
+            world = build_toy_world_into(out, seed=seed, quick=quick, overwrite=overwrite,
+                                         progress=bars)
     finally:
         bars.close()
 

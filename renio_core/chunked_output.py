@@ -79,10 +79,30 @@ class ChunkedOutput:
         """A single-file output that is already complete for these inputs and config."""
         return self.final.single_file and self.final.existing_part(0, base_meta)
 
-    def prepare(self) -> None:
-        self.parts.remove_stale_tmp()
+    def prepare(self, num_chunks: int) -> None:
+        """Take this shard's lock on the output (a second job writing the same shard of the
+        same output gets one line), then remove what a killed run of this shard left."""
+        self._lock = shards.exclusive_lock(self._lock_path(), what=self.final.out)
+        if self.shard.count == 1:
+            self.parts.remove_stale_tmp()
+        else:  # the other shards' jobs may be writing their parts now
+            for k in owned_chunks(self.shard, num_chunks):
+                Path(str(self.parts.part_path(k)) + ".tmp").unlink(missing_ok=True)
         if self.staging_dir is not None:
             self.final.remove_stale_tmp()
+
+    def _lock_path(self) -> Path:
+        if self.final.single_file:
+            self.final.out.parent.mkdir(parents=True, exist_ok=True)
+            return Path(str(self.final.out) + ".lock")
+        self.final.out.mkdir(parents=True, exist_ok=True)
+        return self.final.out / f".lock-shard-{self.shard.index}-of-{self.shard.count}"
+
+    def release(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.release()
+            self._lock = None
 
     def is_complete(self, index: int, meta: dict[str, Any]) -> bool:
         return self.parts.existing_part(index, meta)

@@ -54,7 +54,16 @@ def resolve_name(name: str | os.PathLike) -> str:
         from renio_core.toy import resolve_model  # lazy: the toy world is optional
 
         return os.fspath(resolve_model(text))
+    if not os.path.exists(text) and _looks_like_path(text):
+        raise RenioInputError("no such model folder (and not a hub model name like "
+                              "'Qwen/Qwen3-1.7B')", file=text)
     return text
+
+
+def _looks_like_path(text: str) -> bool:
+    """A hub id is 'name' or 'owner/name'; anything else is meant as a local path."""
+    return (text.startswith(("/", ".", "~")) or text.endswith("/") or text.count("/") > 1
+            or os.sep != "/" and os.sep in text)
 
 
 def choose_device(device: str = "auto") -> torch.device:

@@ -50,25 +50,33 @@ class PromptSet:
 
 
 def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        # split("\n"), not splitlines(): JSON text may hold U+2028 inside a string.
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as exc:
+        raise RenioInputError(f"not UTF-8 text (byte {exc.start}); save the prompts as UTF-8",
+                              file=path) from None
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RenioInputError(f"not valid JSON: {exc.msg}", file=path,
-                                      row=lineno) from None
-            if not isinstance(rec, dict):
-                raise RenioInputError("each line must be a JSON object", file=path, row=lineno)
-            records.append(rec)
+    for lineno, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise RenioInputError(f"not valid JSON: {exc.msg}", file=path,
+                                  row=lineno) from None
+        if not isinstance(rec, dict):
+            raise RenioInputError("each line must be a JSON object", file=path, row=lineno)
+        records.append(rec)
     return records
 
 
 def _records_from_json(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RenioInputError(f"not UTF-8 text (byte {exc.start}); save the prompts as UTF-8",
+                              file=path) from None
     except json.JSONDecodeError as exc:
         raise RenioInputError(f"not valid JSON: {exc.msg}", file=path) from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):

@@ -468,50 +468,53 @@ def run_rollout(
         count(shards.read_table(cfg.out))
         summary.tokens = 0  # nothing sampled now: tokens/s only counts fresh work
         return summary
-    out.prepare()
-
-    own_sampler = sampler is None  # one made here is closed here; a caller's is kept
-
-    def get_sampler() -> Any:
-        nonlocal sampler, model
-        if sampler is None:
-            if cfg.backend == "vllm":
-                from renio_core import vllm_backend
-
-                sampler = vllm_backend.VllmSampler(cfg, tokenizer)
-            else:
-                if model is None:
-                    model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
-                                              device=cfg.device)
-                sampler = HFSampler(model, tokenizer)
-        return sampler
-
-    fresh_tokens = 0
-    busy = [0.0]  # seconds spent sampling (model loading excluded), for tokens/s
-
-    def make_chunk(k: int) -> pa.Table:
-        nonlocal fresh_tokens
-        sampler_now = get_sampler()
-        t0 = time.perf_counter()
-        table = sampler_now.sample(chunk_prompts(k), cfg, progress)
-        busy[0] += time.perf_counter() - t0
-        count(table)
-        fresh_tokens += int(pc.sum(
-            pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
-        return table
-
-    def on_skip(k: int) -> None:
-        if progress is not None:
-            progress(len(chunk_prompts(k)) * cfg.n)
-        count(shards.read_table(out.parts.part_path(k)))
-
+    out.prepare(n_chunks)
     try:
-        summary.parts_written, summary.parts_skipped = run_chunks(
-            out, n_chunks, meta, make_chunk, on_skip=on_skip)
+
+        own_sampler = sampler is None  # one made here is closed here; a caller's is kept
+
+        def get_sampler() -> Any:
+            nonlocal sampler, model
+            if sampler is None:
+                if cfg.backend == "vllm":
+                    from renio_core import vllm_backend
+
+                    sampler = vllm_backend.VllmSampler(cfg, tokenizer)
+                else:
+                    if model is None:
+                        model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
+                                                  device=cfg.device)
+                    sampler = HFSampler(model, tokenizer)
+            return sampler
+
+        fresh_tokens = 0
+        busy = [0.0]  # seconds spent sampling (model loading excluded), for tokens/s
+
+        def make_chunk(k: int) -> pa.Table:
+            nonlocal fresh_tokens
+            sampler_now = get_sampler()
+            t0 = time.perf_counter()
+            table = sampler_now.sample(chunk_prompts(k), cfg, progress)
+            busy[0] += time.perf_counter() - t0
+            count(table)
+            fresh_tokens += int(pc.sum(
+                pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
+            return table
+
+        def on_skip(k: int) -> None:
+            if progress is not None:
+                progress(len(chunk_prompts(k)) * cfg.n)
+            count(shards.read_table(out.parts.part_path(k)))
+
+        try:
+            summary.parts_written, summary.parts_skipped = run_chunks(
+                out, n_chunks, meta, make_chunk, on_skip=on_skip)
+        finally:
+            if own_sampler and hasattr(sampler, "close"):
+                sampler.close()  # a vLLM engine's worker processes
+        out.finalize(n_chunks, meta)
     finally:
-        if own_sampler and hasattr(sampler, "close"):
-            sampler.close()  # a vLLM engine's worker processes
-    out.finalize(n_chunks, meta)
+        out.release()  # the output's lock
     summary.seconds = busy[0]
     summary.tokens = fresh_tokens
     return summary

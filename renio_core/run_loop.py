@@ -94,6 +94,14 @@ class RunConfig:
     eval: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            want = {"int": int, "bool": bool}.get(f.type)
+            if want is not None and (type(value) is not want):
+                kind = "an integer" if want is int else "true or false"
+                raise RenioInputError(f"{f.name}: must be {kind}, got {value!r}")
+            if f.type in ("str", "str | None") and value is not None and not isinstance(value, str):
+                raise RenioInputError(f"{f.name}: must be text, got {value!r}")
         for name in ("run_dir", "student", "teacher", "prompts"):
             if not getattr(self, name):
                 raise RenioInputError(f"{name}: required (set it in the YAML or as {name}=...)")

@@ -549,57 +549,63 @@ def run_score(
             progress(total)
         count(shards.read_table(cfg.out))
         return finish()
-    out.prepare()
-
-    state: dict[str, Any] = {"scorer": scorer}
-
-    def get_scorer() -> Any:
-        if state["scorer"] is None:
-            student, student_tok, teacher, teacher_tok = load_scoring_models(
-                cfg, resolved, inputs.files[0])
-            if cfg.backend == "vllm":
-                from renio_core import vllm_backend
-
-                state["scorer"] = vllm_backend.VllmScorer(cfg, resolved, student_tok,
-                                                          teacher_tok)
-            else:
-                state["scorer"] = Scorer(cfg, resolved, student, student_tok, teacher,
-                                         teacher_tok)
-        return state["scorer"]
-
-    pending = [k for k in owned_chunks(shard, n_chunks)
-               if not out.is_complete(k, out.part_meta(meta, k, n_chunks))]
-    if pending:
-        # Models load and every id is checked against both vocabularies before any part is
-        # written, so bad input never leaves a half-scored output behind.
-        sc = get_scorer()
-        for name, vocab in vocab_sizes(sc).items():
-            check_ids_in_vocab(inputs, vocab, name)
-
-    def make_chunk(k: int) -> pa.Table:
-        lo, hi = chunk_rows(k)
-        scorer_now = get_scorer()
-        t0 = time.perf_counter()
-        scored = scorer_now.score_table(read_rows(inputs, lo, hi), progress)
-        busy[0] += time.perf_counter() - t0
-        count(scored)
-        summary.fresh_tokens += int(
-            pc.sum(pc.list_value_length(scored.column("completion_ids"))).as_py() or 0)
-        return scored
-
-    def on_skip(k: int) -> None:
-        lo, hi = chunk_rows(k)
-        if progress is not None:
-            progress(hi - lo)
-        count(shards.read_table(out.parts.part_path(k)))
-
+    out.prepare(n_chunks)
     try:
-        summary.parts_written, summary.parts_skipped = run_chunks(
-            out, n_chunks, meta, make_chunk, on_skip=on_skip)
+
+        state: dict[str, Any] = {"scorer": scorer}
+
+        def get_scorer() -> Any:
+            if state["scorer"] is None:
+                student, student_tok, teacher, teacher_tok = load_scoring_models(
+                    cfg, resolved, inputs.files[0])
+                if cfg.backend == "vllm":
+                    from renio_core import vllm_backend
+
+                    state["scorer"] = vllm_backend.VllmScorer(cfg, resolved, student_tok,
+                                                              teacher_tok)
+                else:
+                    state["scorer"] = Scorer(cfg, resolved, student, student_tok, teacher,
+                                             teacher_tok)
+            return state["scorer"]
+
+        pending = [k for k in owned_chunks(shard, n_chunks)
+                   if not out.is_complete(k, out.part_meta(meta, k, n_chunks))]
+        if pending:
+            # Models load and every id is checked against both vocabularies before any part is
+            # written, so bad input never leaves a half-scored output behind.
+            sc = get_scorer()
+            for name, vocab in vocab_sizes(sc).items():
+                check_ids_in_vocab(inputs, vocab, name)
+                if name == "teacher" and cfg.topk > vocab:
+                    raise RenioInputError(f"--topk {cfg.topk}: larger than the teacher's "
+                                          f"vocabulary of {vocab}")
+
+        def make_chunk(k: int) -> pa.Table:
+            lo, hi = chunk_rows(k)
+            scorer_now = get_scorer()
+            t0 = time.perf_counter()
+            scored = scorer_now.score_table(read_rows(inputs, lo, hi), progress)
+            busy[0] += time.perf_counter() - t0
+            count(scored)
+            summary.fresh_tokens += int(
+                pc.sum(pc.list_value_length(scored.column("completion_ids"))).as_py() or 0)
+            return scored
+
+        def on_skip(k: int) -> None:
+            lo, hi = chunk_rows(k)
+            if progress is not None:
+                progress(hi - lo)
+            count(shards.read_table(out.parts.part_path(k)))
+
+        try:
+            summary.parts_written, summary.parts_skipped = run_chunks(
+                out, n_chunks, meta, make_chunk, on_skip=on_skip)
+        finally:
+            if scorer is None and hasattr(state["scorer"], "close"):
+                state["scorer"].close()  # vLLM engines made here; a caller's scorer is kept
+        out.finalize(n_chunks, meta)
     finally:
-        if scorer is None and hasattr(state["scorer"], "close"):
-            state["scorer"].close()  # vLLM engines made here; a caller's scorer is kept
-    out.finalize(n_chunks, meta)
+        out.release()  # the output's lock
     return finish()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import fcntl
 import glob as _glob
 import hashlib
 import json
@@ -98,6 +99,36 @@ def _existing_paths(item: str | os.PathLike | None) -> list[Path]:
     if any(ch in text for ch in "*?["):
         return [Path(p) for p in _glob.glob(text)]
     return []
+
+
+class OutputLock:
+    """An exclusive ``flock`` on a lock file beside an output, held while a job writes it."""
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def exclusive_lock(path: Path, *, what: str | os.PathLike) -> OutputLock:
+    """Lock ``path`` or fail at once with one line: two jobs writing the same output would
+    remove each other's temporary files. The lock dies with its process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RenioInputError("another renio job is writing this output now; wait for it to "
+                              "finish, or choose another output path", file=what) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return OutputLock(path, fd)
 
 
 def refuse_overwriting_inputs(out: str | os.PathLike, *inputs: str | os.PathLike | None,

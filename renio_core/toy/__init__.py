@@ -12,7 +12,8 @@ from renio_core.toy.build import (
     ensure_toy_world,
     resolve_model,
 )
+from renio_core.toy.place import build_toy_world_into
 from renio_core.toy.task import grade
 
-__all__ = ["ToyWorld", "build_toy_world", "cache_root", "ensure_toy_world", "grade",
+__all__ = ["ToyWorld", "build_toy_world", "build_toy_world_into", "cache_root", "ensure_toy_world", "grade",
            "resolve_model"]
