@@ -309,6 +309,7 @@ def read_completions(spec: str) -> tuple[list[Sample], shards.InputSet | None]:
         if not rows:
             raise RenioInputError("input is empty: no completions", file=path)
         samples = []
+        keys = shards.UniqueKeys()
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise RenioInputError("expected an object per line", file=path, row=i)
@@ -323,9 +324,7 @@ def read_completions(spec: str) -> tuple[list[Sample], shards.InputSet | None]:
                 raise RenioInputError(f"expected 'stop' or 'length', got {finish!r}", file=path,
                                       row=i, column="finish_reason")
             idx = row.get("sample_index")
-            if idx is not None and (isinstance(idx, bool) or not isinstance(idx, int) or idx < 0):
-                raise RenioInputError(f"expected an integer >= 0, got {idx!r}", file=path, row=i,
-                                      column="sample_index")
+            keys.add(row["prompt_id"], idx, file=path, row=i)
             samples.append(Sample(str(row["prompt_id"]), -1 if idx is None else idx,
                                   row["completion_text"],
                                   len(ids) if isinstance(ids, list) else None, finish,
@@ -333,6 +332,7 @@ def read_completions(spec: str) -> tuple[list[Sample], shards.InputSet | None]:
         return _number_samples(samples), None
     inputs = shards.open_inputs(spec, COMPLETION_COLUMNS)
     samples = []
+    keys = shards.UniqueKeys()
     for batch in shards.iter_batches(inputs, [c.name for c in COMPLETION_COLUMNS]):
         shards.check_no_nulls(batch, "prompt_id")
         shards.check_no_nulls(batch, "completion_text")
@@ -342,6 +342,7 @@ def read_completions(spec: str) -> tuple[list[Sample], shards.InputSet | None]:
         ids = data.get("completion_ids", [None] * m)
         finish = data.get("finish_reason", [None] * m)
         for j in range(m):
+            keys.add(data["prompt_id"][j], idxs[j], file=batch.file, row=batch.first_row + j)
             samples.append(Sample(data["prompt_id"][j], -1 if idxs[j] is None else int(idxs[j]),
                                   data["completion_text"][j],
                                   None if ids[j] is None else len(ids[j]), finish[j], ids[j]))

@@ -59,6 +59,8 @@ NEW_COLUMNS = {
 INPUT_COLUMNS = [
     shards.ColumnSpec("prompt_ids", "list<int>", hint="written by 'renio rollout'"),
     shards.ColumnSpec("completion_ids", "list<int>", hint="written by 'renio rollout'"),
+    shards.ColumnSpec("prompt_id", "string", required=False),
+    shards.ColumnSpec("sample_index", "int", required=False),
     shards.ColumnSpec("problem", "string", required=False),
     shards.ColumnSpec("solution", "string", required=False),
     shards.ColumnSpec("task", "string", required=False),
@@ -230,7 +232,14 @@ def validate_rows(cfg: ScoreConfig, inputs: shards.InputSet) -> None:
                                       file=inputs.files[0], column=col)
     cols = ["prompt_ids", "completion_ids"] + (["problem", "solution", "task"]
                                               if cfg.privileged else [])
+    keyed = inputs.has_column("prompt_id") and inputs.has_column("sample_index")
+    cols += ["prompt_id", "sample_index"] if keyed else []
+    keys = shards.UniqueKeys()
     for batch in shards.iter_batches(inputs, cols):
+        if keyed:
+            for j, (pid, idx) in enumerate(zip(batch.column("prompt_id").to_pylist(),
+                                               batch.column("sample_index").to_pylist())):
+                keys.add(pid, idx, file=batch.file, row=batch.first_row + j)
         shards.check_no_nulls(batch, "prompt_ids")
         shards.check_no_nulls(batch, "completion_ids")
         lengths = shards.list_lengths(batch.column("prompt_ids"))

@@ -437,6 +437,42 @@ def flat_values(arr: pa.Array, dtype: Any = None) -> np.ndarray:
     return out if dtype is None else out.astype(dtype, copy=False)
 
 
+def check_logprobs(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray) -> None:
+    """Finite and at most 0 (a log-probability; 1e-6 allows for float rounding)."""
+    check_finite(batch, column, values, lengths)
+    bad = values > 1e-6
+    if bad.any():
+        flat_index = int(np.flatnonzero(bad)[0])
+        ends = np.cumsum(lengths)
+        row = int(np.searchsorted(ends, flat_index, side="right"))
+        position = flat_index - (int(ends[row - 1]) if row else 0)
+        raise RenioInputError(
+            f"value {values[flat_index]} at position {position}; a log-probability is <= 0",
+            file=batch.file, row=batch.first_row + row, column=column,
+        )
+
+
+class UniqueKeys:
+    """Refuses a second row with the same (prompt_id, sample_index): one trajectory, one row."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int], tuple[str, int]] = {}
+
+    def add(self, prompt_id: Any, sample_index: Any, *, file: Any, row: int) -> None:
+        if sample_index is None:
+            return
+        if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
+            raise RenioInputError(f"expected an integer >= 0, got {sample_index!r}", file=file,
+                                  row=row, column="sample_index")
+        key = (str(prompt_id), int(sample_index))
+        if key in self.seen:
+            first_file, first_row = self.seen[key]
+            raise RenioInputError(
+                f"duplicate trajectory (prompt_id {key[0]!r}, sample_index {key[1]}); first at "
+                f"{first_file} row {first_row}", file=file, row=row, column="sample_index")
+        self.seen[key] = (str(file), row)
+
+
 def check_finite(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray) -> None:
     """No NaN or inf among a list column's flat values."""
     bad = ~np.isfinite(values)

@@ -286,7 +286,7 @@ def read_micro_batches(inputs: shards.InputSet, loss: str, *, rank: int = 0,
         lengths = shards.list_lengths(batch.column("completion_ids"))
         for name in ("student_logprobs", "teacher_logprobs"):
             shards.check_same_lengths(batch, name, "completion_ids")
-            shards.check_finite(batch, name, shards.flat_values(batch.column(name), np.float64), lengths)
+            shards.check_logprobs(batch, name, shards.flat_values(batch.column(name), np.float64), lengths)
         for name in ("prompt_ids", "teacher_prompt_ids"):
             empty = np.flatnonzero(shards.list_lengths(batch.column(name)) == 0)
             if empty.size:
@@ -296,6 +296,11 @@ def read_micro_batches(inputs: shards.InputSet, loss: str, *, rank: int = 0,
                 )
         weight_B = batch.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
         shards.check_finite(batch, "weight", weight_B, np.ones_like(lengths))
+        negative = np.flatnonzero(weight_B < 0)
+        if negative.size:
+            raise RenioInputError(f"weight {weight_B[negative[0]]}; sample weights are >= 0",
+                                  file=batch.file, row=batch.first_row + int(negative[0]),
+                                  column="weight")
         if loss == "topk":
             _check_topk(batch, lengths)
         data = {n: batch.column(n).to_pylist() for n in names if n in batch.data.schema.names}

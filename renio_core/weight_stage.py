@@ -71,8 +71,9 @@ class WeightConfig:
             raise RenioInputError("input: a scores file, directory or glob is required (--in)")
         if not self.out:
             raise RenioInputError("out: an output path is required (--out)")
-        if not np.isfinite(self.clip):
-            raise RenioInputError(f"clip: must be a finite number, got {self.clip}")
+        if not (np.isfinite(self.clip) and self.clip > 0):
+            raise RenioInputError(f"clip: must be a positive number (the upper clip of the "
+                                  f"log-ratio), got {self.clip}")
         if not np.isfinite(self.threshold):
             raise RenioInputError(f"threshold: must be a finite number, got {self.threshold}")
         if not (self.tem > 0 and np.isfinite(self.tem)):
@@ -182,8 +183,8 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
         shards.check_same_lengths(batch, "teacher_logprobs", "completion_ids")
         student_N = shards.flat_values(rb.column("student_logprobs"), np.float32)
         teacher_N = shards.flat_values(rb.column("teacher_logprobs"), np.float32)
-        shards.check_finite(batch, "student_logprobs", student_N, lengths_B)
-        shards.check_finite(batch, "teacher_logprobs", teacher_N, lengths_B)
+        shards.check_logprobs(batch, "student_logprobs", student_N, lengths_B)
+        shards.check_logprobs(batch, "teacher_logprobs", teacher_N, lengths_B)
         offsets_B1 = np.zeros(len(lengths_B) + 1, dtype=np.int64)
         np.cumsum(lengths_B, out=offsets_B1[1:])
         mean_B, count_B = weighting.trajectory_log_ratios(

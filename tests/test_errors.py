@@ -135,3 +135,61 @@ def test_error_text_is_printed_literally(rollouts, tmp_path):
         line = one_line(["rollout", "--model", "toy:student", "--prompts", rollouts["prompts"],
                          "--out", tmp_path / "r.parquet", "--backend", "vllm"])
         assert "pip install 'renio[vllm]'" in line
+
+
+# --------------------------------------------------------------------------------------------
+# Values that must be refused (file, row, column; exit 2)
+# --------------------------------------------------------------------------------------------
+
+
+def _rewrite(src: Path, dst: Path, column: str, values, type_=None) -> Path:
+    import pyarrow as pa
+
+    table = shards.read_table(src)
+    meta = shards.read_metadata(shards.resolve_inputs(str(src))[0])
+    arr = pa.array(values, type_ or table.schema.field(column).type)
+    table = table.set_column(table.schema.get_field_index(column), column, arr)
+    shards.write_table_atomic(dst, table, meta)
+    return dst
+
+
+def test_positive_logprobs_and_bad_clip_are_refused(tmp_path):
+    rows = shards.read_table(SCORES).column("student_logprobs").to_pylist()
+    rows[3] = [0.5] + rows[3][1:]
+    bad = _rewrite(SCORES, tmp_path / "pos.parquet", "student_logprobs", rows)
+    one_line(["weight", "--in", bad, "--out", tmp_path / "w.parquet"],
+             "row 3", "column 'student_logprobs'", "a log-probability is <= 0")
+    one_line(["weight", "--in", SCORES, "--out", tmp_path / "w.parquet", "--clip", "-1"],
+             "clip: must be a positive number")
+    assert not (tmp_path / "w.parquet").exists()
+
+
+def test_negative_weight_in_train_input(rollouts, tmp_path):
+    from renio_core.score_stage import ScoreConfig, run_score
+    from renio_core.weight_stage import WeightConfig, run_weight
+
+    s = run_score(ScoreConfig(input=str(rollouts["rollouts"]), teacher="toy:teacher",
+                              out=str(tmp_path / "s.parquet"), device="cpu")).out
+    w = run_weight(WeightConfig(input=str(s), out=str(tmp_path / "w.parquet"), group_size=2)).out
+    weights = shards.read_table(w).column("weight").to_pylist()
+    weights[2] = -0.5
+    bad = _rewrite(w, tmp_path / "neg.parquet", "weight", weights)
+    one_line(["train", "--weights", bad, "--model", "toy:student", "--out", tmp_path / "ckpt",
+              "--loss", "rkl"], "row 2", "column 'weight'", "sample weights are >= 0")
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_bad_sample_index_and_duplicate_rows(rollouts, tmp_path):
+    import pyarrow as pa
+
+    n = shards.read_table(rollouts["rollouts"]).num_rows
+    floats = _rewrite(rollouts["rollouts"], tmp_path / "f.parquet", "sample_index",
+                      [0.5 + i for i in range(n)], pa.float64())
+    one_line(["score", "--in", floats, "--teacher", "toy:teacher", "--out", tmp_path / "s.parquet"],
+             "column 'sample_index'")
+    dup = _rewrite(rollouts["rollouts"], tmp_path / "d.parquet", "sample_index", [0] * n, pa.int32())
+    one_line(["score", "--in", dup, "--teacher", "toy:teacher", "--out", tmp_path / "s.parquet"],
+             "row 1", "duplicate trajectory", "column 'sample_index'")
+    one_line(["eval", "--completions", dup, "--bench", rollouts["prompts"], "--out",
+              tmp_path / "e.parquet"], "row 1", "duplicate trajectory")
+    assert not list(tmp_path.glob("[se].parquet*"))
