@@ -23,13 +23,15 @@ Deliberate differences from the official code:
   (``topk_divergence(tail=True)``); ``topk_tail=False`` (``--topk-renormalize``) is DESIGN.md's
   "both sides renormalized on the top-k";
 * LoRA dropout is 0, so that a resumed or a distributed run reproduces an uninterrupted one;
-* the learning rate warms up as ``(s + 1) / warmup_steps`` (the official trainer's Hugging Face
-  schedule uses ``s / warmup_steps``, which makes the first step a no-op; the official scripts
-  use no warmup, where both agree), then follows ``lr_schedule``: ``constant``, ``linear``
-  (decay to 0 at ``schedule_steps``, Hugging Face's default and the official run's) or
-  ``cosine``. ``init_from`` continues another checkpoint's AdamW state and schedule position,
-  so a run made of many ``renio train`` calls (``renio run``, or the shell) steps one
-  optimizer, as the official single trainer does;
+* the learning rate warms up as ``(s + 1) / warmup_steps`` (Hugging Face's ``s / warmup_steps``
+  makes the first step a no-op; the official scripts use no warmup, where both agree). After
+  warmup ``lr_schedule`` is ``constant``, ``linear`` (to 0 at ``schedule_steps``: the official
+  run's) or ``cosine``; ``init_from`` continues another checkpoint's AdamW state and schedule
+  position, so that many ``renio train`` calls (``renio run``, or the shell) step one optimizer
+  as the official single trainer does;
+* by default the ReNIO weights come from the shard (the weight stage, on the log-probs of the
+  student that sampled); the official trainer computes them inside the step, which
+  ``weights_from="live"`` does (identical with one step per rollout batch);
 * micro-batches are visited in file order each epoch, without shuffling: their order is the
   order of the weight stage's normalization groups;
 * teacher and student vocabularies that differ in size (padded embeddings) are both cut to the
