@@ -440,16 +440,7 @@ def flat_values(arr: pa.Array, dtype: Any = None) -> np.ndarray:
 def check_logprobs(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray) -> None:
     """Finite and at most 0 (a log-probability; 1e-6 allows for float rounding)."""
     check_finite(batch, column, values, lengths)
-    bad = values > 1e-6
-    if bad.any():
-        flat_index = int(np.flatnonzero(bad)[0])
-        ends = np.cumsum(lengths)
-        row = int(np.searchsorted(ends, flat_index, side="right"))
-        position = flat_index - (int(ends[row - 1]) if row else 0)
-        raise RenioInputError(
-            f"value {values[flat_index]} at position {position}; a log-probability is <= 0",
-            file=batch.file, row=batch.first_row + row, column=column,
-        )
+    _refuse_first(batch, column, values, lengths, values > 1e-6, "a log-probability is <= 0")
 
 
 class UniqueKeys:
@@ -475,16 +466,19 @@ class UniqueKeys:
 
 def check_finite(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray) -> None:
     """No NaN or inf among a list column's flat values."""
-    bad = ~np.isfinite(values)
+    _refuse_first(batch, column, values, lengths, ~np.isfinite(values), "expected a finite number")
+
+
+def _refuse_first(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray,
+                  bad: np.ndarray, expected: str) -> None:
+    """Name the row and position of the first flat value marked ``bad``."""
     if bad.any():
         flat_index = int(np.flatnonzero(bad)[0])
         ends = np.cumsum(lengths)
         row = int(np.searchsorted(ends, flat_index, side="right"))
         position = flat_index - (int(ends[row - 1]) if row else 0)
-        raise RenioInputError(
-            f"value {values[flat_index]} at position {position}; expected a finite number",
-            file=batch.file, row=batch.first_row + row, column=column,
-        )
+        raise RenioInputError(f"value {values[flat_index]} at position {position}; {expected}",
+                              file=batch.file, row=batch.first_row + row, column=column)
 
 
 # --------------------------------------------------------------------------------------------
