@@ -1,14 +1,32 @@
-"""Prompt construction: the student prompt and OPSD's privileged teacher prompt.
+"""Prompt construction: the student prompt and the privileged teacher prompt.
 
-In OPD the teacher sees exactly the student's prompt. In OPSD (on-policy self-distillation)
-the teacher is the student's own base weights shown a *privileged* prompt: the problem plus a
-reference solution, followed by an instruction to solve it again. The sampled completion is
-then scored after that privileged prompt, so the teacher's log-probs say how plausible each
-student token is to a model that knows the answer.
+The student samples from its prompt (problem, then the task's instruction). The privileged
+prompt holds the problem plus a reference solution, followed by a request to solve it again;
+the sampled completion is scored after it, so the teacher's log-probs say how plausible each
+student token is to a model that knows the answer. OPSD (``--teacher self``) always uses it;
+an OPD teacher sees it with ``renio score --teacher-prompt privileged`` (the official code
+shows its separate OPD teacher the same prompt), else the student's prompt.
 
-The wording here is renio's own; only the structure (problem, reference solution, request to
-solve) follows the paper's description. The instructions can be replaced through the stage
-configs (``math_instruction`` / ``code_instruction``).
+Differences from the official collator (BDML-lab/ReNIO ``data_collator.py``, math, the
+default ``reason_first=False``), all still open:
+
+* Wording. The official student message is ``"Problem: {problem}\\n\\n{instruction}"``; the
+  teacher's is ``"Problem: {problem}\\n\\n"``, a header line, the solution between
+  ``=== Reference Solution Begin ===`` / ``=== Reference Solution End ===`` lines, a paragraph
+  asking the model to understand the solution and derive the answer in its own words, then
+  the instruction. Here there is no ``Problem:`` prefix and no delimiter lines, and the
+  closing request is a short sentence of renio's own: the project copies no prose from other
+  projects. The math instruction is the same sentence (a format convention).
+  Reason: the toy world and its recorded results are built on these prompts; matching the
+  official structure changes every prompt, so it belongs with a rerun of the demo.
+* Thinking mode. The official teacher prompt is rendered with ``enable_thinking=True`` and
+  the student's with ``False``; here both use the rollout's ``enable_thinking``.
+* Code. The official code instruction asks for the code in a ```python block "at the end"
+  after thinking first; renio's asks for one complete program in a ```python block at the
+  end (the sandbox grades one program).
+
+The instructions can be replaced through the stage configs (``math_instruction`` /
+``code_instruction``).
 """
 
 from __future__ import annotations
