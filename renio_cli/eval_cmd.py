@@ -102,6 +102,10 @@ def eval_cmd(
     code_timeout: float = typer.Option(10.0, help="Seconds per code sample in the sandbox."),
     code_memory_mb: int = typer.Option(1024, help="Address-space limit per code sample (MiB)."),
     workers: int = typer.Option(2, help="Code samples graded in parallel."),
+    unsafe_inprocess_sandbox: bool = typer.Option(
+        False, "--unsafe-inprocess-sandbox",
+        help="Where bubblewrap is missing, grade code anyway with the weaker in-process guard "
+             "(generated code can escape it). Each row records its isolation."),
     out: Path | None = typer.Option(None, "--out", help="Per-sample results (.parquet)."),
     summary: Path | None = typer.Option(None, help="Summary JSON (default: --out with .json)."),
     overwrite: bool = typer.Option(False, help="Replace an --out made with other inputs or settings."),
@@ -125,7 +129,8 @@ def eval_cmd(
         max_new_tokens=max_new_tokens, seed=seed, backend=backend, vllm_memory=vllm_memory, limit=limit,
         batch_size=batch_size, device=device, dtype=dtype,
         summary=str(summary) if summary else None, code_timeout_s=code_timeout,
-        code_memory_mb=code_memory_mb, workers=workers, overwrite=overwrite,
+        code_memory_mb=code_memory_mb, workers=workers,
+        unsafe_inprocess_sandbox=unsafe_inprocess_sandbox, overwrite=overwrite,
     )
     plan = prepare_eval(cfg)
     if plan.samples is None:

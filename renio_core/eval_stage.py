@@ -92,6 +92,7 @@ class EvalConfig:
     code_timeout_s: float = 10.0
     code_memory_mb: int = 1024
     workers: int = 2
+    unsafe_inprocess_sandbox: bool = False  # grade code without bubblewrap (weaker guard)
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ class Problem:
     task: str
     answer: str | None = None
     tests: str | None = None
-    prelude: str = ""  # code benchmarks: imports the tests' solution needs (HumanEval)
+    prelude: str = ""  # code: trusted code run before the candidate's and before the tests (HumanEval: the prompt)
 
 
 def _clean(value: Any) -> str | None:
@@ -219,15 +220,15 @@ def _humaneval_problems() -> list[Problem]:
     out = []
     for row in _read_rows(data):
         prompt = row["prompt"]
-        prelude = "\n".join(
-            line for line in prompt.splitlines() if re.match(r"(import|from)\s+\w", line)
-        )
+        # The prompt is trusted: its helpers (poly, encode_cyclic) stay the grader's own in the
+        # tests; only the function to write is the candidate's (renio_candidate(name)).
+        entry = row["entry_point"]
         out.append(Problem(
             id=row["task_id"],
             problem=f"Complete this Python function.\n\n```python\n{prompt}```",
             task="code",
-            tests=f"{row['test']}\n\ncheck({row['entry_point']})\n",
-            prelude=prelude,
+            tests=f"{entry} = renio_candidate({entry!r})\n{row['test']}\n\ncheck({entry})\n",
+            prelude=prompt,
         ))
     return out
 
@@ -411,6 +412,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("extracted", pa.string()),
     ("correct", pa.bool_()),
     ("grade_status", pa.string()),
+    ("isolation", pa.string()),  # code: which sandbox graded the row (bwrap / inprocess)
     ("reflection_markers", pa.int32()),
     ("epistemic_markers", pa.int32()),
 ])
@@ -418,6 +420,17 @@ OUTPUT_SCHEMA = pa.schema([
 
 def _word_count(text: str) -> int:
     return len(re.findall(r"\w+|[^\w\s]", text or ""))
+
+
+def code_isolation(cfg: EvalConfig) -> str:
+    """The sandbox that grades code: bubblewrap, or the in-process guard only when the user
+    asked for it (``--unsafe-inprocess-sandbox``). Refuses in one line otherwise."""
+    from renio_core.sandbox import SandboxUnavailable, choose_isolation
+
+    try:
+        return choose_isolation(cfg.unsafe_inprocess_sandbox)
+    except SandboxUnavailable as exc:
+        raise RenioInputError(str(exc)) from None
 
 
 def grade_samples(samples: list[Sample], problems: dict[str, Problem], cfg: EvalConfig,
@@ -436,7 +449,7 @@ def grade_samples(samples: list[Sample], problems: dict[str, Problem], cfg: Eval
             "completion_text": s.completion_text, "completion_ids": s.completion_ids,
             "num_tokens": s.num_tokens if s.num_tokens is not None else _word_count(s.completion_text),
             "finish_reason": s.finish_reason, "answer": p.answer, "extracted": None,
-            "correct": None, "grade_status": "ungraded",
+            "correct": None, "grade_status": "ungraded", "isolation": None,
             "reflection_markers": sum(counts[m] for m in eval_metrics.REFLECTION_MARKERS),
             "epistemic_markers": sum(counts[m] for m in eval_metrics.EPISTEMIC_MARKERS),
         }
@@ -458,13 +471,16 @@ def grade_samples(samples: list[Sample], problems: dict[str, Problem], cfg: Eval
     def run(job: tuple[int, Problem, Sample]) -> tuple[int, Any]:
         i, p, s = job
         return i, grade_code(s.completion_text, p.tests or "", prelude=p.prelude,
-                             timeout_s=cfg.code_timeout_s, memory_mb=cfg.code_memory_mb)
+                             isolation=isolation, timeout_s=cfg.code_timeout_s,
+                             memory_mb=cfg.code_memory_mb)
 
     if code_jobs:
+        isolation = code_isolation(cfg)
         with ThreadPoolExecutor(max_workers=cfg.workers) as pool:
             for i, result in pool.map(run, code_jobs):
                 rows[i]["correct"] = result.passed
                 rows[i]["grade_status"] = result.status
+                rows[i]["isolation"] = result.isolation
                 if progress is not None:
                     progress(1)
     return rows
@@ -538,6 +554,8 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
         if samples is not None:
             keep = {p.id for p in problems}
             samples = [s for s in samples if s.prompt_id in keep]
+    if any(p.task == "code" and p.tests is not None for p in problems):
+        code_isolation(cfg)  # no sandbox and no --unsafe-inprocess-sandbox: refuse before any work
     return EvalPlan(cfg, problems, samples, inputs)
 
 

@@ -4,8 +4,9 @@ shows a trajectory's tokens with their tooltip, and a screenshot is saved.
 
 The screenshot is saved under the test's tmp dir; `RENIO_UPDATE_SCREENSHOT=1` also copies it
 to docs/inspect-screenshot.png (the committed one). Skips cleanly when chromium or the
-playwright package is absent (CI installs both: apt `chromium`, pip `playwright`; never
-`playwright install`, the system browser is used).
+playwright package is absent, except where RENIO_REQUIRE names chromium (CI sets it, and
+installs both: apt `chromium`, pip `playwright`; never `playwright install`, the system
+browser is used): there a missing one fails.
 """
 
 from __future__ import annotations
@@ -20,14 +21,24 @@ import pytest
 
 import factories as F
 import tiny_models
+from conftest import require_component
 from renio_core import models, shards
 from test_inspect import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="chromium is not installed (apt-get install chromium)")
+
+
+@pytest.fixture(autouse=True)
+def _chromium_and_playwright() -> None:
+    require_component("chromium", None if CHROMIUM else
+                      "chromium is not installed (apt-get install chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        require_component("chromium", "the playwright package is missing (pip install playwright)")
+
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "inspect-screenshot.png"
 
 
@@ -103,7 +114,6 @@ def addition_shard(tmp: Path, n_rows: int = 48, seed: int = 0) -> tuple[Path, Pa
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     tmp = tmp_path_factory.mktemp("browser")
     weights, _ = addition_shard(tmp)
     out = tmp / "report.html"
@@ -116,7 +126,8 @@ def _weights_in_table(page) -> list[float]:
 
 
 def test_html_report_in_headless_chromium(report, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    from playwright import sync_api
+
     url = report.resolve().as_uri()
     errors: list[str] = []
     requests: list[str] = []
