@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import require_component
 from renio_core import shards
 from renio_core.errors import RenioInputError
 from renio_core.eval_stage import EvalConfig, compare, load_bench
+from renio_core.sandbox import bwrap_problem
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 
@@ -63,6 +65,7 @@ def fenced(code: str) -> str:
 
 @pytest.mark.integration
 def test_humaneval_canonical_solutions_all_pass_and_a_broken_one_fails(tmp_path: Path) -> None:
+    require_component("bwrap", bwrap_problem())
     rows = humaneval_rows()
     assert len(rows) == 164
     broken_id = "HumanEval/2"  # truncate_number: return the integer part instead
@@ -82,6 +85,7 @@ def test_humaneval_canonical_solutions_all_pass_and_a_broken_one_fails(tmp_path:
     good = [t for t in table if not (t["prompt_id"] == broken_id and t["sample_index"] == 1)]
     bad = [t for t in table if t["prompt_id"] == broken_id and t["sample_index"] == 1]
     assert all(t["correct"] for t in good), [t["prompt_id"] for t in good if not t["correct"]]
+    assert {t["isolation"] for t in table} == {"bwrap"}
     assert len(bad) == 1 and bad[0]["correct"] is False and bad[0]["grade_status"] == "failed"
     summary = json.loads((tmp_path / "he.json").read_text())["metrics"]
     assert summary["problems"] == 164
@@ -92,6 +96,7 @@ def test_humaneval_canonical_solutions_all_pass_and_a_broken_one_fails(tmp_path:
 
 
 def test_humaneval_no_code_block_and_sandbox_escapes_grade_false(tmp_path: Path) -> None:
+    require_component("bwrap", bwrap_problem())
     r = {row["task_id"]: row for row in humaneval_rows()}["HumanEval/0"]
     outside = tmp_path / "outside.txt"
     outside.write_text("keep")
@@ -109,7 +114,26 @@ def test_humaneval_no_code_block_and_sandbox_escapes_grade_false(tmp_path: Path)
     rows = pq.read_table(out).to_pylist()
     assert [r["grade_status"] for r in rows] == ["no_code", "passed", "failed", "timeout"]
     assert [r["correct"] for r in rows] == [False, True, False, False]
+    assert [r["isolation"] for r in rows] == [None, "bwrap", "bwrap", "bwrap"]
     assert outside.read_text() == "keep"
+
+
+def test_humaneval_without_bwrap_refuses_unless_the_weaker_guard_is_accepted(tmp_path: Path) -> None:
+    r = {row["task_id"]: row for row in humaneval_rows()}["HumanEval/0"]
+    src = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt_id": "HumanEval/0", "completion_text": fenced(r["prompt"] + r["canonical_solution"])},
+        {"prompt_id": "HumanEval/0", "completion_text": fenced(r["prompt"] + "    return True\n")},
+    ])
+    out = tmp_path / "c.parquet"
+    no_bwrap = {"PATH": "/nonexistent"}
+    proc = run("eval", "--completions", src, "--bench", "humaneval", "--out", out, check=False,
+               env=no_bwrap)
+    assert_input_error(proc, "bubblewrap (bwrap) is not installed", "--unsafe-inprocess-sandbox")
+    assert not out.exists()
+    run("eval", "--completions", src, "--bench", "humaneval", "--out", out,
+        "--unsafe-inprocess-sandbox", env=no_bwrap)
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["correct"], r["isolation"]) for r in rows] == [(True, "inprocess"), (False, "inprocess")]
 
 
 # --------------------------------------------------------------------------------------------
