@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -526,6 +527,15 @@ def _python_dirs(python: str) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _bwrap_supports(bwrap: str, option: str) -> bool:
+    try:
+        return option in subprocess.run([bwrap, "--help"], capture_output=True, text=True,
+                                         timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
     argv = [bwrap, "--die-with-parent", "--new-session"]
     if as_root:
@@ -534,7 +544,10 @@ def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
         argv += ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
                  "--unshare-cgroup-try", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
-        argv += ["--unshare-all", "--disable-userns"]
+        argv += ["--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+                 "--unshare-uts", "--unshare-cgroup-try"]
+        if _bwrap_supports(bwrap, "--disable-userns"):  # bwrap >= 0.8
+            argv.append("--disable-userns")  # no nested user namespaces for the candidate
     argv += ["--ro-bind", "/usr", "/usr"]
     for link in _ROOT_LINKS:
         if os.path.islink(link):
@@ -556,7 +569,7 @@ def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev",
              "--perms", "1777", "--size", str(TMP_SIZE_MB * 1024 * 1024), "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp"]
+             "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", "/tmp"]
     return argv
 
 
@@ -795,7 +808,7 @@ def _grade(channel: _Channel, code: str, tests: str, prelude: str) -> tuple[str,
         if channel.timed_out:
             return "timeout", f"out of time after {channel.calls} calls"
         return "failed", f"{type(exc).__name__}: {str(exc)[:300]}"
-    if channel.timed_out:
+    if channel.timed_out or time.monotonic() > channel.deadline:
         return "timeout", f"out of time after {channel.calls} calls"
     return "passed", ""
 
