@@ -150,7 +150,8 @@ class Problem:
     task: str
     answer: str | None = None
     tests: str | None = None
-    prelude: str = ""  # code: trusted code run before the candidate's and before the tests (HumanEval: the prompt)
+    # code: trusted code run before the candidate's and before the tests (HumanEval: its prompt)
+    prelude: str = ""
 
 
 def _clean(value: Any) -> str | None:

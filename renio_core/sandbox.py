@@ -742,6 +742,12 @@ def run_tests(
         died_while_graded = channel.gone
         os.close(req_w)  # the runner exits when it reads EOF
         pipes.remove(req_w)
+        if died_while_graded:
+            try:  # its own exit status, not the one our kill would cause
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+        own_status = proc.returncode
         # Everything the candidate started goes with it: killing the sandbox's init ends its
         # PID namespace (bwrap); the in-process guard's child leads its own process group.
         if info_r is not None:
@@ -756,7 +762,10 @@ def run_tests(
         proc.wait()
         channel.drain(time.monotonic() + 1.0)
         rc = proc.returncode
-        if status == "failed" and died_while_graded and rc is not None and rc < 0:
+        # A signal (memory, CPU or file-size limit): our child's own status, or bwrap's 128 + N.
+        signalled = own_status is not None and (
+            own_status < 0 or (isolation == "bwrap" and own_status > 128))
+        if status == "failed" and died_while_graded and signalled:
             status = "killed"
         stdout_tail = channel.tail(proc.stdout.fileno())
         stderr_tail = channel.tail(proc.stderr.fileno())

@@ -419,6 +419,12 @@ def test_sleeping_forever_times_out_and_leaves_nothing(bwrap: str, where: str) -
     assert _processes_with(marker) == []
 
 
+def test_a_crash_during_the_tests_is_killed_not_passed(bwrap: str) -> None:
+    code = "import ctypes\ndef add(a, b):\n    return ctypes.string_at(0)\n"
+    r = run_tests(code, ADD_TESTS, isolation=bwrap)
+    assert not r.passed and r.status == "killed", r
+
+
 def test_busy_loop_times_out(bwrap: str) -> None:
     r = run_tests("def f():\n    while True:\n        pass\n", "f()\n", isolation=bwrap, timeout_s=1.0)
     assert r.status == "timeout"
