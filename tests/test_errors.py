@@ -63,6 +63,13 @@ def test_unwritable_output_is_one_line_for_every_command(rollouts, tmp_path):
         one_line(args, "cannot write")
 
 
+def test_output_under_a_file(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    one_line(["weight", "--in", SCORES, "--out", a_file / "w.parquet"], "cannot write")
+    assert a_file.read_text() == "mine"
+
+
 def test_topk_larger_than_the_vocabulary(rollouts, tmp_path):
     out = tmp_path / "s.parquet"
     one_line(["score", "--in", rollouts["rollouts"], "--teacher", "toy:teacher", "--topk", 5000,
