@@ -9,6 +9,7 @@
 #   TRAIN_GPUS     GPUs for train (torchrun processes on one node)
 #   RENIO          the command that runs renio (e.g. "renio", or "python -m renio_cli.main")
 #   *_ARGS         extra flags for each stage (see `renio STAGE --help`)
+#   (An empty value, e.g. GPU_ARGS= on a CPU cluster, is kept; unset ones get the defaults.)
 #   SBATCH_ARGS    flags added to every sbatch call: partition, account, time, GPUs ...
 #                  e.g. "--partition=gpu --account=myproj --time=04:00:00"
 #   GPU_ARGS       how one task asks for a GPU on your cluster, e.g. "--gres=gpu:1"
@@ -21,13 +22,13 @@
 : "${SHARDS:=4}"
 : "${TRAIN_GPUS:=1}"
 : "${RENIO:=renio}"
-: "${ROLLOUT_ARGS:=--n 8 --max-new-tokens 4096 --dtype bfloat16}"
-: "${SCORE_ARGS:=--dtype bfloat16}"
-: "${WEIGHT_ARGS:=--clip 2.0 --threshold 1.0}"
-: "${TRAIN_ARGS:=--lr 1e-5 --lora-r 64 --lora-alpha 128 --save-every 50}"
-: "${EVAL_ARGS:=--n 4 --max-new-tokens 4096}"
-: "${SBATCH_ARGS:=}"
-: "${GPU_ARGS:=--gres=gpu:1}"
+: "${ROLLOUT_ARGS=--n 8 --max-new-tokens 4096 --dtype bfloat16}"
+: "${SCORE_ARGS=--dtype bfloat16}"
+: "${WEIGHT_ARGS=--clip 2.0 --threshold 1.0}"
+: "${TRAIN_ARGS=--lr 1e-5 --lora-r 64 --lora-alpha 128 --save-every 50}"
+: "${EVAL_ARGS=--n 4 --max-new-tokens 4096}"
+: "${SBATCH_ARGS=}"
+: "${GPU_ARGS=--gres=gpu:1}"
 # Iteration loop (iterate.sh): how many iterations.
 : "${ITERATIONS:=4}"
 export WORK STUDENT TEACHER PROMPTS EVAL_BENCH SHARDS TRAIN_GPUS RENIO ROLLOUT_ARGS SCORE_ARGS \
