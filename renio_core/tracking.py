@@ -32,7 +32,8 @@ def check_available(*, tensorboard: bool = False, wandb_project: str | None = No
             import wandb  # noqa: F401
         except ImportError:
             raise RenioInputError(
-                "--wandb-project needs the 'wandb' package: pip install 'renio[wandb]'") from None
+                "W&B logging (--wandb-project, wandb_project=) needs the 'wandb' package "
+                "(the renio extra 'wandb'): pip install wandb") from None
 
 
 class Tracker:
