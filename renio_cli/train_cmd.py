@@ -76,6 +76,7 @@ def train(
     bf16_autocast: bool | None = typer.Option(None, "--bf16-autocast/--no-bf16-autocast", help="Run forward and backward under bf16 autocast (fp32 master weights). Default: on for CUDA GPUs with bf16, off on CPU."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write TensorBoard events to OUT/tensorboard."),
+    wandb_project: str | None = typer.Option(None, "--wandb-project", help="Also log to this Weights & Biases project (pip install 'renio[wandb]'; WANDB_MODE=offline works without network)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -88,7 +89,8 @@ def train(
         warmup_steps=warmup_steps, lr_schedule=lr_schedule, schedule_steps=schedule_steps,
         steps_per_batch=steps_per_batch, init_from=init_from, weights_from=weights_from, seed=seed, gradient_checkpointing=gradient_checkpointing,
         resume=resume, fsdp=fsdp, save_every=save_every, chunk_size=chunk_size, dtype=dtype,
-        bf16_autocast=bf16_autocast, device=device, tensorboard=tensorboard, overwrite=overwrite,
+        bf16_autocast=bf16_autocast, device=device, tensorboard=tensorboard, wandb_project=wandb_project,
+        overwrite=overwrite,
     )
     with contextlib.ExitStack() as stack:
         bar: dict[str, Any] = {}

@@ -51,6 +51,7 @@ import yaml
 from renio_core import models, shards
 from renio_core.errors import RenioInputError
 from renio_core.prompt_io import PromptSet, load_prompts
+from renio_core.tracking import Tracker, check_available
 
 SECTIONS = ("rollout", "score", "weight", "train", "eval")
 # Fields of the stage configs that the loop sets itself.
@@ -60,7 +61,7 @@ LOOP_OWNED = {
     "score": {"input", "teacher", "out", "student", "adapter", "shard", "overwrite"},
     "weight": {"input", "out", "overwrite"},
     "train": {"weights", "model", "out", "adapter", "teacher", "resume", "overwrite", "seed",
-              "init_from", "schedule_steps", "grad_accum"},
+              "init_from", "schedule_steps", "grad_accum", "wandb_project"},
     "eval": {"bench", "out", "model", "adapter", "completions", "overwrite", "summary"},
 }
 EVAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "max_new_tokens")
@@ -81,6 +82,7 @@ class RunConfig:
     eval_before: bool = True
     seed: int = 0
     task: str = "math"
+    wandb_project: str | None = None  # log steps and iterations to W&B (renio[wandb]); None = off
     # Keep the optimizer state of every k-th iteration's checkpoint (0: only the newest).
     keep_checkpoint_every: int = 0
     # Remove older checkpoints entirely (weights too), except every keep_checkpoint_every-th.
@@ -142,6 +144,7 @@ class RunConfig:
             raise RenioInputError(
                 f"eval.{unknown[0]}: unknown; the eval section takes "
                 f"{', '.join((*EVAL_SAMPLING, 'limit'))}")
+        check_available(wandb_project=self.wandb_project)  # before any work
         # Build every stage config once now, so a typo fails before any work.
         self.stage_configs(Path(self.run_dir) / "iter-00000", adapter=None, policy_step=0)
 
@@ -397,12 +400,16 @@ def run_loop(
     train_prompts = load_prompts(_resolve_prompts(cfg.prompts, "prompts"))
     eval_spec = _resolve_prompts(cfg.eval_prompts, "eval_prompts") if cfg.eval_prompts else None
     eval_prompts = load_prompts(eval_spec) if eval_spec else None
+    tracker = Tracker(wandb_project=cfg.wandb_project, run_name=run_dir.name,
+                      config=dataclasses.asdict(cfg))
     resident = _Resident(cfg, cfg.rollout)
     try:
         loop = _Loop(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts, say, bar)
+        loop.tracker = tracker
         return loop.run()
     finally:
         resident.close()  # a vLLM engine's worker processes
+        tracker.close()
 
 
 class _Loop:
@@ -415,6 +422,7 @@ class _Loop:
         self.cfg, self.resident, self.run_dir = cfg, resident, run_dir
         self.train_prompts, self.eval_spec, self.eval_prompts = train_prompts, eval_spec, eval_prompts
         self.say, self.bar = say, bar
+        self.tracker = Tracker()  # run_loop sets the run's own (W&B), else logs nowhere
         self.metrics_path = run_dir / "metrics.jsonl"
         self.lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
                                            policy_step=0)["train"].lora_r
@@ -440,6 +448,8 @@ class _Loop:
             else:
                 record = self.iteration(i, ckpt, policy_step)
                 _append_metrics(self.metrics_path, record)
+                self.tracker.log("iter", {**dataclasses.asdict(record), **{
+                    f"{k}_seconds": v for k, v in record.time.items()}}, record.policy_step)
                 self.prune(i)
             records.append(record)
             ckpt, policy_step = str(it_ckpt), record.policy_step
@@ -456,6 +466,7 @@ class _Loop:
     def iteration(self, i: int, prev_ckpt: str | None, policy_step: int) -> IterationRecord:
         from renio_core.rollout_stage import run_rollout
         from renio_core.score_stage import Scorer, resolve, run_score
+        from renio_core.train_stage import TRACKED
         from renio_core.weight_stage import run_weight
 
         cfg, resident, label = self.cfg, self.resident, f"iter {i}"
@@ -497,8 +508,12 @@ class _Loop:
                 resident.use_checkpoint(str(ckpt))
             else:
                 with self.bar(f"{label}: train", c["train"].max_steps) as advance:
-                    resident.train(c["train"], str(ckpt),
-                                   lambda *_: advance(1) if advance is not None else None)
+                    def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
+                        self.tracker.log("train", {k: metrics[k] for k in TRACKED},
+                                         metrics.get("global_step", policy_step + step))
+                        if advance is not None:
+                            advance(1)
+                    resident.train(c["train"], str(ckpt), on_step)
         steps = _checkpoint_metrics(ckpt)
         t["train_steps"] = sum(s.get("step_seconds", 0.0) for s in steps)
         policy_step = max((s.get("global_step", policy_step + s.get("step", 0)) for s in steps),

@@ -57,7 +57,7 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from renio_core import losses, models, shards, weighting
+from renio_core import losses, models, shards, tracking, weighting
 from renio_core.errors import RenioInputError
 
 LOSSES = ("jsd", "topk", "rkl")
@@ -66,6 +66,8 @@ WEIGHTS_FROM = ("shard", "live")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+# Per-step scalars sent to TensorBoard and W&B (renio_core/tracking.py).
+TRACKED = ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr")
 CONFIG_FILE = "train_config.json"
 
 # progress(step, total_steps, metrics of that step); called on rank 0 only.
@@ -124,6 +126,7 @@ class TrainConfig:
     bf16_autocast: bool | None = None  # None: on for CUDA GPUs with bf16, off on CPU
     device: str = "auto"
     tensorboard: bool = False
+    wandb_project: str | None = None  # log to Weights & Biases (renio[wandb]); None = off
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -952,17 +955,13 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     """
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
+    tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
     inputs = shards.open_inputs(cfg.weights, _columns(cfg.loss))
     first_file = inputs.files[0]
     meta = inputs.metadata
     temperature = resolve_temperature(cfg, meta, first_file)
     teacher_name = resolve_teacher(cfg, meta, first_file)
-    if cfg.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-        except ImportError:
-            raise RenioInputError("--tensorboard needs the 'tensorboard' package installed") from None
     shards.refuse_overwriting_inputs(cfg.out, cfg.weights, *inputs.files, cfg.model,
                                      None if cfg.resume else cfg.adapter, cfg.init_from,
                                      teacher_name if teacher_name != "self" else None)
@@ -1124,11 +1123,11 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
             kept = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
         metrics_path.write_text("".join(ln + "\n" for ln in kept))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # On --resume, hide the interrupted run's events after the checkpoint's step.
-            tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if cfg.resume else None)
+        # On --resume, TensorBoard hides the interrupted run's events after the checkpoint's step.
+        tb = tracking.Tracker(tb_dir=out / "tensorboard" if cfg.tensorboard else None,
+                              wandb_project=cfg.wandb_project, run_name=out.name,
+                              config=shards._jsonable(cfg),
+                              purge_step=step + 1 if cfg.resume else None)
 
     def save(at_step: int) -> None:
         _save_checkpoint(cfg, module, optimizer, scheduler, tok, out, at_step, d, inputs,
@@ -1205,9 +1204,7 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
             if tb is not None:
-                for key in ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr"):
-                    if record[key] is not None:
-                        tb.add_scalar(f"train/{key}", record[key], step)
+                tb.log("train", {k: record[k] for k in TRACKED}, step)
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
             save(step)
         if progress is not None and d.main:

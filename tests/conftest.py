@@ -39,3 +39,13 @@ def require_component(name: str, missing_reason: str | None) -> None:
 @pytest.fixture(scope="session")
 def toy_world() -> ToyWorld:
     return ensure_toy_world()
+
+
+def required() -> set[str]:
+    """The same as :func:`required_components` (the Slurm test's name for it)."""
+    return required_components()
+
+
+def skip_or_fail(name: str, reason: str) -> None:
+    """:func:`require_component` for a component known to be missing."""
+    require_component(name, reason)
