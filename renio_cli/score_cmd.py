@@ -56,7 +56,8 @@ def score(
     temperature: float | None = typer.Option(None, help="Scoring temperature T; default: the rollout's."),
     topk: int = typer.Option(0, help="Also store the teacher's top-K ids and log-probs per position."),
     max_batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
-    chunk: int = typer.Option(1024, help="Positions per log-softmax chunk (peak memory ~ chunk x vocab)."),
+    chunk: int | None = typer.Option(None, help="Positions per log-softmax chunk (peak memory ~ chunk x vocab); default: from --chunk-budget-mb."),
+    chunk_budget_mb: float = typer.Option(256.0, help="Memory for one chunk's logits and log-softmax (sets the default --chunk)."),
     shard: str = ShardOpt,
     backend: str = BackendOpt,
     vllm_memory: float = VllmMemoryOpt,
@@ -71,6 +72,7 @@ def score(
     cfg = ScoreConfig(
         input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
         temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,
+        chunk_budget_mb=chunk_budget_mb,
         shard=shard, backend=backend, vllm_memory=vllm_memory, rows_per_part=rows_per_part, dtype=dtype,
         device=device, overwrite=overwrite, teacher_prompt=teacher_prompt,
     )

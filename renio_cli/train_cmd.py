@@ -71,7 +71,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoint in --out exactly."),
     fsdp: bool = typer.Option(False, "--fsdp", help="Shard the student with FSDP (under torchrun; nccl on GPUs, gloo on CPU)."),
     save_every: int = typer.Option(0, help="Save a resumable checkpoint every N steps; 0 = only at the end."),
-    chunk_size: int = typer.Option(1024, help="Completion positions per LM-head chunk (bounds memory)."),
+    chunk_size: int | None = typer.Option(None, help="Completion positions per LM-head chunk; default: from --chunk-budget-mb and the vocabulary."),
+    chunk_budget_mb: float = typer.Option(256.0, help="Memory for the LM-head chunk's logits and divergence (sets the default --chunk-size)."),
     dtype: str = typer.Option("auto", help="Student weights: auto (bf16 base for LoRA on GPU, else fp32), float32, bfloat16."),
     bf16_autocast: bool | None = typer.Option(None, "--bf16-autocast/--no-bf16-autocast", help="Run forward and backward under bf16 autocast (fp32 master weights). Default: on for CUDA GPUs with bf16, off on CPU."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -88,9 +89,9 @@ def train(
         max_steps=max_steps, grad_accum=grad_accum, grad_clip=grad_clip,
         warmup_steps=warmup_steps, lr_schedule=lr_schedule, schedule_steps=schedule_steps,
         steps_per_batch=steps_per_batch, init_from=init_from, weights_from=weights_from, seed=seed, gradient_checkpointing=gradient_checkpointing,
-        resume=resume, fsdp=fsdp, save_every=save_every, chunk_size=chunk_size, dtype=dtype,
-        bf16_autocast=bf16_autocast, device=device, tensorboard=tensorboard, wandb_project=wandb_project,
-        overwrite=overwrite,
+        resume=resume, fsdp=fsdp, save_every=save_every, chunk_size=chunk_size,
+        chunk_budget_mb=chunk_budget_mb, dtype=dtype, bf16_autocast=bf16_autocast, device=device,
+        tensorboard=tensorboard, wandb_project=wandb_project, overwrite=overwrite,
     )
     with contextlib.ExitStack() as stack:
         bar: dict[str, Any] = {}

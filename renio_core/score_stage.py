@@ -79,7 +79,8 @@ class ScoreConfig:
     temperature: float | None = None
     topk: int = 0
     max_batch_tokens: int = 16384
-    chunk: int = 1024
+    chunk: int | None = None  # None: from chunk_budget_mb and the vocabulary (train's auto_chunk)
+    chunk_budget_mb: float = 256.0
     shard: str = "0/1"
     backend: str = "hf"
     vllm_memory: float = 0.9
@@ -115,8 +116,10 @@ class ScoreConfig:
             raise bad("topk", f"must be >= 0, got {self.topk}")
         if self.max_batch_tokens < 1:
             raise bad("max_batch_tokens", f"must be >= 1, got {self.max_batch_tokens}")
-        if self.chunk < 1:
+        if self.chunk is not None and self.chunk < 1:
             raise bad("chunk", f"must be >= 1, got {self.chunk}")
+        if not self.chunk_budget_mb > 0:
+            raise bad("chunk_budget_mb", f"must be > 0, got {self.chunk_budget_mb}")
         if self.rows_per_part < 1:
             raise bad("rows_per_part", f"must be >= 1, got {self.rows_per_part}")
         if self.backend not in BACKENDS:
@@ -373,7 +376,8 @@ class Scorer:
         prompts = table.column("prompt_ids").to_pylist()
         completions = table.column("completion_ids").to_pylist()
         teacher_prompts = self.teacher_prompts(table)
-        common = dict(temperature=T, chunk=cfg.chunk, max_batch_tokens=cfg.max_batch_tokens,
+        chunk = cfg.chunk or _auto_score_chunk(self.student_model, cfg.chunk_budget_mb)
+        common = dict(temperature=T, chunk=chunk, max_batch_tokens=cfg.max_batch_tokens,
                       pad_id=self.pad_id)
         student = score_sequences(self.student_model, prompts, completions, **common)
         if cfg.self_distill and models.has_adapter(self.student_model):
@@ -444,10 +448,18 @@ def read_rows(inputs: shards.InputSet, start: int, stop: int) -> pa.Table:
     return pa.concat_tables(pieces, promote_options="permissive")
 
 
+def _auto_score_chunk(model: Any, budget_mb: float) -> int:
+    """Positions per log-softmax chunk: two chunk x vocab float32 blocks (logits, log-softmax)."""
+    from renio_core.train_stage import auto_chunk
+
+    vocab = models._causal_lm(model).get_output_embeddings().weight.shape[0]
+    return auto_chunk(vocab, budget_mb * 2**20, live_copies=2)
+
+
 def _fingerprint_fields(cfg: ScoreConfig, resolved: ResolvedScoring) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     for key in ("out", "shard", "overwrite", "device", "max_batch_tokens", "chunk",
-                "vllm_memory"):
+                "chunk_budget_mb", "vllm_memory"):
         d.pop(key)
     d["resolved"] = dataclasses.asdict(resolved)
     return d

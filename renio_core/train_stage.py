@@ -14,7 +14,9 @@ How it stays within memory: the student's decoder runs once per micro-batch; the
 the divergence then run on the completion positions only, ``chunk_size`` positions at a time,
 inside one autograd function that computes each chunk's gradient right away
 (:class:`ChunkedHeadLoss`). Neither the student's nor the teacher's batch x length x vocabulary
-logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats.
+logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats. By default the chunk
+comes from a memory budget (``chunk_budget_mb``, :func:`auto_chunk`): small vocabularies get
+long chunks, Qwen3's 151,936 tokens get short ones.
 
 Deliberate differences from the official code:
 
@@ -121,7 +123,9 @@ class TrainConfig:
     resume: bool = False
     fsdp: bool = False
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
-    chunk_size: int = 1024  # completion positions per LM-head chunk
+    # Completion positions per LM-head chunk; None: auto_chunk(vocabulary, chunk_budget_mb).
+    chunk_size: int | None = None
+    chunk_budget_mb: float = 256.0
     dtype: str = "auto"
     bf16_autocast: bool | None = None  # None: on for CUDA GPUs with bf16, off on CPU
     device: str = "auto"
@@ -191,8 +195,10 @@ class TrainConfig:
                 "another checkpoint's; use one")
         if self.save_every < 0:
             raise RenioInputError(f"save_every: must be >= 0, got {self.save_every}")
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise RenioInputError(f"chunk_size: must be >= 1, got {self.chunk_size}")
+        if not self.chunk_budget_mb > 0:
+            raise RenioInputError(f"chunk_budget_mb: must be > 0, got {self.chunk_budget_mb}")
         if self.dtype not in models.DTYPES:
             raise RenioInputError(f"dtype: must be one of {', '.join(models.DTYPES)}, got {self.dtype!r}")
         if self.resume and self.overwrite:
@@ -488,6 +494,21 @@ def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
 # --------------------------------------------------------------------------------------------
 # The chunked LM head + divergence
 # --------------------------------------------------------------------------------------------
+
+
+def auto_chunk(vocab: int, budget_bytes: float, *, bytes_per_element: int = 4,
+               live_copies: int = 6, minimum: int = 16, maximum: int = 1024) -> int:
+    """Positions per chunk so that ``live_copies`` chunk x vocab blocks fit in ``budget_bytes``.
+
+    ``floor(budget / (vocab * bytes_per_element * live_copies))``, clamped to
+    [minimum, maximum]. The train chunk holds about six such blocks at once (student and teacher
+    logits, their log-softmaxes, the mixture and the gradient). A character vocabulary gets the
+    maximum; Qwen3's 151,936 tokens with 256 MB gives 73.
+    """
+    per_position = vocab * bytes_per_element * live_copies
+    return max(minimum, min(maximum, int(budget_bytes // per_position)))
+
+
 
 
 def postprocess_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
@@ -1070,7 +1091,9 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         self_teacher = False
 
     spec = LossSpec(cfg.loss, cfg.beta, cfg.token_clip, temperature, cfg.topk_tail)
-    module = DistillModule(model, spec, cfg.chunk_size, teacher=teacher, self_teacher=self_teacher,
+    chunk = cfg.chunk_size or auto_chunk(_head(_causal_lm(model)).weight.shape[0],
+                                         cfg.chunk_budget_mb * 2**20)
+    module = DistillModule(model, spec, chunk, teacher=teacher, self_teacher=self_teacher,
                            live=live_weight_spec(cfg, inputs.metadata, inputs.files[0]))
     wrapped: torch.nn.Module = module
     if d.on and cfg.fsdp:

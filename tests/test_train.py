@@ -29,6 +29,7 @@ from renio_core.train_stage import (
     DistillModule,
     LossSpec,
     TrainConfig,
+    auto_chunk,
     naive_loss,
     pack,
     read_micro_batches,
@@ -239,6 +240,22 @@ def test_chunked_loss_full_model_gradients(world, weights_file):
     assert head.grad is not None and head.grad.abs().max() > 0
     for name in g_c:
         assert torch.allclose(g_c[name], g_n[name], rtol=1e-4, atol=1e-7), name
+
+
+def test_auto_chunk_from_memory_budget():
+    """Hand-computed: positions = floor(budget / (vocab x 4 bytes x copies)), within [16, 1024]."""
+    mb = 2**20
+    # Qwen3: 151,936 x 4 x 6 = 3,646,464 bytes a position; 256 MiB / that = 73.6.
+    assert auto_chunk(151_936, 256 * mb) == 73
+    # The score stage's two copies: 151,936 x 4 x 2 = 1,215,488; 256 MiB / that = 220.8.
+    assert auto_chunk(151_936, 256 * mb, live_copies=2) == 220
+    # Exactly 50 positions' worth of bytes, and one byte short of it.
+    assert auto_chunk(1000, 1000 * 4 * 6 * 50) == 50
+    assert auto_chunk(1000, 1000 * 4 * 6 * 50 - 1) == 49
+    assert auto_chunk(1000, 1000 * 2 * 6 * 50, bytes_per_element=2) == 50
+    # A character vocabulary keeps today's 1024; a tiny budget still gets 16 positions.
+    assert auto_chunk(128, 256 * mb) == 1024
+    assert auto_chunk(151_936, 1 * mb) == 16
 
 
 def test_sample_weights_scale_gradient(world, weights_file):
