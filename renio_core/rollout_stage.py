@@ -6,8 +6,10 @@ Each prompt goes through the chat template with the task's instruction
 (official: 1.1 / 0.95 / 20, 1024 new tokens).
 
 HF backend: our own batched sampling loop with a KV cache. Rows are grouped by prompt length
-and left-padded (positions count real tokens only); rows that hit EOS leave the batch and the
-cache, so a long tail does not keep finished rows running. Randomness is per row: row
+and left-padded (positions count real tokens only). When a row hits EOS, the next job is
+prefilled and spliced into the cache in its slot (continuous batching: every row is
+right-aligned in the cache, with its own positions and attention mask), so the batch stays
+full while jobs remain; after that, finished rows leave the batch and the cache. Randomness is per row: row
 ``(prompt_id, sample_index)`` draws its uniforms from a generator seeded by
 ``hash(seed, prompt_id, sample_index)`` and samples by inverse CDF over the filtered
 distribution. So the same seed gives the same tokens, and ``--shard`` changes nothing (a
