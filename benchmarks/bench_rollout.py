@@ -6,9 +6,10 @@ Every case samples the same jobs, in the same batches (jobs sorted by prompt len
 `--batch` rows), with the same sampling settings and length limit, three ways: transformers'
 `model.generate` (do_sample, left padding; a batch runs until its longest row ends), renio's
 sampler with fixed batches (`HFSampler(refill=False)`, finished rows leave the batch), and
-renio's default sampler, which refills a finished row's slot with the next job
-(`HFSampler(refill=True)`). Runs alternate (generate, fixed, refill, ...) and each keeps its
-best time. Prints tokens/s and the ratios to `model.generate`. All in this process.
+renio's sampler that refills a finished row's slot with the next job
+(`HFSampler(refill=True)`; not yet the default). Runs alternate (generate, fixed, refill,
+...) and each keeps its best time. Prints tokens/s and the ratios to `model.generate`.
+All in this process.
 
 Cases:
 - `fixed`: a synthetic Qwen3-architecture model (random weights, character vocabulary;
@@ -88,7 +89,8 @@ def run_case(name, model, tok, prompts, cfg, repeats):
                 tokens += n
         return tokens
 
-    samplers = {"fixed": HFSampler(model, tok, refill=False), "refill": HFSampler(model, tok)}
+    samplers = {"fixed": HFSampler(model, tok, refill=False),
+                "refill": HFSampler(model, tok, refill=True)}
     lengths: list[int] = []
 
     def run_renio(kind: str):

@@ -6,10 +6,13 @@ Each prompt goes through the chat template with the task's instruction
 (official: 1.1 / 0.95 / 20, 1024 new tokens).
 
 HF backend: our own batched sampling loop with a KV cache. Rows are grouped by prompt length
-and left-padded (positions count real tokens only). When a row hits EOS, the next job is
-prefilled and spliced into the cache in its slot (continuous batching: every row is
-right-aligned in the cache, with its own positions and attention mask), so the batch stays
-full while jobs remain; after that, finished rows leave the batch and the cache. Randomness is per row: row
+and left-padded (positions count real tokens only); rows that hit EOS leave the batch and the
+cache, so a long tail does not keep finished rows running. ``HFSampler(refill=True)`` instead
+prefills the next job and splices it into the cache in the finished row's slot (continuous
+batching: every row is right-aligned in the cache, with its own positions and attention
+mask), so the batch stays full while jobs remain. It gives the same tokens per row; it is
+not the default yet because its speed has not been measured on a quiet machine.
+Randomness is per row: row
 ``(prompt_id, sample_index)`` draws its uniforms from a generator seeded by
 ``hash(seed, prompt_id, sample_index)`` and samples by inverse CDF over the filtered
 distribution. So the same seed gives the same tokens, and ``--shard`` changes nothing (a
@@ -298,7 +301,9 @@ def _fit_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
 
-def _merge_right_aligned(lm: Any, parts: Sequence[tuple[Any, torch.Tensor]]) -> tuple[Any, torch.Tensor]:
+def _merge_right_aligned(
+    lm: Any, parts: Sequence[tuple[Any, torch.Tensor]]
+) -> tuple[Any, torch.Tensor]:
     """Stack caches of right-aligned rows into one batch. Every row's last token sits in the
     last column, so each part is left-padded (or left-trimmed of columns no row attends to)
     to the longest live row; the attention mask follows the same columns."""
@@ -476,13 +481,14 @@ class HFSampler:
     """Keeps a model loaded and samples rows for any list of prompts (for ``rollout``, the
     ``renio run`` loop and ``eval``).
 
-    ``refill`` (the default) keeps the batch full: a finished row's slot goes to the next job
-    (:func:`generate_refill`). ``refill=False`` is the earlier path, fixed batches of
-    ``batch_size`` jobs that shrink as rows finish (:func:`generate_batch`); both give each
-    row the same tokens. Models whose cache is not one plain tensor per layer (sliding
+    ``refill=False`` (the default) cuts the jobs into fixed batches of ``batch_size`` that
+    shrink as rows finish (:func:`generate_batch`). ``refill=True`` keeps the batch full: a
+    finished row's slot goes to the next job (:func:`generate_refill`); both give each row
+    the same tokens (tests/test_rollout.py).
+    Models whose cache is not one plain tensor per layer (sliding
     window) always take the earlier path."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, refill: bool = True):
+    def __init__(self, model: Any, tokenizer: Any, *, refill: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = models.eos_token_ids(model, tokenizer)
