@@ -7,7 +7,12 @@ Each prompt goes through the chat template with the task's instruction
 
 HF backend: our own batched sampling loop with a KV cache. Rows are grouped by prompt length
 and left-padded (positions count real tokens only); rows that hit EOS leave the batch and the
-cache, so a long tail does not keep finished rows running. Randomness is per row: row
+cache, so a long tail does not keep finished rows running. ``HFSampler(refill=True)`` instead
+prefills the next job and splices it into the cache in the finished row's slot (continuous
+batching: every row is right-aligned in the cache, with its own positions and attention
+mask), so the batch stays full while jobs remain. It gives the same tokens per row; it is
+not the default yet because its speed has not been measured on a quiet machine.
+Randomness is per row: row
 ``(prompt_id, sample_index)`` draws its uniforms from a generator seeded by
 ``hash(seed, prompt_id, sample_index)`` and samples by inverse CDF over the filtered
 distribution. So the same seed gives the same tokens, and ``--shard`` changes nothing (a
@@ -286,6 +291,136 @@ def generate_batch(
     return [Completion(ids, r) for ids, r in zip(out_ids, reasons)]
 
 
+def _fit_left(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Keep the last ``length`` entries of ``dim``, or left-pad it with zeros up to ``length``."""
+    have = x.shape[dim]
+    if have >= length:
+        return x.narrow(dim, have - length, length)
+    shape = list(x.shape)
+    shape[dim] = length - have
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def _merge_right_aligned(
+    lm: Any, parts: Sequence[tuple[Any, torch.Tensor]]
+) -> tuple[Any, torch.Tensor]:
+    """Stack caches of right-aligned rows into one batch. Every row's last token sits in the
+    last column, so each part is left-padded (or left-trimmed of columns no row attends to)
+    to the longest live row; the attention mask follows the same columns."""
+    from transformers import DynamicCache
+
+    length = max(int(attn_BL.sum(-1).max()) for _, attn_BL in parts)
+    merged = DynamicCache(config=lm.config)
+    for li in range(len(parts[0][0].layers)):
+        keys_BHLD = torch.cat([_fit_left(c.layers[li].keys, length, 2) for c, _ in parts])
+        values_BHLD = torch.cat([_fit_left(c.layers[li].values, length, 2) for c, _ in parts])
+        merged.update(keys_BHLD, values_BHLD, li)
+    attn_BL = torch.cat([_fit_left(a, length, 1) for _, a in parts])
+    return merged, attn_BL
+
+
+def refill_supported(model: Any) -> bool:
+    """Splicing needs one plain (full-attention, non-sliding) key/value tensor per layer."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    lm = models._causal_lm(model)
+    layers = DynamicCache(config=lm.config).layers
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def generate_refill(
+    model: Any,
+    prompt_ids: Sequence[Sequence[int]],
+    uniforms_JT: torch.Tensor,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[Completion]:
+    """Like :func:`generate_batch` for any number of jobs, keeping ``batch_size`` rows busy:
+    when a row ends, the next job is prefilled and spliced into the cache in its slot
+    (continuous batching). Each job keeps its own positions and draws ``uniforms_JT[j, t]``
+    for its t-th token, so its tokens do not depend on which rows share its batch, up to the
+    float noise that padding also causes in :func:`generate_batch`."""
+    lm = models._causal_lm(model)
+    device = next(lm.parameters()).device
+    cache_kw = models._cache_kwarg(lm)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    J = len(prompt_ids)
+    out_ids: list[list[int]] = [[] for _ in range(J)]
+    reasons = ["length"] * J
+
+    def prefill(jobs: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        from transformers import DynamicCache
+
+        ids_BL, attn_BL = _pad_left([prompt_ids[j] for j in jobs], pad_id)
+        ids_BL, attn_BL = ids_BL.to(device), attn_BL.to(device)
+        pos_BL = (attn_BL.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=lm.config)
+        out = lm(input_ids=ids_BL, attention_mask=attn_BL, position_ids=pos_BL,
+                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        return cache, attn_BL, pos_BL[:, -1], out.logits[:, -1]
+
+    next_job = min(batch_size, J)
+    job_A = list(range(next_job))  # the job in each slot
+    t_A = [0] * next_job  # tokens each slot's job has so far
+    if not job_A:
+        return []
+    with torch.no_grad():
+        cache, attn_AL, last_pos_A, logits_AV = prefill(job_A)
+        while job_A:
+            u_A = uniforms_JT[torch.tensor(job_A), torch.tensor(t_A)]
+            tok_A = sample_tokens(logits_AV, u_A, temperature=temperature, top_k=top_k,
+                                  top_p=top_p)
+            done = torch.isin(tok_A, eos).tolist()
+            finished = 0
+            for a, (j, tok) in enumerate(zip(job_A, tok_A.tolist())):
+                out_ids[j].append(tok)
+                t_A[a] += 1
+                if done[a]:
+                    reasons[j] = "stop"
+                elif t_A[a] == max_new_tokens:
+                    done[a] = True
+                finished += done[a]
+            if progress is not None and finished:
+                progress(finished)
+            keep = [a for a in range(len(job_A)) if not done[a]]
+            new_jobs = list(range(next_job, min(next_job + finished, J)))
+            next_job += len(new_jobs)
+            parts = []
+            if keep:
+                if len(keep) < len(job_A):
+                    keep_idx = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(keep_idx)
+                    tok_A, attn_AL = tok_A[keep_idx], attn_AL[keep_idx]
+                    last_pos_A = last_pos_A[keep_idx]
+                    job_A, t_A = [job_A[a] for a in keep], [t_A[a] for a in keep]
+                attn_AL = torch.cat([attn_AL, attn_AL.new_ones((attn_AL.shape[0], 1))], dim=1)
+                last_pos_A = last_pos_A + 1
+                out = lm(input_ids=tok_A[:, None], attention_mask=attn_AL,
+                         position_ids=last_pos_A[:, None], use_cache=True, logits_to_keep=1,
+                         **{cache_kw: cache})
+                parts.append((cache, attn_AL, last_pos_A, out.logits[:, -1]))
+            else:
+                job_A, t_A = [], []
+            if new_jobs:
+                parts.append(prefill(new_jobs))
+                job_A, t_A = job_A + new_jobs, t_A + [0] * len(new_jobs)
+            if len(parts) == 2:
+                cache, attn_AL = _merge_right_aligned(lm, [(p[0], p[1]) for p in parts])
+                last_pos_A = torch.cat([parts[0][2], parts[1][2]])
+                logits_AV = torch.cat([parts[0][3], parts[1][3]])
+            elif parts:
+                cache, attn_AL, last_pos_A, logits_AV = parts[0]
+    return [Completion(ids, r) for ids, r in zip(out_ids, reasons)]
+
+
 # --------------------------------------------------------------------------------------------
 # Rows
 # --------------------------------------------------------------------------------------------
@@ -344,14 +479,22 @@ def build_rows(
 
 class HFSampler:
     """Keeps a model loaded and samples rows for any list of prompts (for ``rollout``, the
-    ``renio run`` loop and ``eval``)."""
+    ``renio run`` loop and ``eval``).
 
-    def __init__(self, model: Any, tokenizer: Any):
+    ``refill=False`` (the default) cuts the jobs into fixed batches of ``batch_size`` that
+    shrink as rows finish (:func:`generate_batch`). ``refill=True`` keeps the batch full: a
+    finished row's slot goes to the next job (:func:`generate_refill`); both give each row
+    the same tokens (tests/test_rollout.py).
+    Models whose cache is not one plain tensor per layer (sliding
+    window) always take the earlier path."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, refill: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.eos_ids = models.eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.eos_ids[0])
+        self.refill = refill and refill_supported(model)
 
     def sample(self, prompts: Sequence[Prompt], cfg: RolloutConfig,
                progress: Callable[[int], None] | None = None) -> pa.Table:
@@ -359,21 +502,28 @@ class HFSampler:
         jobs = [(i, s) for i in range(len(prompts)) for s in range(cfg.n)]
         # Group by prompt length so padding is small; order does not change any token.
         jobs.sort(key=lambda js: (len(prompt_ids[js[0]]), js))
-        results: dict[tuple[int, int], Completion] = {}
-        for lo in range(0, len(jobs), cfg.batch_size):
-            batch = jobs[lo: lo + cfg.batch_size]
-            uniforms_BT = torch.stack([
+
+        def uniforms(batch: Sequence[tuple[int, int]]) -> torch.Tensor:
+            return torch.stack([
                 row_uniforms(row_seed(cfg.seed, prompts[i].id, s), cfg.max_new_tokens)
                 for i, s in batch
             ])
-            outs = generate_batch(
-                self.model, [prompt_ids[i] for i, _ in batch], uniforms_BT,
-                eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=cfg.temperature,
-                top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-            )
-            results.update(zip(batch, outs))
-            if progress is not None:
-                progress(len(batch))
+
+        sampling = dict(eos_ids=self.eos_ids, pad_id=self.pad_id, temperature=cfg.temperature,
+                        top_k=cfg.top_k, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+        results: dict[tuple[int, int], Completion] = {}
+        if self.refill and jobs:
+            outs = generate_refill(self.model, [prompt_ids[i] for i, _ in jobs], uniforms(jobs),
+                                   batch_size=cfg.batch_size, progress=progress, **sampling)
+            results.update(zip(jobs, outs))
+        else:
+            for lo in range(0, len(jobs), cfg.batch_size):
+                batch = jobs[lo: lo + cfg.batch_size]
+                outs = generate_batch(self.model, [prompt_ids[i] for i, _ in batch],
+                                      uniforms(batch), **sampling)
+                results.update(zip(batch, outs))
+                if progress is not None:
+                    progress(len(batch))
         ordered = [results[(i, s)] for i in range(len(prompts)) for s in range(cfg.n)]
         return build_rows(self.tokenizer, prompts, prompt_ids, ordered, cfg)
 

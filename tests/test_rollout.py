@@ -268,3 +268,56 @@ def test_parse_shard_and_ownership():
     # Every chunk belongs to exactly one of N shards.
     owned = [k for i in range(3) for k in owned_chunks(Shard(i, 3), 10)]
     assert sorted(owned) == list(range(10))
+
+
+# ---------------------------------------------------------------------------- refilling rows
+
+
+def _toy_sampler_rows(world, refill, **kw):
+    from renio_core.rollout_stage import HFSampler
+
+    model = models.load_model(world["student"], dtype="float32", device="cpu")
+    tok = models.load_tokenizer(world["student"])
+    sampler = HFSampler(model, tok, refill=refill)
+    assert sampler.refill is refill
+    cfg = cfg_for(world, "-", **kw)
+    prompts = load_prompts(world["prompts"]).prompts
+    return sampler.sample(prompts, cfg).to_pylist()
+
+
+def test_refill_rows_equal_fixed_batches_on_uneven_lengths(world):
+    """A hot sampler makes lengths uneven (some rows stop after a few tokens, others run to
+    the limit), so slots are refilled many times; every row must keep today's tokens."""
+    kw = dict(n=3, batch_size=4, max_new_tokens=24, temperature=2.0, top_p=1.0, top_k=0,
+              seed=3)
+    fixed = _toy_sampler_rows(world, refill=False, **kw)
+    refilled = _toy_sampler_rows(world, refill=True, **kw)
+    lengths = sorted(len(r["completion_ids"]) for r in fixed)
+    assert len(fixed) == 36 and lengths[0] * 3 < lengths[-1]  # really uneven
+    assert [r["finish_reason"] for r in fixed].count("stop") >= 4
+    for a, b in zip(fixed, refilled):
+        assert (a["prompt_id"], a["sample_index"]) == (b["prompt_id"], b["sample_index"])
+        assert a["completion_ids"] == b["completion_ids"]
+        assert a["finish_reason"] == b["finish_reason"]
+
+
+def test_refill_greedy_equals_model_generate(world):
+    """Five prompts of different lengths through two slots: each row equals generate alone."""
+    from renio_core.rollout_stage import generate_refill
+
+    model = models.load_model(world["student"], dtype="float32", device="cpu")
+    tok = models.load_tokenizer(world["student"])
+    eos = models.eos_token_ids(model, tok)
+    texts = ["12+34=", "5", "999+1 is", "7*8=", "1+1+1+1+1+1="]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    u = torch.zeros(len(prompts), 16, dtype=torch.float64)
+    outs = generate_refill(model, prompts, u, eos_ids=eos, pad_id=tok.pad_token_id,
+                           temperature=0.0, top_k=0, top_p=1.0, max_new_tokens=16,
+                           batch_size=2)
+    for p, o in zip(prompts, outs):
+        ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16,
+                             eos_token_id=eos, pad_token_id=tok.pad_token_id)[0, len(p):]
+        ref = ref.tolist()
+        if any(t in eos for t in ref):
+            ref = ref[: next(i for i, t in enumerate(ref) if t in eos) + 1]
+        assert o.ids == ref
