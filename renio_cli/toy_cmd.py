@@ -50,9 +50,18 @@ def build(
                                "untrained models, for tests). Needs --out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Toy cache directory."),
+    world_name: str = typer.Option("addition", "--world", help="addition (3-digit column "
+                                   "addition; toy:*) or chain (K dependent mod-10 steps with a "
+                                   "teacher that checks and recovers; toy-chain:*)."),
 ) -> None:
     """Build the toy world and print the accuracies measured on its test split."""
-    from renio_core.toy import build_toy_world_into, ensure_toy_world
+    from renio_core.toy import build_toy_world, build_toy_world_into, ensure_toy_world
+    from renio_core.toy.chain import build_chain_world, ensure_chain_world
+
+    if world_name not in ("addition", "chain"):
+        raise fail(f"--world {world_name!r}: expected addition or chain")
+    build_fn, ensure_fn = ((build_chain_world, ensure_chain_world) if world_name == "chain"
+                           else (build_toy_world, ensure_toy_world))
 
     if out is None and quick:
         raise fail("--quick needs --out (the cache holds only fully trained worlds)")
@@ -61,13 +70,16 @@ def build(
     bars = _Bars()
     try:
         if out is None:
-            world = ensure_toy_world(cache_dir, seed=seed, progress=bars)
+            world = ensure_fn(cache_dir, seed=seed, progress=bars)
         else:
             world = build_toy_world_into(out, seed=seed, quick=quick, overwrite=overwrite,
-                                         progress=bars)
+                                         progress=bars, builder=build_fn)
     finally:
         bars.close()
 
+    if world_name == "chain":
+        _chain_table(world, seed)
+        return
     table = Table(title=f"toy world (seed {seed}) at {world.root}")
     table.add_column("model")
     table.add_column("prompt")
@@ -84,3 +96,24 @@ def build(
     console.print(table)
     if not acc:
         console.print("quick build: accuracies not measured")
+
+
+def _chain_table(world, seed: int) -> None:
+    """The chain world's promised numbers against their targets (README, "The chain world")."""
+    acc = world.manifest.get("accuracy", {})
+    table = Table(title=f"chain toy world (seed {seed}) at {world.root}")
+    table.add_column("measure (test prompts, rollout sampling)")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    rows = [("teacher accuracy, sampled", ">= 85%", fmt(acc.get("teacher_sampled"), ".1%")),
+            ("student accuracy, sampled", "20-60%", fmt(acc.get("student_sampled"), ".1%"))]
+    for k, v in acc.get("student_by_k", {}).items():
+        rows.append((f"  student, K = {k}", "falls with K", fmt(v, ".1%")))
+    rows += [("teacher P(wait | injected wrong line)", ">= 0.5",
+              fmt(acc.get("marker_after_wrong"), ".3f")),
+             ("teacher P(wait | right line)", "<= 0.05", fmt(acc.get("marker_after_right"), ".3f"))]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    if not acc:
+        console.print("quick build: not measured")

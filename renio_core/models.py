@@ -48,8 +48,13 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_name(name: str | os.PathLike) -> str:
-    """A loadable path or hub name; ``toy:<role>`` goes through the toy world."""
+    """A loadable path or hub name; ``toy:<role>`` and ``toy-chain:<role>`` go through the
+    addition and chain toy worlds."""
     text = os.fspath(name)
+    if text.startswith("toy-chain:"):
+        from renio_core.toy.chain import resolve_chain_model  # lazy, like the addition world
+
+        return resolve_chain_model(text)
     if text.startswith("toy:"):
         from renio_core.toy import resolve_model  # lazy: the toy world is optional
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from renio_core.errors import RenioInputError
@@ -16,10 +17,12 @@ from renio_core.toy.build import Progress, ToyWorld, build_toy_world
 
 
 def build_toy_world_into(out: str | os.PathLike[str], *, seed: int = 0, quick: bool = False,
-                         overwrite: bool = False, progress: Progress | None = None) -> ToyWorld:
+                         overwrite: bool = False, progress: Progress | None = None,
+                         builder: Callable[..., ToyWorld] = build_toy_world) -> ToyWorld:
     """Build a world at ``out`` (``renio toy build --out``): into a temporary folder of this
     process, renamed into place when complete. A second build of the same ``out`` at the same
-    time is refused with one line, and leaves nothing behind."""
+    time is refused with one line, and leaves nothing behind. ``builder`` is the world's build
+    function (the addition world's, or ``renio_core.toy.chain.build_chain_world``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = exclusive_lock(out.parent / f".{out.name}.lock", what=out)
@@ -31,7 +34,7 @@ def build_toy_world_into(out: str | os.PathLike[str], *, seed: int = 0, quick: b
                                       file=out)
         for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a killed build's, under the lock
             shutil.rmtree(stale, ignore_errors=True)
-        build_toy_world(tmp, seed=seed, quick=quick, progress=progress)
+        builder(tmp, seed=seed, quick=quick, progress=progress)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
