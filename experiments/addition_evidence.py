@@ -197,6 +197,21 @@ def main() -> None:
         "`wait` and its greedy continuation say whether it offers any recovery after an error "
         "for incorrect-only training to teach.",
         "",
+        f"- Measured: the same-problem cosine ({mean(same):.3f}) is "
+        + ("not above" if mean(same) <= mean(different) else "above")
+        + f" the cross-problem reference ({mean(different):.3f}). "
+        + ("The shared prefix does not make the two updates alike, most likely because the "
+           "gradient is dominated by the positions after the error, where the incorrect "
+           "sample's loss is larger (not measured separately): a correct and an incorrect "
+           "sample are not redundant updates." if mean(same) <= mean(different) else
+           "The shared prefix makes the two updates more alike than unrelated samples."),
+        f"- Measured: after a dropped carry the teacher's mass on `wait` is about "
+        f"{mean(p_wait):.0e} and its greedy continuation ends on the wrong chain's answer in "
+        f"{continues} of {n} problems. After an error the teacher teaches the student to "
+        "continue the wrong chain consistently, never to check or redo. This is the part of the "
+        "explanation the numbers support: there is no reflection for correct-only training to "
+        "lose, nor for incorrect-only training to gain.",
+        "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

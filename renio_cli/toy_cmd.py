@@ -117,3 +117,8 @@ def _chain_table(world, seed: int) -> None:
     console.print(table)
     if not acc:
         console.print("quick build: not measured")
+        return
+    from renio_core.toy.chain import target_failures
+
+    missed = target_failures(acc)
+    console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))

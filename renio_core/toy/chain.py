@@ -312,6 +312,36 @@ def measure_chain(teacher: Any, student: Any, tok: Any, problems: Sequence[Chain
     return out
 
 
+# The numbers the chain world promises (README, "The chain world"), on the test prompts at the
+# rollout's sampling.
+TARGETS = {
+    "teacher_sampled": ">= 85%",
+    "student_sampled": "20-60%",
+    "student_by_k": "falls with K (K = 3 above K = 8, and no rise of more than 10 points)",
+    "marker_after_wrong": ">= 0.5",
+    "marker_after_right": "<= 0.05",
+}
+
+
+def target_failures(m: dict[str, Any]) -> list[str]:
+    """The targets ``measure_chain``'s numbers ``m`` miss, one line each (empty: all met)."""
+    out = []
+    if m["teacher_sampled"] < 0.85:
+        out.append(f"teacher sampled accuracy {m['teacher_sampled']:.1%} < 85%")
+    if not 0.20 <= m["student_sampled"] <= 0.60:
+        out.append(f"student sampled accuracy {m['student_sampled']:.1%} outside 20-60%")
+    by_k = [m["student_by_k"][k] for k in sorted(m["student_by_k"], key=int)]
+    if len(by_k) < 2 or by_k[0] <= by_k[-1] or any(b - a > 0.10 for a, b in zip(by_k, by_k[1:])):
+        out.append("student accuracy does not fall with K: "
+                   + ", ".join(f"K={k} {m['student_by_k'][k]:.0%}"
+                               for k in sorted(m["student_by_k"], key=int)))
+    if m["marker_after_wrong"] < 0.5:
+        out.append(f"P(wait | wrong line) {m['marker_after_wrong']:.3f} < 0.5")
+    if m["marker_after_right"] > 0.05:
+        out.append(f"P(wait | right line) {m['marker_after_right']:.3f} > 0.05")
+    return out
+
+
 # ----------------------------------------------------------------------------- build
 
 
