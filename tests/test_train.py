@@ -552,7 +552,7 @@ def test_sigkill_mid_checkpoint_or_between_steps_then_resume_matches(world, weig
 
     def metrics(out: Path) -> list[dict]:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")}
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_seconds")}
                 for r in rows]
 
     ref_adapter = (full / "adapter_model.safetensors").read_bytes()
