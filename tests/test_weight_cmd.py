@@ -353,6 +353,7 @@ def test_distinct_grouping_puts_distinct_prompts_in_each_group(tmp_path):
     assert_bad_input(run("weight", "--in", scores, "--out", tmp_path / "x.parquet", "--grouping",
                          "prompt", check=False), tmp_path / "x.parquet", "grouping: must be one of")
 
+
 def _chunk_bytes(path: Path) -> list[dict[str, bytes]]:
     """Each row group's column chunks as raw bytes, by column path, located from the footer."""
     meta = pq.read_metadata(path)
