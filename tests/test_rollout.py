@@ -151,9 +151,16 @@ def test_same_seed_same_tokens_other_seed_differs(world, tmp_path):
 
 
 def test_four_shards_equal_one_run(world, tmp_path):
-    whole = rows_by_key(run_rollout(cfg_for(world, tmp_path / "whole")).out)
+    # A hot sampler, so every row depends on its seed: with the default settings the trained
+    # toy student is near-greedy and two seeds differ in 0-1 of 24 rows, which would let a
+    # shard that seeds its rows differently pass.
+    hot = dict(temperature=2.0, top_p=1.0, top_k=0, seed=7)
+    whole = rows_by_key(run_rollout(cfg_for(world, tmp_path / "whole", **hot)).out)
+    other = rows_by_key(run_rollout(cfg_for(world, tmp_path / "other", **{**hot, "seed": 8})).out)
+    changed = sum(whole[k]["completion_ids"] != other[k]["completion_ids"] for k in whole)
+    assert changed > 0.75 * len(whole), f"only {changed} of {len(whole)} rows depend on the seed"
     for i in range(4):
-        run_rollout(cfg_for(world, tmp_path / "sharded", shard=f"{i}/4"))
+        run_rollout(cfg_for(world, tmp_path / "sharded", shard=f"{i}/4", **hot))
     parts = sorted(p.name for p in (tmp_path / "sharded").iterdir())
     assert parts == [f"part-{k:05d}.parquet" for k in range(4)]
     sharded = shards.read_table(tmp_path / "sharded", columns=ROW_COLS).to_pylist()
