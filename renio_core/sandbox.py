@@ -554,8 +554,11 @@ def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
             argv += ["--symlink", os.readlink(link), link]
         elif os.path.isdir(link):
             argv += ["--ro-bind", link, link]
+    # The private /tmp first: an interpreter or venv that lives under /tmp (a CI checkout)
+    # is bound on top of it below, instead of being hidden by it.
+    argv += ["--perms", "1777", "--size", str(TMP_SIZE_MB * 1024 * 1024), "--tmpfs", "/tmp"]
     binds = _python_dirs(python)
-    made = {"/", "/usr", *_ROOT_LINKS}
+    made = {"/", "/usr", "/tmp", *_ROOT_LINKS}
     for d in binds:
         # Parents of a bind are made 0755: bwrap would make them 0700, unreadable after the uid drop.
         parts = Path(d).parts
@@ -568,7 +571,6 @@ def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
     for path in _ETC:
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev",
-             "--perms", "1777", "--size", str(TMP_SIZE_MB * 1024 * 1024), "--tmpfs", "/tmp",
              "--remount-ro", "/", "--remount-ro", "/dev", "--chdir", "/tmp"]
     return argv
 
