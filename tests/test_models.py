@@ -79,7 +79,7 @@ def test_tokenizer_compatibility(tiny):
 
 
 def test_load_errors(tmp_path, tiny):
-    with pytest.raises(RenioInputError, match="cannot load model"):
+    with pytest.raises(RenioInputError, match="no such model folder"):
         M.load_model(tmp_path / "nope")
     with pytest.raises(RenioInputError, match="adapter not found"):
         M.load_model(tiny["a"], adapter=tmp_path / "no-adapter")
