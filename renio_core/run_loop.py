@@ -504,8 +504,7 @@ class _Loop:
         with _timed(t, "train"):
             if _checkpoint_finished(ckpt):
                 self.say(f"{label}: checkpoint already complete, not retrained")
-                resident.checkpoint = None  # the resident student may be older: reload it
-                resident.use_checkpoint(str(ckpt))
+                resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
             else:
                 with self.bar(f"{label}: train", c["train"].max_steps) as advance:
                     def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
