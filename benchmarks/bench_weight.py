@@ -5,11 +5,7 @@
 Prints, from one run:
   * the baseline: pyarrow alone streaming the two log-prob columns (same batch size),
   * `renio weight` in this process (read all columns, validate, weigh, write all columns),
-  * their ratio, and the peak RSS of `renio weight` run as a CLI subprocess;
-  * the whole `renio weight` command as a CLI subprocess (wall time, best of N, interleaved)
-    with its footer path (the input's column chunks copied byte for byte, the new columns
-    appended) against the plain path that reads and rewrites every row (`--plain-only` in a
-    subprocess turns the footer path off).
+  * their ratio, and the peak RSS of `renio weight` run as a CLI subprocess.
 """
 
 from __future__ import annotations
@@ -26,7 +22,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from renio_core import parquet_append
 from renio_core.weight_stage import WeightConfig, run_weight
 
 COMPLETION_LEN = 1024  # the official max_new_tokens
@@ -113,24 +108,6 @@ def main() -> None:
     print(f"renio weight (read 3 columns, validate, weigh, write all): {tokens / ours / 1e6:6.1f} M tokens/s ({ours:.3f}s)")
     print(f"ratio renio weight / pyarrow read: {base / ours:.2f} (against the memory-mapped read: {base_mmap / ours:.2f})")
 
-    # The whole command, footer path against the plain rewrite, as a user runs it.
-    def command(plain: bool) -> float:
-        out = args.dir / "weights-cmd.parquet"
-        argv = [sys.executable, __file__, "--weigh-only", str(src), str(out)]
-        t0 = time.perf_counter()
-        subprocess.run(argv + (["--plain-only"] if plain else []), check=True,
-                       stdout=subprocess.DEVNULL)
-        elapsed = time.perf_counter() - t0
-        out.unlink()
-        return elapsed
-
-    footer, plain = [], []
-    for _ in range(args.repeats):
-        footer.append(command(plain=False))
-        plain.append(command(plain=True))
-    print(f"`renio weight` command, footer path: {min(footer):.2f}s; plain rewrite: {min(plain):.2f}s"
-          f"; plain / footer = {min(plain) / min(footer):.2f}")
-
     out = args.dir / "weights-rss.parquet"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     subprocess.run([sys.executable, "-m", "renio_cli.main", "weight", "--in", str(src),
@@ -141,19 +118,6 @@ def main() -> None:
           + ("" if peak_kib > before else " (upper bound)"))
 
 
-def weigh_only(argv: list[str]) -> None:
-    """`renio weight --in SRC --out OUT` in this process; with --plain-only, never append."""
-    if "--plain-only" in argv:
-        parquet_append.appendable = lambda files: False
-    src, out = argv[argv.index("--weigh-only") + 1: argv.index("--weigh-only") + 3]
-    from renio_cli.main import app
-
-    app(["weight", "--in", src, "--out", out, "--overwrite"], standalone_mode=False)
-
-
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
-    if "--weigh-only" in sys.argv:
-        weigh_only(sys.argv)
-    else:
-        main()
+    main()

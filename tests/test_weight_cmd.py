@@ -354,39 +354,11 @@ def test_distinct_grouping_puts_distinct_prompts_in_each_group(tmp_path):
                          "prompt", check=False), tmp_path / "x.parquet", "grouping: must be one of")
 
 
-def _chunk_bytes(path: Path) -> list[dict[str, bytes]]:
-    """Each row group's column chunks as raw bytes, by column path, located from the footer."""
-    meta = pq.read_metadata(path)
-    data = path.read_bytes()
-    groups = []
-    for g in range(meta.num_row_groups):
-        rg = meta.row_group(g)
-        chunks = {}
-        for c in range(rg.num_columns):
-            col = rg.column(c)
-            start = (col.dictionary_page_offset if col.has_dictionary_page
-                     and col.dictionary_page_offset is not None else col.data_page_offset)
-            chunks[col.path_in_schema] = data[start:start + col.total_compressed_size]
-        groups.append(chunks)
-    return groups
-
-
-def test_output_keeps_input_row_groups_and_column_chunk_bytes(tmp_path):
-    # 10 row groups of uneven sizes (9 x 10 + 7): rewriting the file would merge them and
-    # re-encode every chunk; the fast path copies each chunk byte for byte.
+def test_output_is_input_plus_new_columns(tmp_path):
+    # 10 row groups of uneven sizes (9 x 10 + 7): every input column comes back unchanged.
     src = F.write(F.random_scores(97, 30, seed=11), tmp_path / "s.parquet", row_group_size=10)
     out = tmp_path / "w.parquet"
     run("weight", "--in", src, "--out", out)
-    src_meta, out_meta = pq.read_metadata(src), pq.read_metadata(out)
-    assert src_meta.num_row_groups == 10
-    assert ([src_meta.row_group(g).num_rows for g in range(10)]
-            == [out_meta.row_group(g).num_rows for g in range(out_meta.num_row_groups)])
-    src_chunks, out_chunks = _chunk_bytes(src), _chunk_bytes(out)
-    for g, (before, after) in enumerate(zip(src_chunks, out_chunks)):
-        for name, raw in before.items():
-            assert len(raw) > 0
-            assert after[name] == raw, f"row group {g}, column {name}: bytes differ"
-        assert set(after) - set(before) >= {"weight", "batch_id"}
-    # And the copied file still reads as the input plus the new columns.
     got = pq.read_table(out)
+    assert set(got.column_names) - set(pq.read_table(src).column_names) >= {"weight", "batch_id"}
     assert got.select(pq.read_table(src).column_names).equals(pq.read_table(src))
