@@ -55,7 +55,7 @@ def build_models(out: Path, vocab: int | None) -> tuple[Path, Path, list[str]]:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from renio_core.toy import ensure_toy_world
+    from renio_core.modeling.toy import ensure_toy_world
 
     world = ensure_toy_world()
     tok = AutoTokenizer.from_pretrained(world.tokenizer)
@@ -82,7 +82,7 @@ def child_trl(a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from renio_core.prompts import student_messages
+    from renio_core.data.prompts import student_messages
 
     torch.manual_seed(0)
     problems = json.loads(Path(a.problems).read_text())
@@ -120,7 +120,7 @@ def child_trl(a: argparse.Namespace) -> dict:
 
 
 def child_renio(a: argparse.Namespace) -> dict:
-    from renio_core.run_loop import load_run_config, run_loop
+    from renio_core.stages.run_loop import load_run_config, run_loop
 
     problems = json.loads(Path(a.problems).read_text())
     prompts = Path(a.work) / "prompts.jsonl"

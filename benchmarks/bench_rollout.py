@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import make_model  # noqa: E402
 
-from renio_core import models  # noqa: E402
-from renio_core.prompt_io import Prompt, load_prompts  # noqa: E402
-from renio_core.rollout_stage import HFSampler, RolloutConfig, render_prompt  # noqa: E402
+from renio_core.modeling import models  # noqa: E402
+from renio_core.data.prompt_io import Prompt, load_prompts  # noqa: E402
+from renio_core.stages.rollout import HFSampler, RolloutConfig, render_prompt  # noqa: E402
 
 
 def set_eos_logit(model, eos_id: int, log_odds: float | None):
@@ -172,7 +172,7 @@ def main() -> None:
                  args.repeats)
         handle.remove()
     if "toy" in cases:
-        from renio_core.toy import ensure_toy_world
+        from renio_core.modeling.toy import ensure_toy_world
 
         world = ensure_toy_world()
         toy_model = models.load_model(world.student, dtype="auto")
@@ -183,7 +183,7 @@ def main() -> None:
         run_case(f"toy world student, {args.n} samples per prompt", toy_model, toy_tok,
                  toy_prompts, tcfg, args.repeats)
     if args.vllm:
-        from renio_core.vllm_backend import VllmSampler
+        from renio_core.backends.vllm import VllmSampler
 
         hf = HFSampler(model, tok)
         vsampler = VllmSampler(dataclasses.replace(cfg, vllm_memory=args.vllm_memory), tok)

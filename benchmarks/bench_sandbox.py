@@ -10,10 +10,10 @@ each mode, rounds interleaved, and reports the best round of each:
   that runs code in a fresh interpreter pays at least;
 * ``bwrap``: renio's grader (bubblewrap sandbox, tests in the grader through the proxy);
 * ``inprocess``: renio's grader with the weaker in-process guard (``--unsafe-inprocess-sandbox``);
-* ``old`` (with ``--old FILE``): another version of ``renio_core/sandbox.py`` with the
+* ``old`` (with ``--old FILE``): another version of ``renio_core/grading/sandbox.py`` with the
   ``grade_code(completion, tests, prelude=...)`` API of the script-style grader, for example
   the one before the bubblewrap sandbox:
-  ``git show 79c3d4b:renio_core/sandbox.py > /tmp/old_sandbox.py``.
+  ``git show 79c3d4b:renio_core/grading/sandbox.py > /tmp/old_sandbox.py``.
 
 Every mode must grade all 164 as passing, or the script stops.
 """
@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_core import sandbox  # noqa: E402
-from renio_core.eval_stage import load_bench  # noqa: E402
-from renio_core.grading import extract_last_code_block  # noqa: E402
+from renio_core.grading import sandbox  # noqa: E402
+from renio_core.stages.evaluate import load_bench  # noqa: E402
+from renio_core.grading.grader import extract_last_code_block  # noqa: E402
 
 
 def _script_form(problem) -> tuple[str, str, str]:
@@ -49,7 +49,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=1, help="programs graded at once (eval's --workers)")
-    ap.add_argument("--old", type=Path, default=None, help="an older renio_core/sandbox.py to time too")
+    ap.add_argument("--old", type=Path, default=None, help="an older renio_core/grading/sandbox.py to time too")
     args = ap.parse_args()
 
     import gzip

@@ -6,7 +6,7 @@
 For each model it times forward + backward of one micro-batch of the ``jsd`` loss (OPD: a
 separate teacher, LoRA student), both ways, in the same process:
 
-* ``chunked``: ``DistillModule`` (renio_core.train_stage) — decoder once, then the LM head and
+* ``chunked``: ``DistillModule`` (renio_core.stages.train) — decoder once, then the LM head and
   the divergence on completion positions only, ``--chunk`` positions at a time, gradients
   computed chunk by chunk;
 * ``naive``: ``naive_loss`` — the model's full ``batch x length x vocabulary`` logits for
@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_core.train_stage import DistillModule, LossSpec, MicroBatch, naive_loss, pack  # noqa: E402
+from renio_core.stages.train import DistillModule, LossSpec, MicroBatch, naive_loss, pack  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,8 +95,8 @@ def _qwen3(vocab: int, hidden: int, layers: int, seed: int):
 def toy_models(workdir: Path):
     """The toy world's teacher and student: the cached world if built, else a quick build (same
     architectures; only the architecture matters for time and memory)."""
-    from renio_core import models
-    from renio_core.toy import ToyWorld, build_toy_world, cache_root
+    from renio_core.modeling import models
+    from renio_core.modeling.toy import ToyWorld, build_toy_world, cache_root
 
     cached = sorted(cache_root().glob("seed0-*/world.json"))
     world = ToyWorld.at(cached[-1].parent) if cached else build_toy_world(workdir / "toy", quick=True)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from renio_core.weight_stage import WeightConfig, run_weight
+from renio_core.stages.weight import WeightConfig, run_weight
 
 COMPLETION_LEN = 1024  # the official max_new_tokens
 PROMPT_LEN = 96

@@ -59,7 +59,7 @@ COMMON = ["eval_every=1"]
 CONDITION_SLOT = {name: i for i, name in enumerate(CONDITIONS)}
 MAX_SLOTS = 64
 # renio run derives, from its seed s: rollout s * 100003 + it, train s + it, eval s + 7919
-# (renio_core/run_loop.py). A stride larger than 7919 + iterations keeps the ranges of
+# (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations keeps the ranges of
 # different runs apart.
 SEED_STRIDE = 10_000
 MIN_SEEDS = 3
@@ -256,8 +256,8 @@ def main() -> None:
                     help="delete and rerun run directories made with another config or code")
     args = ap.parse_args()
 
-    from renio_core.toy import ensure_toy_world
-    from renio_core.weighting import auroc
+    from renio_core.modeling.toy import ensure_toy_world
+    from renio_core.formulas.weighting import auroc
 
     ensure_toy_world()
     code = code_version()

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fail, handle_errors, progress_bar
 from renio_cli.options import BackendOpt, VllmMemoryOpt
-from renio_core.eval_stage import (
+from renio_core.stages.evaluate import (
     EvalConfig,
     compare,
     load_summary,

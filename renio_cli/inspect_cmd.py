@@ -11,8 +11,9 @@ from rich.table import Table
 from rich.text import Text
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors
-from renio_core import html_report, shards
-from renio_core import inspect_report as ir
+from renio_core.report import html_report
+from renio_core.data import shards
+from renio_core.report import inspect_report as ir
 from renio_core.errors import RenioInputError
 
 MAX_PROMPT_CHARS = 1200
@@ -178,7 +179,7 @@ def inspect(
     config: Path | None = ConfigOpt,
 ) -> None:
     """Look inside a shard: tokens coloured by student - teacher log-prob, pivotal tokens,
-    the teacher's alternatives, weights against correctness (DESIGN.md, 'ReNIO weights')."""
+    the teacher's alternatives, weights against correctness (docs/design.md, 'ReNIO weights')."""
     if diff:
         if len(shard_paths) != 2:
             raise RenioInputError("--diff needs two shards: renio inspect A B --diff")

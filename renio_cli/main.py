@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from renio_cli import eval_cmd
 from renio_cli import inspect_cmd
@@ -14,8 +16,21 @@ from renio_cli import train_cmd
 from renio_cli import weight_cmd
 from renio_core import __version__
 
+# The order a user runs them: the toy world (a local stand-in for real models), then the stages.
+PIPELINE_ORDER = ("toy", "rollout", "score", "weight", "train", "eval", "inspect", "run")
+
+
+class _PipelineGroup(TyperGroup):
+    """Lists the commands in ``PIPELINE_ORDER`` (Typer would put command groups last)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: PIPELINE_ORDER.index(n) if n in PIPELINE_ORDER else len(names))
+
+
 app = typer.Typer(
     name="renio",
+    cls=_PipelineGroup,
     help="On-policy distillation of LLMs with ReNIO sample reweighting.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,15 +53,14 @@ def main(
 
 
 # One line per command; only commands that work are registered.
-app.command("weight")(weight_cmd.weight)
-app.command("eval")(eval_cmd.eval_cmd)
+app.add_typer(toy_cmd.app, name="toy")
 app.command("rollout")(rollout_cmd.rollout)
 app.command("score")(score_cmd.score)
-app.command("inspect")(inspect_cmd.inspect)
+app.command("weight")(weight_cmd.weight)
 app.command("train")(train_cmd.train)
+app.command("eval")(eval_cmd.eval_cmd)
+app.command("inspect")(inspect_cmd.inspect)
 app.command("run")(run_cmd.run)
-app.add_typer(toy_cmd.app, name="toy")
-
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -17,8 +17,8 @@ from renio_cli.options import (
     ShardOpt,
     VllmMemoryOpt,
 )
-from renio_core.prompt_io import load_prompts
-from renio_core.rollout_stage import (
+from renio_core.data.prompt_io import load_prompts
+from renio_core.stages.rollout import (
     RolloutConfig,
     RolloutSummary,
     planned_rows,
@@ -72,7 +72,7 @@ def rollout(
     overwrite: bool = OverwriteOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Sample completions from the student for every prompt (DESIGN.md, 'rollout adds')."""
+    """Sample completions from the student for every prompt (docs/design.md, 'rollout adds')."""
     cfg = RolloutConfig(
         model=model, prompts=prompts, out=str(out), adapter=adapter, n=n,
         temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import console, err_console, fmt, handle_errors, progress_bar
-from renio_core.run_loop import RunSummary, load_run_config, run_loop
+from renio_core.stages.run_loop import RunSummary, load_run_config, run_loop
 
 # Phases of the time-split table: (column, keys of IterationRecord.time summed into it).
 TIME_COLUMNS = (("sample", ("sample",)), ("score", ("score",)), ("weight", ("weight",)),

@@ -16,8 +16,8 @@ from renio_cli.options import (
     ShardOpt,
     VllmMemoryOpt,
 )
-from renio_core import shards
-from renio_core.score_stage import (
+from renio_core.data import shards
+from renio_core.stages.score import (
     INPUT_COLUMNS,
     ScoreConfig,
     ScoreSummary,
@@ -68,7 +68,7 @@ def score(
     overwrite: bool = OverwriteOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Score each sampled token under the student and the teacher (DESIGN.md, 'score adds')."""
+    """Score each sampled token under the student and the teacher (docs/design.md, 'score adds')."""
     cfg = ScoreConfig(
         input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
         temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,

@@ -55,8 +55,8 @@ def build(
                                    "teacher that checks and recovers; toy-chain:*)."),
 ) -> None:
     """Build the toy world and print the accuracies measured on its test split."""
-    from renio_core.toy import build_toy_world, build_toy_world_into, ensure_toy_world
-    from renio_core.toy.chain import build_chain_world, ensure_chain_world
+    from renio_core.modeling.toy import build_toy_world, build_toy_world_into, ensure_toy_world
+    from renio_core.modeling.toy.chain import build_chain_world, ensure_chain_world
 
     if world_name not in ("addition", "chain"):
         raise fail(f"--world {world_name!r}: expected addition or chain")
@@ -118,7 +118,7 @@ def _chain_table(world, seed: int) -> None:
     if not acc:
         console.print("quick build: not measured")
         return
-    from renio_core.toy.chain import target_failures
+    from renio_core.modeling.toy.chain import target_failures
 
     missed = target_failures(acc)
     console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))

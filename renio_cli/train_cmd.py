@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors, progress_bar
-from renio_core.train_stage import DEFAULT_LORA_TARGETS, TrainConfig, TrainSummary, run_train
+from renio_core.stages.train import DEFAULT_LORA_TARGETS, TrainConfig, TrainSummary, run_train
 
 
 def summary_table(summary: TrainSummary, cfg: TrainConfig) -> Table:
@@ -81,7 +81,7 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Distill the teacher into the student on ReNIO-weighted rollouts (DESIGN.md, 'Training losses')."""
+    """Distill the teacher into the student on ReNIO-weighted rollouts (docs/design.md, 'Training losses')."""
     cfg = TrainConfig(
         weights=weights, model=model, out=str(out), loss=loss, beta=beta, token_clip=token_clip,
         topk_tail=topk_tail, temperature=temperature, teacher=teacher, lora=lora, lora_r=lora_r,

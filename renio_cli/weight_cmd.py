@@ -9,8 +9,8 @@ from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors, progress_bar
 from renio_cli.options import OverwriteOpt
-from renio_core import shards
-from renio_core.weight_stage import WeightConfig, WeightSummary, run_weight
+from renio_core.data import shards
+from renio_core.stages.weight import WeightConfig, WeightSummary, run_weight
 
 
 def summary_table(summary: WeightSummary, cfg: WeightConfig) -> Table:
@@ -57,7 +57,7 @@ def weight(
     overwrite: bool = OverwriteOpt,
     config: Path | None = ConfigOpt,
 ) -> None:
-    """Turn teacher-scored rollouts into ReNIO sample weights (DESIGN.md, 'ReNIO weights')."""
+    """Turn teacher-scored rollouts into ReNIO sample weights (docs/design.md, 'ReNIO weights')."""
     cfg = WeightConfig(
         input=input_, out=str(out), clip=clip, threshold=threshold, tem=tem, norm=norm,
         group_size=group_size, grouping=grouping, scheme=scheme, filter=filter_, overwrite=overwrite,

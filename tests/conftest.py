@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from renio_core.toy import ToyWorld, ensure_toy_world
+from renio_core.modeling.toy import ToyWorld, ensure_toy_world
 
 
 def required_components() -> set[str]:

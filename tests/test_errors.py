@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from renio_core import shards
+from renio_core.data import shards
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def one_line(args: list, *fragments: str, env: dict | None = None) -> str:
 
 @pytest.fixture(scope="module")
 def rollouts(toy_world, tmp_path_factory):
-    from renio_core.rollout_stage import RolloutConfig, run_rollout
+    from renio_core.stages.rollout import RolloutConfig, run_rollout
 
     root = tmp_path_factory.mktemp("errors")
     prompts = root / "p.jsonl"
@@ -172,8 +172,8 @@ def test_positive_logprobs_and_bad_clip_are_refused(tmp_path):
 
 
 def test_negative_weight_in_train_input(rollouts, tmp_path):
-    from renio_core.score_stage import ScoreConfig, run_score
-    from renio_core.weight_stage import WeightConfig, run_weight
+    from renio_core.stages.score import ScoreConfig, run_score
+    from renio_core.stages.weight import WeightConfig, run_weight
 
     s = run_score(ScoreConfig(input=str(rollouts["rollouts"]), teacher="toy:teacher",
                               out=str(tmp_path / "s.parquet"), device="cpu")).out

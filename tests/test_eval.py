@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import require_component
-from renio_core import shards
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.eval_stage import EvalConfig, compare, load_bench
-from renio_core.sandbox import bwrap_problem
+from renio_core.stages.evaluate import EvalConfig, compare, load_bench
+from renio_core.grading.sandbox import bwrap_problem
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 

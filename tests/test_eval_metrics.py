@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from renio_core.eval_metrics import (
+from renio_core.formulas.eval_metrics import (
     EPISTEMIC_MARKERS,
     MARKERS,
     REFLECTION_MARKERS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from renio_core.grading import (
+from renio_core.grading.grader import (
     extract_all_boxed,
     extract_last_boxed,
     extract_last_code_block,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from renio_core.rollout_stage import RolloutConfig, run_rollout
-from renio_core.score_stage import ScoreConfig, run_score
-from renio_core.weight_stage import WeightConfig, run_weight
+from renio_core.stages.rollout import RolloutConfig, run_rollout
+from renio_core.stages.score import ScoreConfig, run_score
+from renio_core.stages.weight import WeightConfig, run_weight
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 

@@ -1,7 +1,7 @@
 """`renio inspect`: the real CLI in a subprocess on real shards with a real (tiny) tokenizer.
 
 The scores shard is built by hand with chosen log-probs, so every expected number below is
-worked out here from the DESIGN.md formula, not read back from the code under test.
+worked out here from the docs/design.md formula, not read back from the code under test.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import pytest
 
 import factories as F
 import tiny_models
-from renio_core import html_report, inspect_report as ir, shards
+from renio_core.report import html_report, inspect_report as ir
 
+from renio_core.data import shards
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 
 # Four trajectories of two prompts. Per row: completion text, the positions the teacher
@@ -40,7 +41,7 @@ ALT = {"2": ["1", "9"], "1": ["9", "8"], "5": ["3", "2"]}  # teacher's top-2 at 
 
 
 def expected_weights(clip=2.5, threshold=0.8):
-    """DESIGN.md steps 1-5 by hand: batch_mean over the one group of four rows."""
+    """docs/design.md steps 1-5 by hand: batch_mean over the one group of four rows."""
     raws = []
     for r in range(4):
         ratios = [min(STUDENT_LP - q, clip) for q in DISAGREE.get(r, {}).values()]
@@ -94,7 +95,7 @@ def scores_shard(tmp: Path, tok, tok_dir: Path, *, problem_extra: str = "",
     path = tmp / ("scores.parquet" if with_scores else "rollouts.parquet")
     if not with_meta:
         return F.write(table, path)
-    from renio_core import models
+    from renio_core.modeling import models
 
     rollout = shards.build_metadata(stage="rollout", config={"model": str(tok_dir)}, inputs=None,
                                     tokenizer_fingerprint=models.tokenizer_fingerprint(tok))
@@ -422,8 +423,8 @@ def test_diff_matches_rows_by_key_not_position(world, tmp_path):
 def test_toy_world_pipeline_inspects(toy_world, tmp_path):
     from transformers import AutoTokenizer
 
-    from renio_core.rollout_stage import RolloutConfig, run_rollout
-    from renio_core.score_stage import ScoreConfig, run_score
+    from renio_core.stages.rollout import RolloutConfig, run_rollout
+    from renio_core.stages.score import ScoreConfig, run_score
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(toy_world.test_prompts.read_text().splitlines(True)[:4]))

@@ -22,7 +22,8 @@ import pytest
 import factories as F
 import tiny_models
 from conftest import require_component
-from renio_core import models, shards
+from renio_core.modeling import models
+from renio_core.data import shards
 from test_inspect import run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,4 +1,4 @@
-"""Golden values and identities for renio_core.losses.
+"""Golden values and identities for renio_core.formulas.losses.
 
 Goldens are written as closed forms of explicit probabilities (math.log of fractions) or
 computed with plain Python loops over those probabilities; never from the code's output.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from renio_core.losses import (
+from renio_core.formulas.losses import (
     sampled_reverse_kl,
     token_divergence,
     topk_divergence,

@@ -1,11 +1,11 @@
-"""renio_core.models: loading, fingerprints, tokenizer compatibility, chunked log-probs."""
+"""renio_core.modeling.models: loading, fingerprints, tokenizer compatibility, chunked log-probs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from renio_core import models as M
+from renio_core.modeling import models as M
 from renio_core.errors import RenioInputError
 from tiny_models import make_model
 

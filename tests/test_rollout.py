@@ -15,10 +15,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from renio_core import models, shards
+from renio_core.modeling import models
+
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.prompt_io import load_prompts
-from renio_core.rollout_stage import (
+from renio_core.data.prompt_io import load_prompts
+from renio_core.stages.rollout import (
     RolloutConfig,
     generate_batch,
     row_seed,
@@ -266,7 +268,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(world, tmp_path):
 
 
 def test_parse_shard_and_ownership():
-    from renio_core.chunked_output import Shard, owned_chunks, parse_shard
+    from renio_core.data.chunked_output import Shard, owned_chunks, parse_shard
 
     assert parse_shard("2/4") == Shard(2, 4) and parse_shard(None) == Shard(0, 1)
     for bad in ("4/4", "1/0", "x", "-1/2", "1/2/3"):
@@ -281,7 +283,7 @@ def test_parse_shard_and_ownership():
 
 
 def _toy_sampler_rows(world, refill, **kw):
-    from renio_core.rollout_stage import HFSampler
+    from renio_core.stages.rollout import HFSampler
 
     model = models.load_model(world["student"], dtype="float32", device="cpu")
     tok = models.load_tokenizer(world["student"])
@@ -310,7 +312,7 @@ def test_refill_rows_equal_fixed_batches_on_uneven_lengths(world):
 
 def test_refill_greedy_equals_model_generate(world):
     """Five prompts of different lengths through two slots: each row equals generate alone."""
-    from renio_core.rollout_stage import generate_refill
+    from renio_core.stages.rollout import generate_refill
 
     model = models.load_model(world["student"], dtype="float32", device="cpu")
     tok = models.load_tokenizer(world["student"])

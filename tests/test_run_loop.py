@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from renio_core.errors import RenioInputError
-from renio_core.run_loop import load_run_config
+from renio_core.stages.run_loop import load_run_config
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 CONFIG = Path(__file__).resolve().parents[1] / "sample_configs" / "toy-opd-renio.yaml"
@@ -118,7 +118,7 @@ def _step_lrs(ckpt: Path) -> list[float]:
 @pytest.mark.integration
 def test_one_optimizer_across_iterations_equals_the_stages_by_hand(tmp_path, toy_world):
     """Three iterations of `renio run` == rollout, score, weight, train --init-from by hand."""
-    from renio_core.run_loop import run_loop
+    from renio_core.stages.run_loop import run_loop
 
     cfg = load_run_config(CONFIG, [f"run_dir={tmp_path / 'run'}", "iterations=3", *ONE_STEP])
     run_loop(cfg)
@@ -208,7 +208,7 @@ def test_sigkill_mid_iteration_then_rerun_is_exact(tmp_path, toy_world, moment):
 def test_disk_stays_bounded(tmp_path, toy_world):
     """Only the newest checkpoint keeps its optimizer state (and every k-th if asked);
     pruning removes older checkpoints and shards; the time split is recorded."""
-    from renio_core.run_loop import TIME_KEYS, run_loop
+    from renio_core.stages.run_loop import TIME_KEYS, run_loop
 
     run_dir = tmp_path / "run"
     run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=4", *ONE_STEP,
@@ -264,7 +264,7 @@ def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, t
     """train.weights_from=live recomputes each row's ReNIO weight inside the train step from
     that forward pass; before the step's update the student is the one that was scored, so
     the weights equal the weight stage's (LoRA dropout is 0)."""
-    from renio_core.run_loop import run_loop
+    from renio_core.stages.run_loop import run_loop
 
     run_dir = tmp_path / "run"
     run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=2", *ONE_STEP,

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from renio_core.toy.build import build_toy_world
+from renio_core.modeling.toy.build import build_toy_world
 
 from conftest import skip_or_fail
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from renio_core.prompts import privileged_messages, render_ids, student_messages
-from renio_core.toy import ToyWorld, build_toy_world, ensure_toy_world, grade, resolve_model
-from renio_core.toy import task as toy_task
+from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.modeling.toy import ToyWorld, build_toy_world, ensure_toy_world, grade, resolve_model
+from renio_core.modeling.toy import task as toy_task
 
 # ----------------------------------------------------------------------------- task
 
@@ -100,7 +100,7 @@ def test_loads_offline_with_from_pretrained(quick_world: ToyWorld) -> None:
     code = r"""
 import sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from renio_core.prompts import student_messages
+from renio_core.data.prompts import student_messages
 root = sys.argv[1]
 for name in ("tokenizer", "teacher", "student"):
     tok = AutoTokenizer.from_pretrained(f"{root}/{name}")

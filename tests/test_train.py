@@ -22,10 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from renio_core import losses, models, shards
+from renio_core.formulas import losses
+
+from renio_core.modeling import models
+
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.prompts import privileged_messages, render_ids, student_messages
-from renio_core.train_stage import (
+from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.stages.train import (
     DistillModule,
     LossSpec,
     TrainConfig,
@@ -55,7 +59,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from renio_core.toy import build_toy_world
+    from renio_core.modeling.toy import build_toy_world
 
     return build_toy_world(tmp_path_factory.mktemp("toy"), quick=True)
 
@@ -747,7 +751,7 @@ def test_gradient_checkpointing_gives_the_same_run(world, weights_file, tmp_path
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(world, weights_file, lora):
     """With --gradient-checkpointing each decoder layer really runs again in backward, and
     the loss and every trainable parameter's gradient are those of the plain model."""
-    from renio_core.train_stage import _build_model, _causal_lm
+    from renio_core.stages.train import _build_model, _causal_lm
 
     mb = next(m for m in read_micro_batches(shards.open_inputs(str(weights_file), []), "rkl") if m)
     packed = pack(mb, 0, torch.device("cpu"))
@@ -858,7 +862,7 @@ def test_tensorboard_not_installed_is_one_line_error(world, weights_file, tmp_pa
 
 
 def test_temperature_from_score_metadata(world, rollouts, tmp_path):
-    from renio_core.train_stage import resolve_temperature
+    from renio_core.stages.train import resolve_temperature
 
     score = {"stage": "score", "config": {"temperature": None}, "scoring_temperature": 1.1,
              "upstream": {"stage": "rollout", "config": {"temperature": 0.7}}}
@@ -946,7 +950,7 @@ def test_torchrun_nccl_two_gpus_match_one(world, weights_file, tmp_path, fsdp):
 
 
 def test_lr_factor_by_hand():
-    from renio_core.train_stage import lr_factor
+    from renio_core.stages.train import lr_factor
 
     # linear to 0 over 4 steps, no warmup: (4 - s) / 4
     assert [lr_factor(s, schedule="linear", warmup=0, total=4) for s in range(5)] == \
@@ -990,7 +994,7 @@ def test_steps_per_batch_splits_the_shard(world, weights_file, tmp_path):
 
 
 def test_live_weights_by_hand():
-    from renio_core.train_stage import LiveWeightSpec, live_weights
+    from renio_core.stages.train import LiveWeightSpec, live_weights
 
     spec = LiveWeightSpec(clip=2.0, threshold=1.0, tem=1.0, norm="batch_mean", scheme="renio")
     # Row 0: ratios [3 -> clipped 2, 0.5, 1.0]: pivotal {2, 1}, mean 1.5, raw e^1.5.

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from renio_core.errors import RenioInputError
-from renio_core.vllm_backend import (
+from renio_core.backends.vllm import (
     adapter_rank,
     check_scoring_temperature,
     completion_from_vllm,

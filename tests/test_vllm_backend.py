@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from renio_core import shards
+from renio_core.data import shards
 from tiny_models import make_model, write_prompts
 
 pytestmark = pytest.mark.integration
@@ -33,7 +33,7 @@ def _vllm_usable() -> bool:
     if importlib.util.find_spec("vllm") is None:
         return False
     try:
-        from renio_core.vllm_backend import require_vllm
+        from renio_core.backends.vllm import require_vllm
 
         require_vllm()
     except Exception:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import factories as F
-from renio_core import shards
+from renio_core.data import shards
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 

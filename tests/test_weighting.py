@@ -1,4 +1,4 @@
-"""Hand-computed cases for renio_core.weighting (DESIGN.md, 'ReNIO weights').
+"""Hand-computed cases for renio_core.formulas.weighting (docs/design.md, 'ReNIO weights').
 
 Expected values are derived on paper from the formula and written with math.exp, never taken
 from the code's output.
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from renio_core import weighting as W
+from renio_core.formulas import weighting as W
 
 
 def offsets(*lengths):
@@ -135,7 +135,7 @@ def test_auroc_by_hand():
 
 
 def test_distinct_prompt_groups_by_hand():
-    from renio_core.weighting import distinct_prompt_groups
+    from renio_core.formulas.weighting import distinct_prompt_groups
 
     # 4 prompts x 3 samples, rows prompt by prompt, groups of 2 distinct prompts: the window
     # {a, b} makes groups 0, 1, 2 (the k-th sample of each), the window {c, d} groups 3, 4, 5.

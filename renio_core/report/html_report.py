@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from renio_core.inspect_report import (
+from renio_core.report.inspect_report import (
     NEGATIVE_RGB,
     POSITIVE_RGB,
     Settings,
@@ -287,7 +287,7 @@ Hover a token for its numbers.</p>
   }
   function fmt(v, d) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); }
   function colour(diff) {
-    // Mirrors renio_core.inspect_report.ratio_rgb.
+    // Mirrors renio_core.report.inspect_report.ratio_rgb.
     let t = CLIP > 0 ? Math.max(-1, Math.min(1, diff / CLIP)) : 0;
     const end = t > 0 ? POS : NEG, a = Math.abs(t);
     return "rgb(" + end.map(c => Math.round(255 + (c - 255) * a)).join(",") + ")";

@@ -1,6 +1,6 @@
 """Building the toy world: prompt files, tokenizer, and two tiny Qwen3 models trained here.
 
-The toy world is renio's embedded default (DESIGN.md, "Where it runs"): every stage, test
+The toy world is renio's embedded default (docs/design.md, "Where it runs"): every stage, test
 and demo of ReNIO (arXiv 2606.23104) can run on a laptop CPU with no hub access. From a
 seed it deterministically writes
 
@@ -17,7 +17,7 @@ always right, even when sampled at the rollout temperature. The student is small
 learns from a sloppy tutor that forgets each carry with probability 0.55, so its own
 samples end wrong at a realistic rate and the slip is one token the teacher finds very
 unlikely. The student also learns to redo a solution it is shown in OPSD's privileged
-prompt (``renio_core.prompts.privileged_messages``), so self-distillation has a teacher.
+prompt (``renio_core.data.prompts.privileged_messages``), so self-distillation has a teacher.
 
 Deliberate differences from the paper: the models are trained from scratch here (the paper
 starts from pretrained Qwen3 checkpoints), and the student's errors come from how it was
@@ -38,14 +38,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from renio_core.prompts import privileged_messages, render_ids, student_messages
-from renio_core.toy import task as toy_task
-from renio_core.toy.tokenizer import build_tokenizer
+from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.modeling.toy import task as toy_task
+from renio_core.modeling.toy.tokenizer import build_tokenizer
 
 Progress = Callable[[str, int, int], None]
 
 N_TRAIN, N_TEST = 1024, 256
-# Rollout sampling settings of the official runs (DESIGN.md), used to measure accuracy.
+# Rollout sampling settings of the official runs (docs/design.md), used to measure accuracy.
 ROLLOUT_SAMPLING = {"temperature": 1.1, "top_p": 0.95, "top_k": 20}
 # Torch's CPU kernels can sum in a different order with a different thread count; a fixed
 # count keeps the weights byte-identical across machines. One thread: the matrices are tiny,

@@ -6,15 +6,15 @@ the teacher, at the scoring temperature T (arXiv 2606.23104: ReNIO's weight is b
   ``prompt_ids``), or with ``--teacher-prompt privileged`` the privileged prompt, as the
   official collator (BDML-lab/ReNIO ``data_collator.py``) shows its separate OPD teacher.
 * OPSD (``--teacher self``): the student's base weights with any adapter disabled, shown the
-  privileged prompt of :mod:`renio_core.prompts` that contains the reference solution.
+  privileged prompt of :mod:`renio_core.data.prompts` that contains the reference solution.
 
-Exactness and memory: :func:`renio_core.models.sequence_logprobs` runs the decoder once per
+Exactness and memory: :func:`renio_core.modeling.models.sequence_logprobs` runs the decoder once per
 batch and the LM head plus log-softmax on ``chunk`` positions at a time, so peak memory grows
 with the chunk, never with batch × length × vocabulary. Batches are formed by a token budget
 (``max_batch_tokens`` counts padded tokens) over rows sorted by length.
 
 Work is cut into fixed chunks of ``rows_per_part`` input rows; chunk k is part k, owned by
-shard k % N; a re-run skips complete parts (``renio_core.chunked_output``). Output rows keep
+shard k % N; a re-run skips complete parts (``renio_core.data.chunked_output``). Output rows keep
 the input's order and columns.
 
 Deliberate differences from the official code: the official trainer computes teacher
@@ -40,10 +40,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from renio_core import models, shards
-from renio_core.chunked_output import ChunkedOutput, owned_chunks, parse_shard, run_chunks
+from renio_core.modeling import models
+
+from renio_core.data import shards
+from renio_core.data.chunked_output import ChunkedOutput, owned_chunks, parse_shard, run_chunks
 from renio_core.errors import RenioInputError
-from renio_core.prompts import TASKS, privileged_messages, render_ids
+from renio_core.data.prompts import TASKS, privileged_messages, render_ids
 
 BACKENDS = ("hf", "vllm")
 TEACHER_PROMPTS = ("plain", "privileged")
@@ -450,7 +452,7 @@ def read_rows(inputs: shards.InputSet, start: int, stop: int) -> pa.Table:
 
 def _auto_score_chunk(model: Any, budget_mb: float) -> int:
     """Positions per log-softmax chunk: two chunk x vocab float32 blocks (logits, log-softmax)."""
-    from renio_core.train_stage import auto_chunk
+    from renio_core.stages.train import auto_chunk
 
     vocab = models._causal_lm(model).get_output_embeddings().weight.shape[0]
     return auto_chunk(vocab, budget_mb * 2**20, live_copies=2)
@@ -517,7 +519,7 @@ def run_score(
     shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files, resolved.student,
                                      resolved.adapter, cfg.teacher)
     if cfg.backend == "vllm":
-        from renio_core import vllm_backend
+        from renio_core.backends import vllm as vllm_backend
 
         vllm_backend.check_scoring_temperature(resolved.temperature)
         vllm_backend.require_vllm()
@@ -580,7 +582,7 @@ def run_score(
                 student, student_tok, teacher, teacher_tok = load_scoring_models(
                     cfg, resolved, inputs.files[0])
                 if cfg.backend == "vllm":
-                    from renio_core import vllm_backend
+                    from renio_core.backends import vllm as vllm_backend
 
                     state["scorer"] = vllm_backend.VllmScorer(cfg, resolved, student_tok,
                                                               teacher_tok)

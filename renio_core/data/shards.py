@@ -1,6 +1,6 @@
 """Parquet shards: resolving inputs, validating them, and writing outputs atomically.
 
-This module implements the shard contract of ``shared/DESIGN.md``:
+This module implements the shard contract of ``docs/design.md``:
 
 * an input is a file, a directory of ``*.parquet`` parts, or a glob;
 * every file written carries JSON metadata under the key ``renio``;
@@ -518,7 +518,7 @@ def build_metadata(
     tokenizer_fingerprint: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The ``renio`` metadata block of DESIGN.md, plus the fingerprints used for resuming."""
+    """The ``renio`` metadata block of docs/design.md, plus the fingerprints used for resuming."""
     config_json = _jsonable(config)
     fp_source = config_for_fingerprint if config_for_fingerprint is not None else config_json
     input_files = inputs.fingerprint() if inputs is not None else []

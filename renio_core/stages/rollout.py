@@ -2,7 +2,7 @@
 "sample y ~ pi_theta(.|x)").
 
 Each prompt goes through the chat template with the task's instruction
-(:mod:`renio_core.prompts`), then ``n`` completions are sampled at temperature / top-p / top-k
+(:mod:`renio_core.data.prompts`), then ``n`` completions are sampled at temperature / top-p / top-k
 (official: 1.1 / 0.95 / 20, 1024 new tokens).
 
 HF backend: our own batched sampling loop with a KV cache. Rows are grouped by prompt length
@@ -20,7 +20,7 @@ chunk is always batched the same way). A different ``batch_size`` changes the pa
 the logits' last bits, which can rarely flip a sampled token; it is part of the config
 fingerprint for that reason.
 
-Work is cut into fixed chunks of ``chunk_prompts`` prompts (``renio_core.chunked_output``):
+Work is cut into fixed chunks of ``chunk_prompts`` prompts (``renio_core.data.chunked_output``):
 chunk k is part k, owned by shard k % N; a re-run skips complete parts.
 
 Deliberate differences from the official code (which samples with vLLM): the HF backend is
@@ -42,11 +42,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from renio_core import models, shards
-from renio_core.chunked_output import ChunkedOutput, parse_shard, run_chunks
+from renio_core.modeling import models
+
+from renio_core.data import shards
+from renio_core.data.chunked_output import ChunkedOutput, parse_shard, run_chunks
 from renio_core.errors import RenioInputError
-from renio_core.prompt_io import Prompt, PromptSet, load_prompts
-from renio_core.prompts import TASKS, render_ids, student_messages
+from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
+from renio_core.data.prompts import TASKS, render_ids, student_messages
 
 BACKENDS = ("hf", "vllm")
 
@@ -440,7 +442,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, cfg: RolloutConfig) -> list[in
 def grade_row(task: str, text: str, answer: str | None) -> bool | None:
     if task != "math" or answer is None:
         return None
-    from renio_core.grading import grade_math
+    from renio_core.grading.grader import grade_math
 
     return bool(grade_math(text, answer))
 
@@ -578,7 +580,7 @@ def run_rollout(
     prompt_set = prompt_set if prompt_set is not None else load_prompts(cfg.prompts)
     check_grading(cfg, prompt_set)
     if cfg.backend == "vllm":
-        from renio_core import vllm_backend
+        from renio_core.backends import vllm as vllm_backend
 
         vllm_backend.require_vllm()  # a missing package or GPU fails before anything else
     shard = parse_shard(cfg.shard)
@@ -627,7 +629,7 @@ def run_rollout(
             nonlocal sampler, model
             if sampler is None:
                 if cfg.backend == "vllm":
-                    from renio_core import vllm_backend
+                    from renio_core.backends import vllm as vllm_backend
 
                     sampler = vllm_backend.VllmSampler(cfg, tokenizer)
                 else:

@@ -2,12 +2,12 @@
 
 ReNIO (arXiv 2606.23104) multiplies each sampled trajectory's distillation loss by a weight
 computed from its student-to-teacher log-ratios (the ``weight`` stage). This stage reads
-``weights.parquet`` (DESIGN.md, "The shards"), uses its ``batch_id`` groups as micro-batches,
+``weights.parquet`` (docs/design.md, "The shards"), uses its ``batch_id`` groups as micro-batches,
 and optimizes
 
     batch loss = mean over samples of weight * (mean over completion tokens of the divergence)
 
-with the divergence of ``renio_core.losses`` (``jsd`` with the teacher's full logits, ``topk``
+with the divergence of ``renio_core.formulas.losses`` (``jsd`` with the teacher's full logits, ``topk``
 from the stored top-k, or ``rkl`` from the stored teacher log-probs).
 
 How it stays within memory: the student's decoder runs once per micro-batch; the LM head and
@@ -22,7 +22,7 @@ Deliberate differences from the official code:
 
 * the ReNIO weight multiplies every loss (officially only the full-vocabulary path);
 * ``topk`` keeps the teacher's tail mass as one extra bucket by default
-  (``topk_divergence(tail=True)``); ``topk_tail=False`` (``--topk-renormalize``) is DESIGN.md's
+  (``topk_divergence(tail=True)``); ``topk_tail=False`` (``--topk-renormalize``) is docs/design.md's
   "both sides renormalized on the top-k";
 * LoRA dropout is 0, so that a resumed or a distributed run reproduces an uninterrupted one;
 * the learning rate warms up as ``(s + 1) / warmup_steps`` (Hugging Face's ``s / warmup_steps``
@@ -59,7 +59,13 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from renio_core import losses, models, shards, tracking, weighting
+from renio_core.formulas import losses, weighting
+
+from renio_core.modeling import models
+
+from renio_core.data import shards
+
+from renio_core.stages import tracking
 from renio_core.errors import RenioInputError
 
 LOSSES = ("jsd", "topk", "rkl")
@@ -68,7 +74,7 @@ WEIGHTS_FROM = ("shard", "live")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
-# Per-step scalars sent to TensorBoard and W&B (renio_core/tracking.py).
+# Per-step scalars sent to TensorBoard and W&B (renio_core/stages/tracking.py).
 TRACKED = ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr")
 CONFIG_FILE = "train_config.json"
 
@@ -512,7 +518,7 @@ def auto_chunk(vocab: int, budget_bytes: float, *, bytes_per_element: int = 4,
 
 
 def postprocess_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
-    """Heads that scale or soft-cap their logits (the same keys ``renio_core.models`` honours)."""
+    """Heads that scale or soft-cap their logits (the same keys ``renio_core.modeling.models`` honours)."""
     scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale not in (0, 1):
         logits = logits * scale

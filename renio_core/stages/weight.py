@@ -4,7 +4,7 @@ Two passes over the input, each streamed by record batch. Pass 1 reads the three
 formula needs, validates them and computes every row's weight (a few numbers per row are kept
 in memory, never the tokens). Rows are grouped into consecutive groups of ``group_size`` (after
 filtering), so every group is normalized as a whole. Pass 2 decodes the input again and writes
-the kept rows with the new columns. The formulas are in :mod:`renio_core.weighting`.
+the kept rows with the new columns. The formulas are in :mod:`renio_core.formulas.weighting`.
 
 Output: the input's columns plus ``batch_id``, ``pivotal_count``, ``log_ratio_mean``,
 ``raw_weight`` and ``weight`` (existing columns of those names are replaced, so a weights file
@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from renio_core import shards, weighting
+from renio_core.data import shards
+
+from renio_core.formulas import weighting
 from renio_core.errors import RenioInputError
 
 NEW_COLUMNS = {

@@ -1,6 +1,6 @@
 """Loading prompt sets for ``rollout`` (and ``eval``): jsonl, Parquet, or a ``datasets`` name.
 
-The prompt columns are fixed by DESIGN.md ("Input prompts"): ``problem`` (required), ``id``
+The prompt columns are fixed by docs/design.md ("Input prompts"): ``problem`` (required), ``id``
 (the row number when absent), ``solution`` (OPSD's privileged prompt, arXiv 2606.23104),
 ``answer`` (math grading), ``tests`` (code grading), ``task`` (``math`` or ``code``). Every
 problem is reported as one :class:`RenioInputError` naming file, row and column before any
@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from renio_core import shards
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.prompts import TASKS
+from renio_core.data.prompts import TASKS
 
 OPTIONAL_TEXT = ("solution", "answer", "tests")
 

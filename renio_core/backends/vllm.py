@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from renio_core import models
+from renio_core.modeling import models
 from renio_core.errors import RenioInputError
 
 
@@ -255,7 +255,7 @@ class VllmSampler:
 
     def sample(self, prompts: Sequence[Any], cfg: Any,
                progress: Callable[[int], None] | None = None) -> Any:
-        from renio_core.rollout_stage import (
+        from renio_core.stages.rollout import (
             Completion,
             build_rows,
             render_prompt,
@@ -332,7 +332,7 @@ class VllmScorer:
         import tempfile
         from pathlib import Path
 
-        from renio_core.score_stage import Scorer
+        from renio_core.stages.score import Scorer
 
         vllm = require_vllm()
         check_scoring_temperature(resolved.temperature)
@@ -384,7 +384,7 @@ class VllmScorer:
     def score_table(self, table: Any, progress: Callable[[int], None] | None = None) -> Any:
         import torch
 
-        from renio_core.score_stage import with_scores
+        from renio_core.stages.score import with_scores
 
         prompts = table.column("prompt_ids").to_pylist()
         completions = table.column("completion_ids").to_pylist()

@@ -2,7 +2,7 @@
 
 ReNIO (arXiv 2606.23104) trains the student on its own samples with a per-token divergence to
 the teacher and multiplies each trajectory's loss by its ReNIO weight. The contract is
-``shared/DESIGN.md`` ("Training losses"):
+``docs/design.md`` ("Training losses"):
 
 * ``token_divergence``: generalized Jensen-Shannon divergence over the full vocabulary with
   mixing ``beta`` (beta 0 = KL(teacher || student), beta 1 = KL(student || teacher), in between
@@ -19,7 +19,7 @@ Deliberate differences from the official code:
   full-vocabulary path).
 * ``topk_divergence(tail=True)`` keeps the probability mass outside the top-k as one extra
   bucket on both sides; ``tail=False`` renormalizes both sides on the top-k support (the
-  DESIGN.md wording). The trainer uses the default, ``tail=True``, so that k = vocabulary size
+  docs/design.md wording). The trainer uses the default, ``tail=True``, so that k = vocabulary size
   gives exactly the full-vocabulary divergence and small k never overstates agreement.
 
 All arithmetic is in float32 whatever the input dtype: bf16 log-probabilities lose the small
@@ -74,7 +74,7 @@ def generalized_jsd_from_logprobs(
     beta: float,
     token_clip: float,
 ) -> torch.Tensor:
-    """The divergence of DESIGN.md between two normalized log-distributions (..., K) → (...).
+    """The divergence of docs/design.md between two normalized log-distributions (..., K) → (...).
 
     Shared by the full-vocabulary and the top-k paths, so both clip the same per-entry term.
     """

@@ -1,6 +1,6 @@
 """The toy task: column addition of two 3-digit numbers, solved one column at a time.
 
-Part of renio's embedded "toy world" (see ``renio_core.toy``), the CPU-sized stand-in for
+Part of renio's embedded "toy world" (see ``renio_core.modeling.toy``), the CPU-sized stand-in for
 the math reasoning data of ReNIO (arXiv 2606.23104). A solution writes one step per column,
 least significant first, as ``a+b+carry=sum``, then the answer in ``\\boxed{}``::
 
@@ -110,7 +110,7 @@ def split_problems(seed: int, n_train: int, n_test: int) -> tuple[list[Problem],
 
 
 def prompt_row(p: Problem) -> dict[str, str]:
-    """One row of a prompt file in DESIGN.md's format."""
+    """One row of a prompt file in docs/design.md's format."""
     return {"id": p.id, "problem": p.problem, "solution": solution(p), "answer": p.answer,
             "task": TASK}
 

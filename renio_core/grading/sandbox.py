@@ -837,7 +837,7 @@ def grade_code(
 
     No code block means failed, without starting a process.
     """
-    from renio_core.grading import extract_last_code_block
+    from renio_core.grading.grader import extract_last_code_block
 
     code = extract_last_code_block(completion_text or "")
     if code is None or not code.strip():

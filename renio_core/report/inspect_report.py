@@ -13,7 +13,7 @@ the tokens), and the tokens of the chosen rows are read afterwards, from their r
 only.
 
 Deliberate differences from the paper's code: none in the formula; the per-token pivotal flags
-and per-row means are computed by :func:`renio_core.weighting.trajectory_log_ratios`, the same
+and per-row means are computed by :func:`renio_core.formulas.weighting.trajectory_log_ratios`, the same
 function the ``weight`` stage uses. The colouring uses the unclipped ``s_t - q_t``, so a token
 beyond the clip still shows how far beyond it is.
 """
@@ -30,7 +30,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from renio_core import shards, weighting
+from renio_core.data import shards
+
+from renio_core.formulas import weighting
 from renio_core.errors import RenioInputError
 
 SORT_KEYS = ("weight", "pivotal", "log_ratio")
@@ -213,7 +215,7 @@ def load_token_text(view: ShardView, name: str | None) -> TokenText:
     in the shard, is an error; a recorded model that cannot be loaded (a path from another
     machine) falls back to showing token ids, with the reason.
     """
-    from renio_core import models  # lazy: torch and transformers are slow to import
+    from renio_core.modeling import models  # lazy: torch and transformers are slow to import
 
     explicit = name is not None
     if name is None:

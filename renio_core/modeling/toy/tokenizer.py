@@ -6,7 +6,7 @@ character, newline and tab is one token; ``decode`` concatenates tokens (a Fuse 
 ``decode(encode(text)) == text`` for ASCII text. The chat template renders messages the way
 Qwen3's does, including the empty ``<think>`` block when ``enable_thinking=False``.
 
-Deliberate difference from Qwen3: the fixed sentences of ``renio_core.prompts`` (the math
+Deliberate difference from Qwen3: the fixed sentences of ``renio_core.data.prompts`` (the math
 instruction and the OPSD reference-solution header and footer) are single tokens, so the
 privileged prompt stays short enough to train on in seconds. Other text is spelled out.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from renio_core.prompts import MATH_INSTRUCTION, PRIVILEGED_FOOTER, PRIVILEGED_HEADER
+from renio_core.data.prompts import MATH_INSTRUCTION, PRIVILEGED_FOOTER, PRIVILEGED_HEADER
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"

@@ -44,9 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from renio_core.errors import RenioInputError
-from renio_core.prompts import render_ids, student_messages
-from renio_core.toy import task as toy_task
-from renio_core.toy.build import (
+from renio_core.data.prompts import render_ids, student_messages
+from renio_core.modeling.toy import task as toy_task
+from renio_core.modeling.toy.build import (
     BUILD_THREADS,
     ROLLOUT_SAMPLING,
     ModelSpec,
@@ -57,7 +57,7 @@ from renio_core.toy.build import (
     cache_root,
     generate_completions,
 )
-from renio_core.toy.tokenizer import build_tokenizer
+from renio_core.modeling.toy.tokenizer import build_tokenizer
 
 TASK = "math"
 K_MIN, K_MAX = 3, 8

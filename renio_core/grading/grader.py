@@ -7,7 +7,7 @@ The paper (arXiv 2606.23104) reports avg@n accuracy on math benchmarks graded by
   nested ``\\frac{a}{b}`` survive, compared with the reference answer by math-verify
   (symbolic equality, fractions vs decimals, intervals, sets, units stripped);
 * code: the *last* fenced Python block, run against the benchmark's tests by
-  :mod:`renio_core.sandbox`.
+  :mod:`renio_core.grading.sandbox`.
 
 Deliberate differences from the official evaluation scripts:
 

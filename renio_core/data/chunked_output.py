@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from renio_core import shards
+from renio_core.data import shards
 from renio_core.errors import RenioInputError
 
 

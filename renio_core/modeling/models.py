@@ -52,11 +52,11 @@ def resolve_name(name: str | os.PathLike) -> str:
     addition and chain toy worlds."""
     text = os.fspath(name)
     if text.startswith("toy-chain:"):
-        from renio_core.toy.chain import resolve_chain_model  # lazy, like the addition world
+        from renio_core.modeling.toy.chain import resolve_chain_model  # lazy, like the addition world
 
         return resolve_chain_model(text)
     if text.startswith("toy:"):
-        from renio_core.toy import resolve_model  # lazy: the toy world is optional
+        from renio_core.modeling.toy import resolve_model  # lazy: the toy world is optional
 
         return os.fspath(resolve_model(text))
     if not os.path.exists(text) and _looks_like_path(text):

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from renio_core.errors import RenioInputError
-from renio_core.shards import exclusive_lock
-from renio_core.toy.build import Progress, ToyWorld, build_toy_world
+from renio_core.data.shards import exclusive_lock
+from renio_core.modeling.toy.build import Progress, ToyWorld, build_toy_world
 
 
 def build_toy_world_into(out: str | os.PathLike[str], *, seed: int = 0, quick: bool = False,
@@ -22,7 +22,7 @@ def build_toy_world_into(out: str | os.PathLike[str], *, seed: int = 0, quick: b
     """Build a world at ``out`` (``renio toy build --out``): into a temporary folder of this
     process, renamed into place when complete. A second build of the same ``out`` at the same
     time is refused with one line, and leaves nothing behind. ``builder`` is the world's build
-    function (the addition world's, or ``renio_core.toy.chain.build_chain_world``)."""
+    function (the addition world's, or ``renio_core.modeling.toy.chain.build_chain_world``)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = exclusive_lock(out.parent / f".{out.name}.lock", what=out)

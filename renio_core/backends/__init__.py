@@ -1,0 +1,1 @@
+"""Sampling and scoring backends (Hugging Face, vLLM) behind one interface each."""

@@ -1,0 +1,1 @@
+"""Data: shard columns, Parquet shards and outputs, prompt files, chat prompts."""

@@ -1,0 +1,1 @@
+"""Pure formulas: losses, ReNIO weights, evaluation metrics (arrays and tensors in, numbers out)."""

@@ -1,0 +1,1 @@
+"""Grading completions: math answers, and code run in an OS sandbox."""

@@ -1,0 +1,1 @@
+"""Models: loading, fingerprints, log-prob heads, and the embedded toy worlds."""

@@ -1,0 +1,1 @@
+"""Reports of a shard: the terminal summary and the self-contained HTML page."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages (rollout, score, weight, train, eval) and the run loop."""
