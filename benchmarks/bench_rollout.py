@@ -42,9 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import make_model  # noqa: E402
 
-from renio_core.modeling import models  # noqa: E402
+from renio_core.backends.hf import HFSampler  # noqa: E402
+from renio_core.backends.rows import render_prompt  # noqa: E402
 from renio_core.data.prompt_io import Prompt, load_prompts  # noqa: E402
-from renio_core.stages.rollout import HFSampler, RolloutConfig, render_prompt  # noqa: E402
+from renio_core.modeling import models  # noqa: E402
+from renio_core.stages.rollout import RolloutConfig  # noqa: E402
 
 
 def set_eos_logit(model, eos_id: int, log_odds: float | None):

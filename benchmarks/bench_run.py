@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from renio_core.stages.run_loop import load_run_config, run_loop  # noqa: E402
 from renio_core.modeling.toy import ensure_toy_world  # noqa: E402
+from renio_core.stages.run_loop import load_run_config, run_loop  # noqa: E402
 
 CONFIG = ROOT / "sample_configs" / "toy-opd-renio.yaml"
 WORK = ("sample_work", "score_work", "weight", "train_steps")

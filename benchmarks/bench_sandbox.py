@@ -32,8 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from renio_core.grading import sandbox  # noqa: E402
-from renio_core.stages.evaluate import load_bench  # noqa: E402
 from renio_core.grading.grader import extract_last_code_block  # noqa: E402
+from renio_core.stages.evaluate import load_bench  # noqa: E402
 
 
 def _script_form(problem) -> tuple[str, str, str]:

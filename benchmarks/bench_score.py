@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from tiny_models import make_model  # noqa: E402
 
+from renio_core.backends.hf import score_sequences, token_budget_batches  # noqa: E402
 from renio_core.modeling import models  # noqa: E402
-from renio_core.stages.score import score_sequences, token_budget_batches  # noqa: E402
 
 T = 1.1
 
@@ -85,7 +85,12 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"  renio score  : {n_tokens / r_s:9.1f} completion tokens/s ({r_s:.2f} s)")
     print(f"  ratio renio / bare forward = {b_s / r_s:.2f}")
     if args.vllm:
-        from renio_core.backends.vllm import require_vllm, score_prefill, shutdown, start_engine
+        from renio_core.backends.vllm import (
+            require_vllm,
+            score_prefill,
+            shutdown,
+            start_engine,
+        )
 
         vllm = require_vllm()
         llm = start_engine(vllm, str(path), dtype="float32",

@@ -33,8 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_core.stages.train import DistillModule, LossSpec, MicroBatch, naive_loss, pack  # noqa: E402
-
+from renio_core.stages.train import (  # noqa: E402
+    DistillModule,
+    LossSpec,
+    MicroBatch,
+    naive_loss,
+    pack,
+)
 
 # --------------------------------------------------------------------------------------------
 # Memory

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from renio_core.formulas.losses import token_divergence
 from renio_core.data.prompts import render_ids, student_messages
+from renio_core.formulas.losses import token_divergence
 from renio_core.modeling.toy import ensure_toy_world
 from renio_core.modeling.toy import task as toy_task
 from renio_core.modeling.toy.build import generate_completions

@@ -149,7 +149,7 @@ def run_one(name: str, replicate: int, out: Path, code: str, *, rerun_stale: boo
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"{name} replicate {replicate} (seed {stamp['seed']}) failed:\n{proc.stderr[-3000:]}")
     print(f"{name:>20} replicate {replicate}: {time.perf_counter() - t0:5.1f}s", flush=True)
     return run_dir
 
@@ -256,8 +256,8 @@ def main() -> None:
                     help="delete and rerun run directories made with another config or code")
     args = ap.parse_args()
 
-    from renio_core.modeling.toy import ensure_toy_world
     from renio_core.formulas.weighting import auroc
+    from renio_core.modeling.toy import ensure_toy_world
 
     ensure_toy_world()
     code = code_version()

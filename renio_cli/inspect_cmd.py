@@ -11,10 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors
-from renio_core.report import html_report
 from renio_core.data import shards
-from renio_core.report import inspect_report as ir
 from renio_core.errors import RenioInputError
+from renio_core.report import html_report
+from renio_core.report import inspect_report as ir
 
 MAX_PROMPT_CHARS = 1200
 

@@ -6,14 +6,16 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from renio_cli import eval_cmd
-from renio_cli import inspect_cmd
-from renio_cli import rollout_cmd
-from renio_cli import run_cmd
-from renio_cli import score_cmd
-from renio_cli import toy_cmd
-from renio_cli import train_cmd
-from renio_cli import weight_cmd
+from renio_cli import (
+    eval_cmd,
+    inspect_cmd,
+    rollout_cmd,
+    run_cmd,
+    score_cmd,
+    toy_cmd,
+    train_cmd,
+    weight_cmd,
+)
 from renio_core import __version__
 
 # The order a user runs them: the toy world (a local stand-in for real models), then the stages.

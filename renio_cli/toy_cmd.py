@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -10,6 +9,16 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import console, fail, fmt, handle_errors, progress_bar
+from renio_core.modeling.toy import (
+    build_toy_world,
+    build_toy_world_into,
+    ensure_toy_world,
+)
+from renio_core.modeling.toy.chain import (
+    build_chain_world,
+    ensure_chain_world,
+    target_failures,
+)
 
 app = typer.Typer(help="The embedded toy world: tiny models and a synthetic task, built locally.",
                   no_args_is_help=True)
@@ -55,8 +64,6 @@ def build(
                                    "teacher that checks and recovers; toy-chain:*)."),
 ) -> None:
     """Build the toy world and print the accuracies measured on its test split."""
-    from renio_core.modeling.toy import build_toy_world, build_toy_world_into, ensure_toy_world
-    from renio_core.modeling.toy.chain import build_chain_world, ensure_chain_world
 
     if world_name not in ("addition", "chain"):
         raise fail(f"--world {world_name!r}: expected addition or chain")
@@ -118,7 +125,5 @@ def _chain_table(world, seed: int) -> None:
     if not acc:
         console.print("quick build: not measured")
         return
-    from renio_core.modeling.toy.chain import target_failures
-
     missed = target_failures(acc)
     console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))

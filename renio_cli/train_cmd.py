@@ -10,7 +10,12 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors, progress_bar
-from renio_core.stages.train import DEFAULT_LORA_TARGETS, TrainConfig, TrainSummary, run_train
+from renio_core.stages.train import (
+    DEFAULT_LORA_TARGETS,
+    TrainConfig,
+    TrainSummary,
+    run_train,
+)
 
 
 def summary_table(summary: TrainSummary, cfg: TrainConfig) -> Table:

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from renio_core.data.prompts import render_ids, student_messages
 from renio_core.errors import RenioInputError
 from renio_core.formulas.eval_metrics import count_markers
 from renio_core.grading.grader import grade_math
-from renio_core.data.prompts import render_ids, student_messages
 from renio_core.modeling.toy import chain
 from renio_core.modeling.toy.tokenizer import build_tokenizer
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import require_component
+
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.stages.evaluate import EvalConfig, compare, load_bench
 from renio_core.grading.sandbox import bwrap_problem
+from renio_core.stages.evaluate import EvalConfig, compare, load_bench
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 

@@ -14,16 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import factories as F
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import factories as F
 import tiny_models
-from renio_core.report import html_report, inspect_report as ir
 
 from renio_core.data import shards
+from renio_core.report import html_report
+from renio_core.report import inspect_report as ir
+
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 
 # Four trajectories of two prompts. Per row: completion text, the positions the teacher

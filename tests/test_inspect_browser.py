@@ -15,16 +15,16 @@ import os
 import shutil
 from pathlib import Path
 
+import factories as F
 import numpy as np
 import pyarrow as pa
 import pytest
-
-import factories as F
 import tiny_models
 from conftest import require_component
-from renio_core.modeling import models
-from renio_core.data import shards
 from test_inspect import run
+
+from renio_core.data import shards
+from renio_core.modeling import models
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from renio_core.modeling import models as M
-from renio_core.errors import RenioInputError
 from tiny_models import make_model
+
+from renio_core.errors import RenioInputError
+from renio_core.modeling import models as M
 
 
 @pytest.fixture(scope="module")

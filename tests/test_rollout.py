@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -14,21 +14,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 import torch
-
-from renio_core.modeling import models
-
-from renio_core.data import shards
-from renio_core.errors import RenioInputError
-from renio_core.data.prompt_io import load_prompts
-from renio_core.stages.rollout import (
-    RolloutConfig,
-    generate_batch,
-    row_seed,
-    row_uniforms,
-    run_rollout,
-    sample_tokens,
-)
 from tiny_models import toy_subset, write_prompts
+
+from renio_core.backends.hf import generate_batch
+from renio_core.data import shards
+from renio_core.data.prompt_io import load_prompts
+from renio_core.errors import RenioInputError
+from renio_core.formulas.sampling import row_seed, row_uniforms, sample_tokens
+from renio_core.modeling import models
+from renio_core.stages.rollout import RolloutConfig, run_rollout
 
 KEY = ["prompt_id", "sample_index"]
 ROW_COLS = ["prompt_id", "sample_index", "prompt_ids", "completion_ids", "completion_text",
@@ -283,7 +277,7 @@ def test_parse_shard_and_ownership():
 
 
 def _toy_sampler_rows(world, refill, **kw):
-    from renio_core.stages.rollout import HFSampler
+    from renio_core.backends.hf import HFSampler
 
     model = models.load_model(world["student"], dtype="float32", device="cpu")
     tok = models.load_tokenizer(world["student"])
@@ -312,7 +306,7 @@ def test_refill_rows_equal_fixed_batches_on_uneven_lengths(world):
 
 def test_refill_greedy_equals_model_generate(world):
     """Five prompts of different lengths through two slots: each row equals generate alone."""
-    from renio_core.stages.rollout import generate_refill
+    from renio_core.backends.hf import generate_refill
 
     model = models.load_model(world["student"], dtype="float32", device="cpu")
     tok = models.load_tokenizer(world["student"])

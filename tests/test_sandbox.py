@@ -21,10 +21,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import require_component
+
 from renio_core.grading import sandbox
-from renio_core.grading.sandbox import bwrap_problem, choose_isolation, grade_code, run_tests
+from renio_core.grading.sandbox import (
+    bwrap_problem,
+    choose_isolation,
+    grade_code,
+    run_tests,
+)
 
 ISOLATIONS = ["bwrap", "inprocess"]
 

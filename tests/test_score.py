@@ -12,15 +12,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from renio_core.modeling import models
-
-from renio_core.data import shards
-from renio_core.errors import RenioInputError
-from renio_core.data.prompts import privileged_messages, render_ids, student_messages
-from renio_core.stages.rollout import RolloutConfig, run_rollout
-from renio_core.stages.score import ScoreConfig, run_score, token_budget_batches
 from tiny_models import make_model, toy_subset
+
+from renio_core.backends.hf import token_budget_batches
+from renio_core.data import shards
+from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.errors import RenioInputError
+from renio_core.modeling import models
+from renio_core.stages.rollout import RolloutConfig, run_rollout
+from renio_core.stages.score import ScoreConfig, run_score
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import skip_or_fail
 
 from renio_core.modeling.toy.build import build_toy_world
-
-from conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "examples" / "slurm"

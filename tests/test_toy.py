@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from renio_core.data.prompts import privileged_messages, render_ids, student_messages
-from renio_core.modeling.toy import ToyWorld, build_toy_world, ensure_toy_world, grade, resolve_model
+from renio_core.modeling.toy import (
+    ToyWorld,
+    build_toy_world,
+    ensure_toy_world,
+    grade,
+    resolve_model,
+)
 from renio_core.modeling.toy import task as toy_task
 
 # ----------------------------------------------------------------------------- task

@@ -22,18 +22,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from renio_core.formulas import losses
-
-from renio_core.modeling import models
-
 from renio_core.data import shards
-from renio_core.errors import RenioInputError
 from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.errors import RenioInputError
+from renio_core.formulas import losses
+from renio_core.modeling import models
+from renio_core.modeling.models import auto_chunk
 from renio_core.stages.train import (
     DistillModule,
     LossSpec,
     TrainConfig,
-    auto_chunk,
     naive_loss,
     pack,
     read_micro_batches,

@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from renio_core.errors import RenioInputError
 from renio_core.backends.vllm import (
     adapter_rank,
     check_scoring_temperature,
@@ -18,6 +17,7 @@ from renio_core.backends.vllm import (
     lora_engine_args,
     require_vllm,
 )
+from renio_core.errors import RenioInputError
 
 
 @dataclasses.dataclass

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_models import make_model, write_prompts
 
 from renio_core.data import shards
-from tiny_models import make_model, write_prompts
 
 pytestmark = pytest.mark.integration
 

@@ -11,12 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import factories as F
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import factories as F
 from renio_core.data import shards
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]

@@ -7,7 +7,7 @@ function of plain values (:func:`completion_from_vllm`, :func:`logprobs_from_pro
 with its own tests, so the backend's only untested lines are the calls into vLLM itself.
 
 Rollout: ``LLM.generate`` with one request per trajectory, ``n=1`` and a per-row seed
-(``rollout_stage.row_seed``), so rows do not depend on sharding either (they are not the
+(``formulas.sampling.row_seed``), so rows do not depend on sharding either (they are not the
 same tokens as the HF backend's: the two samplers draw differently).
 
 Scoring: the completion is folded into the prompt and the request asks for one new token
@@ -18,12 +18,27 @@ rather than silently differ from the HF backend (:func:`check_scoring_temperatur
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from renio_core.modeling import models
+import torch
+from transformers import GenerationConfig
+
+from renio_core.backends.rows import (
+    Completion,
+    build_rows,
+    render_prompt,
+    teacher_prompt_ids,
+    with_scores,
+)
 from renio_core.errors import RenioInputError
+from renio_core.formulas.sampling import row_seed
+from renio_core.modeling import models
 
 
 def require_vllm() -> Any:
@@ -42,8 +57,6 @@ def require_vllm() -> Any:
 
         unusable = current_platform.is_unspecified()
     except Exception:  # an older or unusual vLLM: fall back to asking torch
-        import torch
-
         unusable = not torch.cuda.is_available()
     if unusable:
         raise RenioInputError("--backend vllm found no device vLLM can run on (no CUDA GPU "
@@ -144,8 +157,6 @@ def engine_lora_rank(rank: int) -> int:
 
 def adapter_rank(adapter: str | os.PathLike) -> int:
     """The rank ``r`` of a peft LoRA adapter directory, from its ``adapter_config.json``."""
-    import json
-    from pathlib import Path
 
     path = Path(adapter) / "adapter_config.json"
     try:
@@ -210,7 +221,7 @@ def shutdown(*llms: Any) -> None:
 
 
 class VllmSampler:
-    """Drop-in for ``rollout_stage.HFSampler`` (same ``sample`` signature).
+    """The vLLM ``Sampler`` (``backends.protocols``), interchangeable with ``HFSampler``.
 
     One engine can serve a whole ``renio run``: built with ``lora_rank``, it takes each new
     adapter through :meth:`set_adapter` (a fresh ``LoRARequest`` id, so vLLM loads the new
@@ -255,13 +266,6 @@ class VllmSampler:
 
     def sample(self, prompts: Sequence[Any], cfg: Any,
                progress: Callable[[int], None] | None = None) -> Any:
-        from renio_core.stages.rollout import (
-            Completion,
-            build_rows,
-            render_prompt,
-            row_seed,
-        )
-
         prompt_ids = [render_prompt(self.tokenizer, p, cfg) for p in prompts]
         requests, params = [], []
         for i, p in enumerate(prompts):
@@ -290,8 +294,6 @@ class _GenConfigView:
 
     def __init__(self, name: str):
         try:
-            from transformers import GenerationConfig
-
             self.generation_config = GenerationConfig.from_pretrained(models.resolve_name(name))
         except (OSError, ValueError):
             self.generation_config = None
@@ -320,7 +322,7 @@ def score_prefill(vllm: Any, llm: Any, prompts: Sequence[Sequence[int]],
 
 
 class VllmScorer:
-    """Drop-in for ``score_stage.Scorer`` (same ``score_table`` signature), prefill-only.
+    """The vLLM ``Scorer`` (``backends.protocols``), interchangeable with ``HFScorer``; prefill-only.
 
     A student adapter is merged into a plain checkpoint first rather than served as a LoRA:
     vLLM's prompt log-probs do not apply LoRA correctly (on vLLM 0.32's CPU build the engine
@@ -329,10 +331,6 @@ class VllmScorer:
     output and is removed by :meth:`close`."""
 
     def __init__(self, cfg: Any, resolved: Any, student_tok: Any, teacher_tok: Any):
-        import tempfile
-        from pathlib import Path
-
-        from renio_core.stages.score import Scorer
 
         vllm = require_vllm()
         check_scoring_temperature(resolved.temperature)
@@ -370,11 +368,15 @@ class VllmScorer:
         except BaseException:
             self.close()  # the engine that did start, and the merged copy
             raise
-        # Reuse the HF scorer's privileged-prompt construction (pure, model-free).
-        self._prompts = Scorer(cfg, resolved, None, student_tok, None, teacher_tok)
+        self.teacher_tok = student_tok if cfg.self_distill else teacher_tok
+        self._vocab = {"student": models.config_vocab_size(student_path),
+                       "teacher": models.config_vocab_size(teacher_path)}
+
+    def vocab_sizes(self) -> dict[str, int]:
+        """Logit rows of each model, from its config (what vLLM sizes the head by)."""
+        return dict(self._vocab)
 
     def close(self) -> None:
-        import shutil
 
         shutdown(self.student_llm, self.teacher_llm)
         if self._merged is not None:
@@ -384,11 +386,10 @@ class VllmScorer:
     def score_table(self, table: Any, progress: Callable[[int], None] | None = None) -> Any:
         import torch
 
-        from renio_core.stages.score import with_scores
-
         prompts = table.column("prompt_ids").to_pylist()
         completions = table.column("completion_ids").to_pylist()
-        teacher_prompts = self._prompts.teacher_prompts(table)
+        teacher_prompts = teacher_prompt_ids(table, self.teacher_tok, self.cfg.privileged,
+                                             self.resolved)
         s = score_prefill(self.vllm, self.student_llm, prompts, completions, 0)
         t = score_prefill(self.vllm, self.teacher_llm, teacher_prompts, completions,
                           self.cfg.topk)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from renio_core.data import shards
-from renio_core.errors import RenioInputError
 from renio_core.data.prompts import TASKS
+from renio_core.errors import RenioInputError
 
 OPTIONAL_TEXT = ("solution", "answer", "tests")
 

@@ -226,6 +226,7 @@ def _inside(path):
 
 
 import _posixsubprocess
+from renio_core.grading.grader import extract_last_code_block
 
 
 def _no_fork_exec(*args, **kwargs):
@@ -837,8 +838,6 @@ def grade_code(
 
     No code block means failed, without starting a process.
     """
-    from renio_core.grading.grader import extract_last_code_block
-
     code = extract_last_code_block(completion_text or "")
     if code is None or not code.strip():
         return SandboxResult(False, "no_code", None, 0.0)

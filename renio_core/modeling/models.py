@@ -18,8 +18,8 @@ exact, memory-bounded way to get those numbers from a Hugging Face causal LM).
 Deliberate differences from the official code: the official trainer takes the full logits
 tensor and a log-softmax over it; here only completion positions are projected, in chunks.
 Models whose heads post-process logits (soft-capping, a logit scale) are handled for the
-config keys ``final_logit_softcapping`` and ``logit_scale``; other exotic heads would need an
-entry in ``_head_logits``.
+config keys ``final_logit_softcapping`` and ``logit_scale`` (:func:`postprocess_logits`, used by
+scoring and training alike); other exotic heads would need an entry there.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from typing import Any
 import torch
 
 from renio_core.errors import RenioInputError
+from renio_core.modeling.toy import resolve_model
+from renio_core.modeling.toy.chain import resolve_chain_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -52,12 +54,8 @@ def resolve_name(name: str | os.PathLike) -> str:
     addition and chain toy worlds."""
     text = os.fspath(name)
     if text.startswith("toy-chain:"):
-        from renio_core.modeling.toy.chain import resolve_chain_model  # lazy, like the addition world
-
         return resolve_chain_model(text)
     if text.startswith("toy:"):
-        from renio_core.modeling.toy import resolve_model  # lazy: the toy world is optional
-
         return os.fspath(resolve_model(text))
     if not os.path.exists(text) and _looks_like_path(text):
         raise RenioInputError("no such model folder (and not a hub model name like "
@@ -285,16 +283,49 @@ def _cache_kwarg(module: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _head_logits(lm: Any, hidden_NH: torch.Tensor) -> torch.Tensor:
-    logits_NV = lm.get_output_embeddings()(hidden_NH)
-    cfg = lm.config
-    scale = getattr(cfg, "logit_scale", None)
+def postprocess_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Heads that scale or soft-cap their logits (config keys ``logit_scale``,
+    ``final_logit_softcapping``). Scoring and training both go through here, so they agree."""
+    scale = getattr(config, "logit_scale", None)
     if isinstance(scale, (int, float)) and scale not in (0, 1):
-        logits_NV = logits_NV * scale
-    cap = getattr(cfg, "final_logit_softcapping", None)
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
     if cap:
-        logits_NV = torch.tanh(logits_NV / cap) * cap
-    return logits_NV
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def head_logits(lm: Any, hidden_NH: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits for hidden states (N, H) -> (N, V), post-processed."""
+    return postprocess_logits(lm.config, lm.get_output_embeddings()(hidden_NH))
+
+
+def config_vocab_size(name: str | os.PathLike) -> int:
+    """The vocabulary a model's config declares (its LM head's rows), without loading it."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_name(name))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.vocab_size)
+
+
+def vocab_rows(model: Any) -> int:
+    """Rows of the model's LM head (a padded vocabulary has more than its tokenizer)."""
+    return _causal_lm(model).get_output_embeddings().weight.shape[0]
+
+
+def auto_chunk(vocab: int, budget_bytes: float, *, bytes_per_element: int = 4,
+               live_copies: int = 6, minimum: int = 16, maximum: int = 1024) -> int:
+    """Positions per chunk so that ``live_copies`` chunk x vocab blocks fit in ``budget_bytes``.
+
+    ``floor(budget / (vocab * bytes_per_element * live_copies))``, clamped to
+    [minimum, maximum]. The train chunk holds about six such blocks at once (student and teacher
+    logits, their log-softmaxes, the mixture and the gradient); scoring two (logits and their
+    log-softmax). A character vocabulary gets the maximum; Qwen3's 151,936 tokens with 256 MB
+    gives 73.
+    """
+    per_position = vocab * bytes_per_element * live_copies
+    return max(minimum, min(maximum, int(budget_bytes // per_position)))
 
 
 def sequence_logprobs(
@@ -343,7 +374,7 @@ def sequence_logprobs(
         for lo in range(0, n_total, max(1, chunk)):
             hi = min(n_total, lo + max(1, chunk))
             h_CH = hidden_BLH[rows_N[lo:hi], cols_N[lo:hi]]
-            logits_CV = _head_logits(lm, h_CH).float()
+            logits_CV = head_logits(lm, h_CH).float()
             if temperature != 1.0:
                 logits_CV = logits_CV / temperature
             lse_C = torch.logsumexp(logits_CV, dim=-1)

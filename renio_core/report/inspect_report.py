@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from renio_core.data import shards
-
-from renio_core.formulas import weighting
 from renio_core.errors import RenioInputError
+from renio_core.formulas import weighting
+from renio_core.modeling import models
 
 SORT_KEYS = ("weight", "pivotal", "log_ratio")
 SORT_LABELS = {"weight": "weight", "pivotal": "pivotal-token count",
@@ -215,8 +215,6 @@ def load_token_text(view: ShardView, name: str | None) -> TokenText:
     in the shard, is an error; a recorded model that cannot be loaded (a path from another
     machine) falls back to showing token ids, with the reason.
     """
-    from renio_core.modeling import models  # lazy: torch and transformers are slow to import
-
     explicit = name is not None
     if name is None:
         name = recorded_model(view.metadata)

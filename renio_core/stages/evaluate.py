@@ -43,12 +43,19 @@ from typing import Any
 
 import pyarrow as pa
 
-from renio_core.formulas import eval_metrics
-
+from renio_core.backends import vllm as vllm_backend
+from renio_core.backends.hf import HFSampler
 from renio_core.data import shards
-from renio_core.errors import RenioInputError
-from renio_core.grading.grader import extract_last_boxed, grade_math
+from renio_core.data.prompt_io import Prompt, load_prompts
 from renio_core.data.prompts import TASKS
+from renio_core.data.schema import EVAL_COLUMNS
+from renio_core.errors import RenioInputError
+from renio_core.formulas import eval_metrics
+from renio_core.grading.grader import extract_last_boxed, grade_math
+from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation, grade_code
+from renio_core.modeling import models
+from renio_core.modeling.toy import ensure_toy_world
+from renio_core.stages.rollout import RolloutConfig
 
 Advance = Callable[[int], None]
 
@@ -256,8 +263,6 @@ def _named_problems(name: str) -> list[Problem]:
 
 def _prompt_file_problems(path: str) -> list[Problem]:
     """A prompts file read and validated exactly as ``renio rollout`` reads it."""
-    from renio_core.data.prompt_io import load_prompts
-
     return [Problem(id=p.id, problem=p.problem, answer=p.answer, tests=p.tests,
                     task=p.task or ("code" if p.tests is not None else "math"))
             for p in load_prompts(path).prompts]
@@ -266,8 +271,6 @@ def _prompt_file_problems(path: str) -> list[Problem]:
 def load_bench(bench: str) -> list[Problem]:
     """Resolve ``--bench``: toy, humaneval, an existing prompts file, or a named benchmark."""
     if bench == "toy":
-        from renio_core.modeling.toy import ensure_toy_world
-
         return _prompt_file_problems(str(ensure_toy_world().test_prompts))
     if bench == "humaneval":
         return _humaneval_problems()
@@ -368,9 +371,6 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
     """n samples per problem with the rollout stage's samplers (``HFSampler``, or
     ``VllmSampler`` for ``backend="vllm"``), so an eval samples exactly as ``renio rollout``
     does: per-row seeds, the same tokens whatever the batch size."""
-    from renio_core.modeling import models
-    from renio_core.data.prompt_io import Prompt
-    from renio_core.stages.rollout import HFSampler, RolloutConfig
 
     rollout_cfg = RolloutConfig(
         model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
@@ -381,8 +381,6 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
     tok = models.load_tokenizer(cfg.model)
     sampler: Any
     if cfg.backend == "vllm":
-        from renio_core.backends import vllm as vllm_backend
-
         sampler = vllm_backend.VllmSampler(rollout_cfg, tok)
     else:
         model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
@@ -403,22 +401,7 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
 # Grading and outputs
 # --------------------------------------------------------------------------------------------
 
-OUTPUT_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("sample_index", pa.int32()),
-    ("task", pa.string()),
-    ("completion_text", pa.string()),
-    ("completion_ids", pa.list_(pa.int32())),
-    ("num_tokens", pa.int32()),
-    ("finish_reason", pa.string()),
-    ("answer", pa.string()),
-    ("extracted", pa.string()),
-    ("correct", pa.bool_()),
-    ("grade_status", pa.string()),
-    ("isolation", pa.string()),  # code: which sandbox graded the row (bwrap / inprocess)
-    ("reflection_markers", pa.int32()),
-    ("epistemic_markers", pa.int32()),
-])
+OUTPUT_SCHEMA = EVAL_COLUMNS
 
 
 def _word_count(text: str) -> int:
@@ -428,8 +411,6 @@ def _word_count(text: str) -> int:
 def code_isolation(cfg: EvalConfig) -> str:
     """The sandbox that grades code: bubblewrap, or the in-process guard only when the user
     asked for it (``--unsafe-inprocess-sandbox``). Refuses in one line otherwise."""
-    from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation
-
     try:
         return choose_isolation(cfg.unsafe_inprocess_sandbox)
     except SandboxUnavailable as exc:
@@ -440,8 +421,6 @@ def grade_samples(samples: list[Sample], problems: dict[str, Problem], cfg: Eval
                   progress: Advance | None = None) -> list[dict[str, Any]]:
     """One output row per sample. Math is graded here (math-verify's timeouts need the main
     thread); code runs in the sandbox, ``cfg.workers`` programs at a time."""
-    from renio_core.grading.sandbox import grade_code
-
     rows: list[dict[str, Any]] = []
     code_jobs: list[tuple[int, Problem, Sample]] = []
     for s in samples:
@@ -545,8 +524,6 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
         if cfg.adapter is not None and not Path(cfg.adapter).exists():
             raise RenioInputError("adapter not found", file=cfg.adapter)
         if cfg.backend == "vllm":
-            from renio_core.backends import vllm as vllm_backend
-
             vllm_backend.require_vllm()  # a missing package or GPU fails before any work
         missing = [p.id for p in problems if not p.problem]
         if missing:
@@ -571,8 +548,6 @@ def _config_for_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     d["bench_file"] = _file_identity(cfg.bench)
     d["completions_file"] = _file_identity(cfg.completions)
     if cfg.model is not None:
-        from renio_core.modeling import models
-
         d["model_fingerprint"] = models.model_fingerprint(cfg.model, cfg.adapter)
     return d
 
@@ -590,8 +565,6 @@ def run_eval(cfg: EvalConfig, *, plan: EvalPlan | None = None,
     target.remove_stale_tmp()
     models_meta: dict[str, Any] = {}
     if cfg.model is not None:
-        from renio_core.modeling import models
-
         models_meta = {"model": models.model_record(cfg.model, cfg.adapter)}
     meta = shards.build_metadata(
         stage="eval", config=cfg, inputs=plan.inputs,

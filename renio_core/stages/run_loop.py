@@ -48,12 +48,27 @@ from typing import Any
 
 import yaml
 
-from renio_core.modeling import models
-
+from renio_core.backends.hf import HFScorer
+from renio_core.backends.vllm import VllmSampler
 from renio_core.data import shards
-from renio_core.errors import RenioInputError
 from renio_core.data.prompt_io import PromptSet, load_prompts
+from renio_core.errors import RenioInputError
+from renio_core.modeling import models
+from renio_core.modeling.toy import ensure_toy_world
+from renio_core.stages.evaluate import EvalConfig, run_eval
+from renio_core.stages.rollout import RolloutConfig, run_rollout
+from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
+from renio_core.stages.train import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    TRACKED,
+    TrainConfig,
+    attach_lora,
+    run_train,
+)
+from renio_core.stages.weight import WeightConfig, run_weight
 
 SECTIONS = ("rollout", "score", "weight", "train", "eval")
 # Fields of the stage configs that the loop sets itself.
@@ -167,10 +182,6 @@ class RunConfig:
         ``adapter`` is the previous iteration's checkpoint (None in the first): a LoRA adapter
         on the student, or with ``train.lora: false`` the fully fine-tuned student itself.
         """
-        from renio_core.stages.rollout import RolloutConfig
-        from renio_core.stages.score import ScoreConfig
-        from renio_core.stages.train import TrainConfig
-        from renio_core.stages.weight import WeightConfig
 
         def build(cls: type, section: str, **owned: Any) -> Any:
             values = train_section if section == "train" else getattr(self, section)
@@ -248,8 +259,6 @@ def _scalar(raw: str) -> Any:
 
 def _resolve_prompts(spec: str, which: str) -> str:
     if spec.startswith("toy:"):
-        from renio_core.modeling.toy import ensure_toy_world
-
         world = ensure_toy_world()
         if spec == "toy:train":
             return str(world.train_prompts)
@@ -331,8 +340,6 @@ class _Resident:
         if rollout_cfg.backend != "vllm":
             return None
         if self.vllm_sampler is None:
-            from renio_core.backends.vllm import VllmSampler
-
             self.vllm_sampler = VllmSampler(
                 dataclasses.replace(rollout_cfg, adapter=None),
                 self.tokenizer, lora_rank=lora_rank)
@@ -371,8 +378,6 @@ class _Resident:
     def train(self, train_cfg: Any, out: str, on_step: Any) -> Any:
         """Train the resident student in place (continuing its adapter) and record that it
         now equals the checkpoint written to ``out``."""
-        from renio_core.stages.train import attach_lora, run_train
-
         self.student = attach_lora(self.student, train_cfg)
         try:
             summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher)
@@ -466,11 +471,6 @@ class _Loop:
         return RunSummary(run_dir, base_acc, records, final, Path(ckpt) if ckpt else run_dir)
 
     def iteration(self, i: int, prev_ckpt: str | None, policy_step: int) -> IterationRecord:
-        from renio_core.stages.rollout import run_rollout
-        from renio_core.stages.score import Scorer, resolve, run_score
-        from renio_core.stages.train import TRACKED
-        from renio_core.stages.weight import run_weight
-
         cfg, resident, label = self.cfg, self.resident, f"iter {i}"
         t: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
         t0 = time.perf_counter()
@@ -489,7 +489,7 @@ class _Loop:
 
         with _timed(t, "score"):
             inputs = shards.open_inputs(c["score"].input, [])
-            scorer = Scorer(c["score"], resolve(c["score"], inputs), resident.student,
+            scorer = HFScorer(c["score"], resolve(c["score"], inputs), resident.student,
                             resident.tokenizer, resident.teacher, resident.teacher_tok)
             if c["score"].self_distill and not cfg.lora:
                 scorer.teacher_model = resident.teacher  # the frozen base
@@ -534,9 +534,6 @@ class _Loop:
         )
 
     def evaluate(self, where: Path, ckpt: str | None, policy_step: int, label: str) -> float | None:
-        from renio_core.stages.evaluate import EvalConfig, run_eval
-        from renio_core.stages.rollout import RolloutConfig, run_rollout
-
         cfg, resident, eval_prompts = self.cfg, self.resident, self.eval_prompts
         if eval_prompts is None:
             return None
@@ -570,8 +567,6 @@ class _Loop:
 
     def prune(self, newest: int) -> None:
         """Once iteration ``newest`` is recorded, older iterations keep only what was asked."""
-        from renio_core.stages.train import STATE_FILE
-
         cfg = self.cfg
         for j in range(newest):
             it_dir = self.run_dir / f"iter-{j:05d}"
@@ -601,8 +596,6 @@ def _timed(times: dict[str, float], key: str) -> Iterator[None]:
 
 def _checkpoint_finished(ckpt: Path) -> bool:
     """A checkpoint written at the end of its training: not a mid-training ``save_every``."""
-    from renio_core.stages.train import CONFIG_FILE
-
     try:
         info = json.loads((ckpt / CONFIG_FILE).read_text())
     except (OSError, ValueError):
@@ -612,8 +605,6 @@ def _checkpoint_finished(ckpt: Path) -> bool:
 
 def _checkpoint_metrics(ckpt: Path) -> list[dict[str, Any]]:
     """The per-step metrics the trainer wrote next to a checkpoint (empty if none)."""
-    from renio_core.stages.train import METRICS_FILE
-
     path = ckpt / METRICS_FILE
     if not path.is_file():
         return []

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,32 +40,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from renio_core.modeling import models
-
-from renio_core.data import shards
-from renio_core.data.chunked_output import ChunkedOutput, owned_chunks, parse_shard, run_chunks
+from renio_core.backends import vllm as vllm_backend
+from renio_core.backends.hf import HFScorer
+from renio_core.backends.protocols import Scorer
+from renio_core.data import schema, shards
+from renio_core.data.chunked_output import (
+    ChunkedOutput,
+    owned_chunks,
+    parse_shard,
+    run_chunks,
+)
+from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
-from renio_core.data.prompts import TASKS, privileged_messages, render_ids
+from renio_core.modeling import models
 
 BACKENDS = ("hf", "vllm")
 TEACHER_PROMPTS = ("plain", "privileged")
 
-NEW_COLUMNS = {
-    "teacher_prompt_ids": pa.list_(pa.int32()),
-    "student_logprobs": pa.list_(pa.float32()),
-    "teacher_logprobs": pa.list_(pa.float32()),
-    "teacher_topk_ids": pa.list_(pa.list_(pa.int32())),
-    "teacher_topk_logprobs": pa.list_(pa.list_(pa.float32())),
-}
 
 INPUT_COLUMNS = [
-    shards.ColumnSpec("prompt_ids", "list<int>", hint="written by 'renio rollout'"),
-    shards.ColumnSpec("completion_ids", "list<int>", hint="written by 'renio rollout'"),
-    shards.ColumnSpec("prompt_id", "string", required=False),
-    shards.ColumnSpec("sample_index", "int", required=False),
-    shards.ColumnSpec("problem", "string", required=False),
-    shards.ColumnSpec("solution", "string", required=False),
-    shards.ColumnSpec("task", "string", required=False),
+    schema.spec("prompt_ids"),
+    schema.spec("completion_ids"),
+    *(schema.spec(name, required=False)
+      for name in ("prompt_id", "sample_index", "problem", "solution", "task")),
 ]
 
 
@@ -284,144 +281,6 @@ def check_ids_in_vocab(inputs: shards.InputSet, vocab: int, who: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Scoring a list of sequences
-# --------------------------------------------------------------------------------------------
-
-
-def token_budget_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches whose padded size (rows × longest) fits the budget; rows
-    sorted by length so padding is small. A row longer than the budget is a batch alone."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        longest_if = max(longest, lengths[i])
-        if current and longest_if * (len(current) + 1) > max_batch_tokens:
-            batches.append(current)
-            current, longest_if = [], lengths[i]
-        current.append(i)
-        longest = longest_if
-    if current:
-        batches.append(current)
-    return batches
-
-
-def score_sequences(
-    model: Any,
-    prompts: Sequence[Sequence[int]],
-    completions: Sequence[Sequence[int]],
-    *,
-    temperature: float,
-    topk: int = 0,
-    chunk: int = 1024,
-    max_batch_tokens: int = 16384,
-    pad_id: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> models.LogprobResult:
-    """Log-probs of every completion token after its prompt; results in input order."""
-    seqs = [list(p) + list(c) for p, c in zip(prompts, completions)]
-    n = len(seqs)
-    lp: list[Any] = [None] * n
-    ids: list[Any] = [None] * n
-    tlp: list[Any] = [None] * n
-    for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens):
-        ids_BL, attn_BL = models.pad_right([seqs[i] for i in batch], pad_id)
-        device = next(models._causal_lm(model).parameters()).device
-        spans = [(len(prompts[i]), len(seqs[i])) for i in batch]
-        res = models.sequence_logprobs(model, ids_BL.to(device), attn_BL.to(device), spans,
-                                       temperature=temperature, chunk=chunk, topk=topk)
-        for j, i in enumerate(batch):
-            lp[i] = res.logprobs[j]
-            if topk:
-                ids[i] = res.topk_ids[j]
-                tlp[i] = res.topk_logprobs[j]
-        if progress is not None:
-            progress(len(batch))
-    return models.LogprobResult(lp, ids if topk else None, tlp if topk else None)
-
-
-class Scorer:
-    """Student and teacher kept loaded; scores tables of rollout rows (``run_score``, the
-    ``renio run`` loop)."""
-
-    def __init__(self, cfg: ScoreConfig, resolved: ResolvedScoring, student_model: Any,
-                 student_tok: Any, teacher_model: Any | None, teacher_tok: Any | None):
-        self.cfg = cfg
-        self.resolved = resolved
-        self.student_model = student_model
-        self.student_tok = student_tok
-        # OPSD: the teacher is the student's own model object, adapter disabled.
-        self.teacher_model = student_model if cfg.self_distill else teacher_model
-        self.teacher_tok = student_tok if cfg.self_distill else teacher_tok
-        self.pad_id = student_tok.pad_token_id or 0
-
-    def teacher_prompts(self, table: pa.Table) -> list[list[int]]:
-        if not self.cfg.privileged:
-            return [list(p) for p in table.column("prompt_ids").to_pylist()]
-        problems = table.column("problem").to_pylist()
-        solutions = table.column("solution").to_pylist()
-        tasks = (table.column("task").to_pylist() if "task" in table.schema.names
-                 else [None] * table.num_rows)
-        out = []
-        for problem, solution, task in zip(problems, solutions, tasks):
-            task = task or self.resolved.task
-            msgs = privileged_messages(problem, solution, task,
-                                       instruction=self.resolved.instruction(task))
-            out.append(render_ids(self.teacher_tok, msgs,
-                                  enable_thinking=self.resolved.enable_thinking))
-        return out
-
-    def score_table(self, table: pa.Table, progress: Callable[[int], None] | None = None
-                    ) -> pa.Table:
-        cfg, T = self.cfg, self.resolved.temperature
-        prompts = table.column("prompt_ids").to_pylist()
-        completions = table.column("completion_ids").to_pylist()
-        teacher_prompts = self.teacher_prompts(table)
-        chunk = cfg.chunk or _auto_score_chunk(self.student_model, cfg.chunk_budget_mb)
-        common = dict(temperature=T, chunk=chunk, max_batch_tokens=cfg.max_batch_tokens,
-                      pad_id=self.pad_id)
-        student = score_sequences(self.student_model, prompts, completions, **common)
-        if cfg.self_distill and models.has_adapter(self.student_model):
-            with self.student_model.disable_adapter():
-                teacher = score_sequences(self.teacher_model, teacher_prompts, completions,
-                                          topk=cfg.topk, progress=progress, **common)
-        else:
-            teacher = score_sequences(self.teacher_model, teacher_prompts, completions,
-                                      topk=cfg.topk, progress=progress, **common)
-        return with_scores(table, teacher_prompts, student, teacher, cfg.topk)
-
-
-def _list_array(rows: Sequence[Any], value_type: pa.DataType) -> pa.Array:
-    return pa.array([r.tolist() if hasattr(r, "tolist") else r for r in rows],
-                    type=pa.list_(value_type))
-
-
-def with_scores(table: pa.Table, teacher_prompts: Sequence[Sequence[int]],
-                student: models.LogprobResult, teacher: models.LogprobResult,
-                topk: int) -> pa.Table:
-    """The input rows plus the score columns (replacing any from an earlier scoring)."""
-    for name in NEW_COLUMNS:
-        if name in table.schema.names:
-            table = table.drop_columns([name])
-    n = table.num_rows
-    cols = {
-        "teacher_prompt_ids": pa.array(teacher_prompts, type=NEW_COLUMNS["teacher_prompt_ids"]),
-        "student_logprobs": _list_array(student.logprobs, pa.float32()),
-        "teacher_logprobs": _list_array(teacher.logprobs, pa.float32()),
-        "teacher_topk_ids": (_list_array([r.tolist() for r in teacher.topk_ids],
-                                         pa.list_(pa.int32()))
-                             if topk else pa.nulls(n, NEW_COLUMNS["teacher_topk_ids"])),
-        "teacher_topk_logprobs": (_list_array([r.tolist() for r in teacher.topk_logprobs],
-                                              pa.list_(pa.float32()))
-                                  if topk else pa.nulls(n, NEW_COLUMNS["teacher_topk_logprobs"])),
-    }
-    for name, arr in cols.items():
-        table = table.append_column(pa.field(name, NEW_COLUMNS[name]), arr)
-    return table
-
-
-# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -448,14 +307,6 @@ def read_rows(inputs: shards.InputSet, start: int, stop: int) -> pa.Table:
     if len(pieces) == 1:
         return pieces[0]
     return pa.concat_tables(pieces, promote_options="permissive")
-
-
-def _auto_score_chunk(model: Any, budget_mb: float) -> int:
-    """Positions per log-softmax chunk: two chunk x vocab float32 blocks (logits, log-softmax)."""
-    from renio_core.stages.train import auto_chunk
-
-    vocab = models._causal_lm(model).get_output_embeddings().weight.shape[0]
-    return auto_chunk(vocab, budget_mb * 2**20, live_copies=2)
 
 
 def _fingerprint_fields(cfg: ScoreConfig, resolved: ResolvedScoring) -> dict[str, Any]:
@@ -519,8 +370,6 @@ def run_score(
     shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files, resolved.student,
                                      resolved.adapter, cfg.teacher)
     if cfg.backend == "vllm":
-        from renio_core.backends import vllm as vllm_backend
-
         vllm_backend.check_scoring_temperature(resolved.temperature)
         vllm_backend.require_vllm()
     validate_rows(cfg, inputs)
@@ -582,12 +431,10 @@ def run_score(
                 student, student_tok, teacher, teacher_tok = load_scoring_models(
                     cfg, resolved, inputs.files[0])
                 if cfg.backend == "vllm":
-                    from renio_core.backends import vllm as vllm_backend
-
                     state["scorer"] = vllm_backend.VllmScorer(cfg, resolved, student_tok,
                                                               teacher_tok)
                 else:
-                    state["scorer"] = Scorer(cfg, resolved, student, student_tok, teacher,
+                    state["scorer"] = HFScorer(cfg, resolved, student, student_tok, teacher,
                                              teacher_tok)
             return state["scorer"]
 
@@ -597,7 +444,7 @@ def run_score(
             # Models load and every id is checked against both vocabularies before any part is
             # written, so bad input never leaves a half-scored output behind.
             sc = get_scorer()
-            for name, vocab in vocab_sizes(sc).items():
+            for name, vocab in sc.vocab_sizes().items():
                 check_ids_in_vocab(inputs, vocab, name)
                 if name == "teacher" and cfg.topk > vocab:
                     raise RenioInputError(f"--topk {cfg.topk}: larger than the teacher's "
@@ -624,19 +471,9 @@ def run_score(
             summary.parts_written, summary.parts_skipped = run_chunks(
                 out, n_chunks, meta, make_chunk, on_skip=on_skip)
         finally:
-            if scorer is None and hasattr(state["scorer"], "close"):
+            if scorer is None and state["scorer"] is not None:
                 state["scorer"].close()  # vLLM engines made here; a caller's scorer is kept
         out.finalize(n_chunks, meta)
     finally:
         out.release()  # the output's lock
     return finish()
-
-
-def vocab_sizes(scorer: Any) -> dict[str, int]:
-    """Logit rows of each model (a padded teacher has more than its tokenizer)."""
-    if not isinstance(scorer, Scorer):
-        return {}
-    return {
-        name: models._causal_lm(m).get_output_embeddings().weight.shape[0]
-        for name, m in (("student", scorer.student_model), ("teacher", scorer.teacher_model))
-    }

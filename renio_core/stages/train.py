@@ -15,7 +15,7 @@ the divergence then run on the completion positions only, ``chunk_size`` positio
 inside one autograd function that computes each chunk's gradient right away
 (:class:`ChunkedHeadLoss`). Neither the student's nor the teacher's batch x length x vocabulary
 logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats. By default the chunk
-comes from a memory budget (``chunk_budget_mb``, :func:`auto_chunk`): small vocabularies get
+comes from a memory budget (``chunk_budget_mb``, ``models.auto_chunk``): small vocabularies get
 long chunks, Qwen3's 151,936 tokens get short ones.
 
 Deliberate differences from the official code:
@@ -59,14 +59,11 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from renio_core.formulas import losses, weighting
-
-from renio_core.modeling import models
-
 from renio_core.data import shards
-
-from renio_core.stages import tracking
 from renio_core.errors import RenioInputError
+from renio_core.formulas import losses, weighting
+from renio_core.modeling import models
+from renio_core.stages import tracking
 
 LOSSES = ("jsd", "topk", "rkl")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -502,32 +499,6 @@ def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
 # --------------------------------------------------------------------------------------------
 
 
-def auto_chunk(vocab: int, budget_bytes: float, *, bytes_per_element: int = 4,
-               live_copies: int = 6, minimum: int = 16, maximum: int = 1024) -> int:
-    """Positions per chunk so that ``live_copies`` chunk x vocab blocks fit in ``budget_bytes``.
-
-    ``floor(budget / (vocab * bytes_per_element * live_copies))``, clamped to
-    [minimum, maximum]. The train chunk holds about six such blocks at once (student and teacher
-    logits, their log-softmaxes, the mixture and the gradient). A character vocabulary gets the
-    maximum; Qwen3's 151,936 tokens with 256 MB gives 73.
-    """
-    per_position = vocab * bytes_per_element * live_copies
-    return max(minimum, min(maximum, int(budget_bytes // per_position)))
-
-
-
-
-def postprocess_logits(config: Any, logits: torch.Tensor) -> torch.Tensor:
-    """Heads that scale or soft-cap their logits (the same keys ``renio_core.modeling.models`` honours)."""
-    scale = getattr(config, "logit_scale", None)
-    if isinstance(scale, (int, float)) and scale not in (0, 1):
-        logits = logits * scale
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 # chunk_fn(student_logits_CV, lo, hi) -> per-token loss (C,) for flat positions lo:hi.
 ChunkFn = Callable[[torch.Tensor, int, int], torch.Tensor]
 
@@ -554,7 +525,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             hi = min(n_total, lo + chunk)
             with torch.enable_grad():
                 h_leaf = hidden_NH[lo:hi].detach().requires_grad_(True)
-                logits_CV = postprocess_logits(config, F.linear(h_leaf, w_leaf))
+                logits_CV = models.postprocess_logits(config, F.linear(h_leaf, w_leaf))
                 values_C = chunk_fn(logits_CV, lo, hi)
                 scalar = (values_C * coef_N[lo:hi]).sum()
                 inputs = (h_leaf, w_leaf) if need_w else (h_leaf,)
@@ -721,7 +692,7 @@ class DistillModule(torch.nn.Module):
         with torch.no_grad():
             for lo in range(0, n_total, self.chunk):
                 hi = min(n_total, lo + self.chunk)
-                logits_CV = models._head_logits(lm, hidden_NH[lo:hi].detach()).float()
+                logits_CV = models.head_logits(lm, hidden_NH[lo:hi].detach()).float()
                 logits_CV = logits_CV / self.spec.temperature
                 lp_N[lo:hi] = (logits_CV.gather(1, p.targets_N[lo:hi, None])[:, 0]
                                - torch.logsumexp(logits_CV, dim=-1))
@@ -740,7 +711,7 @@ class DistillModule(torch.nn.Module):
         if spec.loss == "jsd":
             def jsd(logits_CV: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
                 with torch.no_grad():
-                    t_logits_CV = postprocess_logits(teacher_cfg, F.linear(teacher_h_NH[lo:hi], teacher_w_VH))
+                    t_logits_CV = models.postprocess_logits(teacher_cfg, F.linear(teacher_h_NH[lo:hi], teacher_w_VH))
                 V = min(logits_CV.shape[-1], t_logits_CV.shape[-1])
                 return losses.token_divergence(
                     logits_CV[None, :, :V], t_logits_CV[None, :, :V], spec.beta, T, spec.token_clip
@@ -1097,7 +1068,7 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
         self_teacher = False
 
     spec = LossSpec(cfg.loss, cfg.beta, cfg.token_clip, temperature, cfg.topk_tail)
-    chunk = cfg.chunk_size or auto_chunk(_head(_causal_lm(model)).weight.shape[0],
+    chunk = cfg.chunk_size or models.auto_chunk(_head(_causal_lm(model)).weight.shape[0],
                                          cfg.chunk_budget_mb * 2**20)
     module = DistillModule(model, spec, chunk, teacher=teacher, self_teacher=self_teacher,
                            live=live_weight_spec(cfg, inputs.metadata, inputs.files[0]))
@@ -1254,7 +1225,10 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
 def _load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
                     module: DistillModule, d: Dist, fsdp: bool) -> None:
     if fsdp and d.on:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         names = [n for n, p in module.named_parameters() if p.requires_grad]
         set_optimizer_state_dict(module, optimizer, _optim_by_name(sd, names),

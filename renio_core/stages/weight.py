@@ -25,23 +25,17 @@ import numpy as np
 import pyarrow as pa
 
 from renio_core.data import shards
-
-from renio_core.formulas import weighting
+from renio_core.data.schema import WEIGHT_COLUMNS, spec
 from renio_core.errors import RenioInputError
+from renio_core.formulas import weighting
 
-NEW_COLUMNS = {
-    "batch_id": pa.int64(),
-    "pivotal_count": pa.int32(),
-    "log_ratio_mean": pa.float32(),
-    "raw_weight": pa.float32(),
-    "weight": pa.float32(),
-}
+NEW_COLUMNS = WEIGHT_COLUMNS
 
 INPUT_COLUMNS = [
-    shards.ColumnSpec("completion_ids", "list<int>", hint="written by 'renio rollout'"),
-    shards.ColumnSpec("student_logprobs", "list<float>", hint="written by 'renio score'"),
-    shards.ColumnSpec("teacher_logprobs", "list<float>", hint="written by 'renio score'"),
-    shards.ColumnSpec("correct", "bool", required=False),
+    spec("completion_ids"),
+    spec("student_logprobs"),
+    spec("teacher_logprobs"),
+    spec("correct", required=False),
 ]
 
 

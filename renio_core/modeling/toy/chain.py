@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from renio_core.errors import RenioInputError
 from renio_core.data.prompts import render_ids, student_messages
+from renio_core.errors import RenioInputError
 from renio_core.modeling.toy import task as toy_task
 from renio_core.modeling.toy.build import (
     BUILD_THREADS,

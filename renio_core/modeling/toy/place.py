@@ -11,8 +11,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from renio_core.errors import RenioInputError
 from renio_core.data.shards import exclusive_lock
+from renio_core.errors import RenioInputError
 from renio_core.modeling.toy.build import Progress, ToyWorld, build_toy_world
 
 

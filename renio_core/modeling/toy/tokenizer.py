@@ -17,7 +17,11 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from renio_core.data.prompts import MATH_INSTRUCTION, PRIVILEGED_FOOTER, PRIVILEGED_HEADER
+from renio_core.data.prompts import (
+    MATH_INSTRUCTION,
+    PRIVILEGED_FOOTER,
+    PRIVILEGED_HEADER,
+)
 
 PAD = "<|endoftext|>"
 IM_START = "<|im_start|>"
