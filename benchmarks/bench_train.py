@@ -33,13 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_core.stages.train import (  # noqa: E402
-    DistillModule,
-    LossSpec,
-    MicroBatch,
-    naive_loss,
-    pack,
-)
+from renio_core.stages.train_data import MicroBatch, pack  # noqa: E402
+from renio_core.stages.train_losses import LossSpec  # noqa: E402
+from renio_core.stages.train_module import DistillModule, naive_loss  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Memory

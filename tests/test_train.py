@@ -28,15 +28,10 @@ from renio_core.errors import RenioInputError
 from renio_core.formulas import losses
 from renio_core.modeling import models
 from renio_core.modeling.models import auto_chunk
-from renio_core.stages.train import (
-    DistillModule,
-    LossSpec,
-    TrainConfig,
-    naive_loss,
-    pack,
-    read_micro_batches,
-    run_train,
-)
+from renio_core.stages.train import TrainConfig, run_train
+from renio_core.stages.train_data import pack, read_micro_batches
+from renio_core.stages.train_losses import LossSpec
+from renio_core.stages.train_module import DistillModule, naive_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -749,7 +744,8 @@ def test_gradient_checkpointing_gives_the_same_run(world, weights_file, tmp_path
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(world, weights_file, lora):
     """With --gradient-checkpointing each decoder layer really runs again in backward, and
     the loss and every trainable parameter's gradient are those of the plain model."""
-    from renio_core.stages.train import _build_model, _causal_lm
+    from renio_core.stages.train import _build_model
+    from renio_core.stages.train_module import causal_lm as _causal_lm
 
     mb = next(m for m in read_micro_batches(shards.open_inputs(str(weights_file), []), "rkl") if m)
     packed = pack(mb, 0, torch.device("cpu"))
@@ -948,7 +944,7 @@ def test_torchrun_nccl_two_gpus_match_one(world, weights_file, tmp_path, fsdp):
 
 
 def test_lr_factor_by_hand():
-    from renio_core.stages.train import lr_factor
+    from renio_core.formulas.schedule import lr_factor
 
     # linear to 0 over 4 steps, no warmup: (4 - s) / 4
     assert [lr_factor(s, schedule="linear", warmup=0, total=4) for s in range(5)] == \
@@ -992,7 +988,7 @@ def test_steps_per_batch_splits_the_shard(world, weights_file, tmp_path):
 
 
 def test_live_weights_by_hand():
-    from renio_core.stages.train import LiveWeightSpec, live_weights
+    from renio_core.stages.train_data import LiveWeightSpec, live_weights
 
     spec = LiveWeightSpec(clip=2.0, threshold=1.0, tem=1.0, norm="batch_mean", scheme="renio")
     # Row 0: ratios [3 -> clipped 2, 0.5, 1.0]: pivotal {2, 1}, mean 1.5, raw e^1.5.

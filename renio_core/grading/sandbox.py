@@ -59,6 +59,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from renio_core.grading.grader import extract_last_code_block
+
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 1024
 DEFAULT_FILE_SIZE_MB = 16
@@ -226,7 +228,6 @@ def _inside(path):
 
 
 import _posixsubprocess
-from renio_core.grading.grader import extract_last_code_block
 
 
 def _no_fork_exec(*args, **kwargs):

@@ -59,15 +59,9 @@ from renio_core.stages.evaluate import EvalConfig, run_eval
 from renio_core.stages.rollout import RolloutConfig, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
-from renio_core.stages.train import (
-    CONFIG_FILE,
-    METRICS_FILE,
-    STATE_FILE,
-    TRACKED,
-    TrainConfig,
-    attach_lora,
-    run_train,
-)
+from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
+from renio_core.stages.train_checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE
+from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig, run_weight
 
 SECTIONS = ("rollout", "score", "weight", "train", "eval")
@@ -210,7 +204,8 @@ class RunConfig:
                            weights=weights, model=student, out=str(it_dir / "ckpt"),
                            adapter=lora_adapter, init_from=adapter,
                            schedule_steps=self.iterations * self.steps_per_iteration(),
-                           teacher=None if self.train.get("loss", "jsd") != "jsd" else self.teacher,
+                           teacher=self.teacher if LOSS_TABLE[self.train.get("loss", "jsd")].needs_teacher_model
+                           else None,
                            seed=self.seed * 100003 + iteration, overwrite=True),
         }
 

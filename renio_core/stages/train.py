@@ -11,12 +11,16 @@ with the divergence of ``renio_core.formulas.losses`` (``jsd`` with the teacher'
 from the stored top-k, or ``rkl`` from the stored teacher log-probs).
 
 How it stays within memory: the student's decoder runs once per micro-batch; the LM head and
-the divergence then run on the completion positions only, ``chunk_size`` positions at a time,
-inside one autograd function that computes each chunk's gradient right away
-(:class:`ChunkedHeadLoss`). Neither the student's nor the teacher's batch x length x vocabulary
-logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats. By default the chunk
-comes from a memory budget (``chunk_budget_mb``, ``models.auto_chunk``): small vocabularies get
-long chunks, Qwen3's 151,936 tokens get short ones.
+the divergence then run on the completion positions only, ``chunk_size`` positions at a time
+(``train_module.ChunkedHeadLoss``). Neither the student's nor the teacher's batch x length x
+vocabulary logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats. By
+default the chunk comes from a memory budget (``chunk_budget_mb``, ``models.auto_chunk``):
+small vocabularies get long chunks, Qwen3's 151,936 tokens get short ones.
+
+The parts: ``train_losses`` (the table of losses), ``train_data`` (micro-batches),
+``train_module`` (the student and its loss as one module), ``train_parallel`` (torchrun),
+``train_checkpoint`` (save, resume, ``--init-from``); this module holds the config and the
+trainer (:class:`Trainer`: setup steps, :meth:`Trainer._loss_step`, :meth:`Trainer.train`).
 
 Deliberate differences from the official code:
 
@@ -45,7 +49,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -55,25 +58,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.formulas import losses, weighting
+from renio_core.formulas.schedule import lr_factor
 from renio_core.modeling import models
 from renio_core.stages import tracking
+from renio_core.stages.train_checkpoint import (
+    METRICS_FILE,
+    STATE_FILE,
+    load_optimizer,
+    save_checkpoint,
+    schedule_position,
+    set_rng_state,
+)
+from renio_core.stages.train_data import (
+    LiveWeightSpec,
+    MicroBatch,
+    check_token_ids,
+    columns,
+    pack,
+    read_micro_batches,
+)
+from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec
+from renio_core.stages.train_module import DistillModule, causal_lm, lm_head
+from renio_core.stages.train_parallel import (
+    Dist,
+    all_reduce_sum,
+    init_distributed,
+    wrap,
+)
 
-LOSSES = ("jsd", "topk", "rkl")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 WEIGHTS_FROM = ("shard", "live")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-STATE_FILE = "trainer_state.pt"
-METRICS_FILE = "metrics.jsonl"
 # Per-step scalars sent to TensorBoard and W&B (renio_core/stages/tracking.py).
 TRACKED = ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr")
-CONFIG_FILE = "train_config.json"
 
 # progress(step, total_steps, metrics of that step); called on rank 0 only.
 Progress = Callable[[int, int, dict[str, Any]], None]
@@ -239,158 +261,8 @@ class TrainSummary:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading the weights shard
+# Settings resolved from the shard's metadata
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class MicroBatch:
-    """One ``batch_id`` group, as Python lists (a few rows of a few thousand tokens)."""
-
-    batch_id: int
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    teacher_prompt_ids: list[list[int]]
-    teacher_logprobs: list[list[float]]
-    weights: list[float]
-    pivotal_count: list[int]
-    topk_ids: list[list[list[int]]] | None = None
-    topk_logprobs: list[list[list[float]]] | None = None
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(c) for c in self.completion_ids)
-
-
-def _columns(loss: str) -> list[shards.ColumnSpec]:
-    from_score = "added by 'renio score'"
-    from_weight = "added by 'renio weight'"
-    cols = [
-        shards.ColumnSpec("prompt_ids", "list<int>", hint="added by 'renio rollout'"),
-        shards.ColumnSpec("completion_ids", "list<int>", hint="added by 'renio rollout'"),
-        shards.ColumnSpec("teacher_prompt_ids", "list<int>", hint=from_score),
-        shards.ColumnSpec("student_logprobs", "list<float>", hint=from_score),
-        shards.ColumnSpec("teacher_logprobs", "list<float>", hint=from_score),
-        shards.ColumnSpec("batch_id", "int", hint=from_weight),
-        shards.ColumnSpec("pivotal_count", "int", hint=from_weight),
-        shards.ColumnSpec("log_ratio_mean", "float", hint=from_weight),
-        shards.ColumnSpec("raw_weight", "float", hint=from_weight),
-        shards.ColumnSpec("weight", "float", hint=from_weight),
-    ]
-    topk_hint = "--loss topk needs them: run 'renio score --topk K'"
-    cols.append(shards.ColumnSpec("teacher_topk_ids", "list<list<int>>", required=loss == "topk", hint=topk_hint))
-    cols.append(shards.ColumnSpec("teacher_topk_logprobs", "list<list<float>>", required=loss == "topk", hint=topk_hint))
-    return cols
-
-
-def read_micro_batches(inputs: shards.InputSet, loss: str, *, rank: int = 0,
-                       world: int = 1) -> list[MicroBatch | None]:
-    """Validate every row, then group rows by ``batch_id`` (groups in order of appearance).
-
-    Under torchrun each process keeps only its share: group ``i`` belongs to rank
-    ``i % world`` (the training loop gives micro-batch ``i`` to that rank); the others are
-    ``None`` placeholders so that every rank sees the same count.
-    """
-    names = [c.name for c in _columns(loss)]
-    groups: dict[int, MicroBatch | None] = {}
-    for batch in shards.iter_batches(inputs, names):
-        for name in ("prompt_ids", "completion_ids", "teacher_prompt_ids", "batch_id", "weight",
-                     "pivotal_count"):
-            shards.check_no_nulls(batch, name)
-        lengths = shards.list_lengths(batch.column("completion_ids"))
-        for name in ("student_logprobs", "teacher_logprobs"):
-            shards.check_same_lengths(batch, name, "completion_ids")
-            shards.check_logprobs(batch, name, shards.flat_values(batch.column(name), np.float64), lengths)
-        for name in ("prompt_ids", "teacher_prompt_ids"):
-            empty = np.flatnonzero(shards.list_lengths(batch.column(name)) == 0)
-            if empty.size:
-                raise RenioInputError(
-                    "empty prompt: the first completion token needs a position to be predicted from",
-                    file=batch.file, row=batch.first_row + int(empty[0]), column=name,
-                )
-        weight_B = batch.column("weight").to_numpy(zero_copy_only=False).astype(np.float64)
-        shards.check_finite(batch, "weight", weight_B, np.ones_like(lengths))
-        negative = np.flatnonzero(weight_B < 0)
-        if negative.size:
-            raise RenioInputError(f"weight {weight_B[negative[0]]}; sample weights are >= 0",
-                                  file=batch.file, row=batch.first_row + int(negative[0]),
-                                  column="weight")
-        if loss == "topk":
-            _check_topk(batch, lengths)
-        data = {n: batch.column(n).to_pylist() for n in names if n in batch.data.schema.names}
-        for i in range(batch.data.num_rows):
-            bid = int(data["batch_id"][i])
-            if bid not in groups and len(groups) % world != rank:
-                groups[bid] = None  # another rank's micro-batch
-            if bid in groups and groups[bid] is None:
-                continue
-            mb = groups.get(bid)
-            if mb is None:
-                mb = groups[bid] = MicroBatch(bid, [], [], [], [], [], [],
-                                              [] if loss == "topk" else None,
-                                              [] if loss == "topk" else None)
-            mb.prompt_ids.append(data["prompt_ids"][i])
-            mb.completion_ids.append(data["completion_ids"][i])
-            mb.teacher_prompt_ids.append(data["teacher_prompt_ids"][i])
-            mb.teacher_logprobs.append(data["teacher_logprobs"][i])
-            mb.weights.append(float(data["weight"][i]))
-            mb.pivotal_count.append(int(data["pivotal_count"][i]))
-            if loss == "topk":
-                mb.topk_ids.append(data["teacher_topk_ids"][i])
-                mb.topk_logprobs.append(data["teacher_topk_logprobs"][i])
-    return list(groups.values())
-
-
-def _check_topk(batch: shards.Batch, lengths: np.ndarray) -> None:
-    for name in ("teacher_topk_ids", "teacher_topk_logprobs"):
-        shards.check_no_nulls(batch, name)
-        got = shards.list_lengths(batch.column(name))
-        bad = np.flatnonzero(got != lengths)
-        if bad.size:
-            i = int(bad[0])
-            raise RenioInputError(
-                f"has {got[i]} positions but 'completion_ids' has {lengths[i]}; the lists must "
-                "have equal length", file=batch.file, row=batch.first_row + i, column=name,
-            )
-    ids_inner = shards.list_lengths(pc.list_flatten(batch.column("teacher_topk_ids")))
-    lp_flat = pc.list_flatten(batch.column("teacher_topk_logprobs"))
-    lp_inner = shards.list_lengths(lp_flat)
-    row_of = np.repeat(np.arange(len(lengths)), lengths)
-    mismatch = np.flatnonzero((ids_inner != lp_inner) | (ids_inner != (ids_inner[0] if ids_inner.size else 0)))
-    if mismatch.size:
-        i = int(row_of[mismatch[0]])
-        raise RenioInputError(
-            "top-k lists must all have the same k, in both teacher_topk_ids and "
-            "teacher_topk_logprobs", file=batch.file, row=batch.first_row + i,
-            column="teacher_topk_logprobs",
-        )
-    values = shards.flat_values(lp_flat, np.float64)
-    if values.size and not np.isfinite(values).all():
-        k = int(ids_inner[0])
-        i = int(row_of[int(np.flatnonzero(~np.isfinite(values))[0]) // max(k, 1)])
-        raise RenioInputError("NaN or inf in the teacher's top-k log-probs", file=batch.file,
-                              row=batch.first_row + i, column="teacher_topk_logprobs")
-
-
-def _check_token_ids(micro: list[MicroBatch | None], vocab: int, file: Path) -> None:
-    """Ids beyond the student's vocabulary would fail deep inside the embedding lookup."""
-    for mb in micro:
-        if mb is None:
-            continue
-        for name in ("prompt_ids", "completion_ids", "teacher_prompt_ids", "topk_ids"):
-            rows = getattr(mb, name)
-            if rows is None:
-                continue
-            for seq in rows:
-                flat = np.asarray(seq).ravel()
-                if flat.size and (flat.max() >= vocab or flat.min() < 0):
-                    column = "teacher_topk_ids" if name == "topk_ids" else name
-                    bad = int(flat.max() if flat.max() >= vocab else flat.min())
-                    raise RenioInputError(
-                        f"token id {bad} (batch_id {mb.batch_id}) is outside the student's "
-                        f"vocabulary of {vocab}; was the shard made with another tokenizer?",
-                        file=file, column=column,
-                    )
 
 
 def resolve_temperature(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -> float:
@@ -419,7 +291,7 @@ def resolve_temperature(cfg: TrainConfig, meta: dict[str, Any] | None, file: Pat
 
 
 def resolve_teacher(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -> str | None:
-    if cfg.loss != "jsd":
+    if not LOSS_TABLE[cfg.loss].needs_teacher_model:
         return None
     if cfg.teacher is not None:
         return cfg.teacher
@@ -434,31 +306,6 @@ def resolve_teacher(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -
     )
 
 
-def lr_factor(step: int, *, schedule: str, warmup: int, total: int) -> float:
-    """The multiplier of the base learning rate for optimizer step ``step`` (0-based, counted
-    over the whole schedule): ``(step + 1) / warmup`` during warmup, then constant, linear to 0
-    at ``total`` (Hugging Face's ``get_linear_schedule_with_warmup`` after warmup), or a
-    half cosine to 0 at ``total``."""
-    if warmup > 0 and step < warmup:
-        return min(1.0, (step + 1) / warmup)
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    progress = min(1.0, max(0.0, (step - warmup) / span))
-    if schedule == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclasses.dataclass
-class LiveWeightSpec:
-    """The weight stage's settings, for ReNIO weights recomputed inside the train step."""
-
-    clip: float
-    threshold: float
-    tem: float
-    norm: str
-    scheme: str
 
 
 def live_weight_spec(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) -> LiveWeightSpec | None:
@@ -478,394 +325,6 @@ def live_weight_spec(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) 
             file=file)
     return LiveWeightSpec(float(wcfg["clip"]), float(wcfg["threshold"]), float(wcfg["tem"]),
                           str(wcfg["norm"]), str(wcfg["scheme"]))
-
-
-def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
-                 teacher_logprobs_N: np.ndarray, lengths_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ReNIO weights of one micro-batch (one normalization group), the weight stage's formula
-    on this step's student log-probs. Returns ``(weights_B, pivotal_count_B)``."""
-    offsets_B1 = np.r_[0, np.cumsum(lengths_B)].astype(np.int64)
-    mean_B, pivotal_B = weighting.trajectory_log_ratios(
-        student_logprobs_N, teacher_logprobs_N, offsets_B1, clip=spec.clip,
-        threshold=spec.threshold)
-    if spec.scheme == "uniform":
-        return np.ones(len(lengths_B)), pivotal_B
-    raw_B = weighting.raw_weights(mean_B, spec.tem)
-    return weighting.normalize_groups(raw_B, np.zeros(len(raw_B), dtype=np.int64), spec.norm), pivotal_B
-
-
-# --------------------------------------------------------------------------------------------
-# The chunked LM head + divergence
-# --------------------------------------------------------------------------------------------
-
-
-# chunk_fn(student_logits_CV, lo, hi) -> per-token loss (C,) for flat positions lo:hi.
-ChunkFn = Callable[[torch.Tensor, int, int], torch.Tensor]
-
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """``sum_n coef_n * chunk_fn(hidden_n @ W^T)`` with the gradient computed chunk by chunk.
-
-    Forward runs each chunk's LM head and loss under local autograd and keeps only the
-    gradients with respect to the hidden states (N x H) and the head weight (V x H); the chunk's
-    logits are freed before the next chunk. Backward scales those by the incoming gradient.
-    Returns the scalar and the detached per-position values (for metrics).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, coef_N, chunk_fn, chunk, config):  # type: ignore[override]
-        n_total = hidden_NH.shape[0]
-        grad_hidden_NH = torch.zeros_like(hidden_NH)
-        need_w = weight_VH.requires_grad
-        grad_weight_VH = torch.zeros_like(weight_VH) if need_w else None
-        per_token_N = torch.zeros(n_total, dtype=torch.float32, device=hidden_NH.device)
-        total = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
-        w_leaf = weight_VH.detach().requires_grad_(need_w)
-        for lo in range(0, n_total, chunk):
-            hi = min(n_total, lo + chunk)
-            with torch.enable_grad():
-                h_leaf = hidden_NH[lo:hi].detach().requires_grad_(True)
-                logits_CV = models.postprocess_logits(config, F.linear(h_leaf, w_leaf))
-                values_C = chunk_fn(logits_CV, lo, hi)
-                scalar = (values_C * coef_N[lo:hi]).sum()
-                inputs = (h_leaf, w_leaf) if need_w else (h_leaf,)
-                grads = torch.autograd.grad(scalar, inputs)
-            grad_hidden_NH[lo:hi] = grads[0]
-            if need_w:
-                grad_weight_VH += grads[1]
-            per_token_N[lo:hi] = values_C.detach().float()
-            total += scalar.detach().float()
-            del logits_CV, values_C, scalar, grads
-        ctx.save_for_backward(grad_hidden_NH, grad_weight_VH if need_w else torch.empty(0))
-        ctx.need_w = need_w
-        ctx.mark_non_differentiable(per_token_N)
-        return total, per_token_N
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_per_token):  # type: ignore[override]
-        grad_hidden_NH, grad_weight_VH = ctx.saved_tensors
-        g_h = grad_hidden_NH * grad_total.to(grad_hidden_NH.dtype)
-        g_w = grad_weight_VH * grad_total.to(grad_weight_VH.dtype) if ctx.need_w else None
-        return g_h, g_w, None, None, None, None
-
-
-@dataclasses.dataclass
-class LossSpec:
-    loss: str
-    beta: float
-    token_clip: float
-    temperature: float
-    topk_tail: bool = True
-
-
-@dataclasses.dataclass
-class PackedBatch:
-    """A micro-batch as tensors: right-padded inputs and the flat completion positions."""
-
-    input_ids_BL: torch.Tensor
-    attention_BL: torch.Tensor
-    rows_N: torch.Tensor  # sample of each completion token
-    cols_N: torch.Tensor  # position that predicts it in the student input
-    targets_N: torch.Tensor  # the completion token
-    coef_N: torch.Tensor  # weight_b / (tokens_b * B): batch loss = sum coef * per-token loss
-    teacher_input_ids_BL: torch.Tensor
-    teacher_attention_BL: torch.Tensor
-    teacher_cols_N: torch.Tensor
-    teacher_logprobs_N: torch.Tensor
-    topk_ids_NK: torch.Tensor | None
-    topk_logprobs_NK: torch.Tensor | None
-    weights_B: torch.Tensor
-    lengths_B: torch.Tensor
-
-
-def pack(mb: MicroBatch, pad_id: int, device: torch.device) -> PackedBatch:
-    B = len(mb.completion_ids)
-    student_seqs = [list(p) + list(c) for p, c in zip(mb.prompt_ids, mb.completion_ids)]
-    teacher_seqs = [list(p) + list(c) for p, c in zip(mb.teacher_prompt_ids, mb.completion_ids)]
-    ids_BL, attn_BL = models.pad_right(student_seqs, pad_id)
-    t_ids_BL, t_attn_BL = models.pad_right(teacher_seqs, pad_id)
-    lengths = [len(c) for c in mb.completion_ids]
-    rows = np.repeat(np.arange(B), lengths)
-    offsets = np.concatenate([np.arange(n) for n in lengths]) if sum(lengths) else np.zeros(0, int)
-    # Logits at position p predict token p + 1: completion token j sits at len(prompt) + j.
-    cols = np.repeat([len(p) - 1 for p in mb.prompt_ids], lengths) + offsets
-    t_cols = np.repeat([len(p) - 1 for p in mb.teacher_prompt_ids], lengths) + offsets
-    weights_B = torch.tensor(mb.weights, dtype=torch.float32)
-    lengths_B = torch.tensor(lengths, dtype=torch.long)
-    coef_B = weights_B / (lengths_B.clamp(min=1).float() * B)
-    flat = lambda rows_: [x for r in rows_ for x in r]  # noqa: E731
-    topk_ids = topk_lp = None
-    if mb.topk_ids is not None:
-        k = next((len(pos) for r in mb.topk_ids for pos in r), 0)
-        topk_ids = torch.tensor(flat(mb.topk_ids), dtype=torch.long).reshape(-1, k).to(device)
-        topk_lp = torch.tensor(flat(mb.topk_logprobs), dtype=torch.float32).reshape(-1, k).to(device)
-    return PackedBatch(
-        input_ids_BL=ids_BL.to(device), attention_BL=attn_BL.to(device),
-        rows_N=torch.as_tensor(rows, dtype=torch.long).to(device),
-        cols_N=torch.as_tensor(cols, dtype=torch.long).to(device),
-        targets_N=torch.tensor(flat(mb.completion_ids), dtype=torch.long).to(device),
-        coef_N=coef_B[torch.as_tensor(rows, dtype=torch.long)].to(device),
-        teacher_input_ids_BL=t_ids_BL.to(device), teacher_attention_BL=t_attn_BL.to(device),
-        teacher_cols_N=torch.as_tensor(t_cols, dtype=torch.long).to(device),
-        teacher_logprobs_N=torch.tensor(flat(mb.teacher_logprobs), dtype=torch.float32).to(device),
-        topk_ids_NK=topk_ids, topk_logprobs_NK=topk_lp,
-        weights_B=weights_B.to(device), lengths_B=lengths_B.to(device),
-    )
-
-
-def _causal_lm(model: Any) -> Any:
-    return model.get_base_model() if models.has_adapter(model) else model
-
-
-def _final_hidden(lm: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
-    out = lm.get_decoder()(input_ids=ids_BL, attention_mask=attn_BL, use_cache=False)
-    return out.last_hidden_state
-
-
-def _head(lm: Any) -> torch.nn.Linear:
-    head = lm.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None:
-        raise RenioInputError(
-            f"unsupported LM head {type(head).__name__}: train needs a bias-free linear head "
-            "(do not put LoRA on lm_head)"
-        )
-    return head
-
-
-class DistillModule(torch.nn.Module):
-    """The student plus the loss, in one ``forward`` so DDP and FSDP see every parameter use.
-
-    ``forward(packed)`` returns (batch loss, per-token values N). The teacher's final hidden
-    states come from ``teacher`` (OPD), or, when ``self_teacher``, from this same model with the
-    adapter disabled and the teacher's prompt (OPSD).
-    """
-
-    def __init__(self, model: Any, spec: LossSpec, chunk: int, *, teacher: Any = None,
-                 self_teacher: bool = False, live: LiveWeightSpec | None = None):
-        super().__init__()
-        self.model = model
-        self.spec = spec
-        self.chunk = chunk
-        self.live = live
-        # (weights_B, pivotal_count_B) of the last forward, when the weights are live.
-        self.last_live: tuple[np.ndarray, np.ndarray] | None = None
-        # A plain attribute, not a submodule: DDP/FSDP must not wrap or sync the frozen teacher.
-        self.__dict__["teacher"] = teacher
-        self.self_teacher = self_teacher
-
-    def forward(self, p: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        lm = _causal_lm(self.model)
-        spec = self.spec
-        teacher_h_NH = teacher_w_VH = teacher_cfg = None
-        if spec.loss == "jsd":
-            with torch.no_grad():
-                if self.self_teacher:
-                    with self.model.disable_adapter():
-                        t_hidden = _final_hidden(lm, p.teacher_input_ids_BL, p.teacher_attention_BL)
-                    t_lm = lm
-                else:
-                    t_lm = _causal_lm(self.teacher)
-                    t_hidden = _final_hidden(t_lm, p.teacher_input_ids_BL, p.teacher_attention_BL)
-                teacher_h_NH = t_hidden[p.rows_N, p.teacher_cols_N]
-                del t_hidden
-                teacher_w_VH = _head(t_lm).weight.detach()
-                teacher_cfg = t_lm.config
-        hidden_BLH = _final_hidden(lm, p.input_ids_BL, p.attention_BL)
-        hidden_NH = hidden_BLH[p.rows_N, p.cols_N]
-        head = _head(lm)
-        chunk_fn = self._chunk_fn(p, teacher_h_NH, teacher_w_VH, teacher_cfg)
-        coef_N = p.coef_N
-        if self.live is not None:
-            coef_N = self._live_coef(p, hidden_NH, lm)
-        if hidden_NH.shape[0] == 0:
-            # Nothing to learn from, but every parameter must still take part (DDP).
-            zero = hidden_BLH.sum() * 0.0 + head.weight.sum() * 0.0
-            return zero.float(), torch.zeros(0, device=zero.device)
-        return ChunkedHeadLoss.apply(hidden_NH, head.weight, coef_N, chunk_fn, self.chunk,
-                                     lm.config)
-
-    def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any) -> torch.Tensor:
-        """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
-        micro-batch's ReNIO weights -> the per-token loss coefficients."""
-        n_total = hidden_NH.shape[0]
-        lp_N = torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
-        with torch.no_grad():
-            for lo in range(0, n_total, self.chunk):
-                hi = min(n_total, lo + self.chunk)
-                logits_CV = models.head_logits(lm, hidden_NH[lo:hi].detach()).float()
-                logits_CV = logits_CV / self.spec.temperature
-                lp_N[lo:hi] = (logits_CV.gather(1, p.targets_N[lo:hi, None])[:, 0]
-                               - torch.logsumexp(logits_CV, dim=-1))
-        lengths_B = p.lengths_B.cpu().numpy()
-        weights_B, pivotal_B = live_weights(self.live, lp_N.cpu().numpy(),
-                                            p.teacher_logprobs_N.cpu().numpy(), lengths_B)
-        self.last_live = (weights_B, pivotal_B)
-        B = len(lengths_B)
-        coef_B = torch.as_tensor(weights_B, dtype=torch.float32) / (
-            torch.as_tensor(lengths_B).clamp(min=1).float() * B)
-        return coef_B.to(hidden_NH.device)[p.rows_N]
-
-    def _chunk_fn(self, p: PackedBatch, teacher_h_NH, teacher_w_VH, teacher_cfg) -> ChunkFn:
-        spec = self.spec
-        T = spec.temperature
-        if spec.loss == "jsd":
-            def jsd(logits_CV: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-                with torch.no_grad():
-                    t_logits_CV = models.postprocess_logits(teacher_cfg, F.linear(teacher_h_NH[lo:hi], teacher_w_VH))
-                V = min(logits_CV.shape[-1], t_logits_CV.shape[-1])
-                return losses.token_divergence(
-                    logits_CV[None, :, :V], t_logits_CV[None, :, :V], spec.beta, T, spec.token_clip
-                )[0]
-            return jsd
-        if spec.loss == "topk":
-            def topk(logits_CV: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-                return losses.topk_divergence(
-                    logits_CV[None], p.topk_ids_NK[None, lo:hi], p.topk_logprobs_NK[None, lo:hi],
-                    spec.beta, T, spec.token_clip, tail=spec.topk_tail,
-                )[0]
-            return topk
-
-        def rkl(logits_CV: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-            logp_CV = torch.log_softmax(logits_CV.float() / T, dim=-1)
-            s_C = logp_CV.gather(1, p.targets_N[lo:hi, None])[:, 0]
-            return losses.sampled_reverse_kl(s_C[None], p.teacher_logprobs_N[None, lo:hi])[0]
-        return rkl
-
-
-def naive_loss(module: DistillModule, p: PackedBatch) -> torch.Tensor:
-    """Reference: full-vocabulary logits of the whole micro-batch, then ``weighted_loss``.
-
-    What the chunked path replaces; used by tests (equal values and gradients) and by the
-    benchmark (time and memory).
-    """
-    spec = module.spec
-    lm = _causal_lm(module.model)
-    logits_BLV = lm(input_ids=p.input_ids_BL, attention_mask=p.attention_BL, use_cache=False).logits
-    B = p.input_ids_BL.shape[0]
-    Tmax = int(p.lengths_B.max().item()) if B else 0
-    offsets_N = torch.cat([torch.arange(int(n), device=p.rows_N.device) for n in p.lengths_B]) if p.rows_N.numel() else p.rows_N
-    mask_BT = torch.zeros(B, Tmax, dtype=torch.bool, device=p.rows_N.device)
-    mask_BT[p.rows_N, offsets_N] = True
-    student_BTV = logits_BLV.new_zeros(B, Tmax, logits_BLV.shape[-1])
-    student_BTV[p.rows_N, offsets_N] = logits_BLV[p.rows_N, p.cols_N]
-    if spec.loss == "jsd":
-        with torch.no_grad():
-            if module.self_teacher:
-                with module.model.disable_adapter():
-                    t_logits = lm(input_ids=p.teacher_input_ids_BL, attention_mask=p.teacher_attention_BL, use_cache=False).logits
-            else:
-                t_logits = module.teacher(input_ids=p.teacher_input_ids_BL, attention_mask=p.teacher_attention_BL, use_cache=False).logits
-            teacher_BTV = t_logits.new_zeros(B, Tmax, t_logits.shape[-1])
-            teacher_BTV[p.rows_N, offsets_N] = t_logits[p.rows_N, p.teacher_cols_N]
-        V = min(student_BTV.shape[-1], teacher_BTV.shape[-1])
-        per_token = losses.token_divergence(student_BTV[..., :V], teacher_BTV[..., :V], spec.beta,
-                                            spec.temperature, spec.token_clip)
-    elif spec.loss == "topk":
-        K = p.topk_ids_NK.shape[1]
-        ids = torch.zeros(B, Tmax, K, dtype=torch.long, device=p.rows_N.device)
-        lps = torch.full((B, Tmax, K), -1.0, device=p.rows_N.device)
-        ids[p.rows_N, offsets_N] = p.topk_ids_NK
-        lps[p.rows_N, offsets_N] = p.topk_logprobs_NK
-        per_token = losses.topk_divergence(student_BTV, ids, lps, spec.beta, spec.temperature,
-                                           spec.token_clip, tail=spec.topk_tail)
-    else:
-        logp = torch.log_softmax(student_BTV.float() / spec.temperature, dim=-1)
-        tgt = torch.zeros(B, Tmax, dtype=torch.long, device=p.rows_N.device)
-        tgt[p.rows_N, offsets_N] = p.targets_N
-        q = torch.zeros(B, Tmax, device=p.rows_N.device)
-        q[p.rows_N, offsets_N] = p.teacher_logprobs_N
-        per_token = losses.sampled_reverse_kl(logp.gather(-1, tgt[..., None])[..., 0], q)
-    return losses.weighted_loss(per_token, mask_BT, p.weights_B)
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def on(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device_pref: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    import torch.distributed as dist
-
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        created = True
-    return Dist(rank, world, local_rank, created)
-
-
-def _all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    if not d.on:
-        return values
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _optim_by_name(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """An ``optimizer.state_dict()`` (parameters by index, as saved without FSDP) keyed by
-    parameter name instead, as FSDP's full optimizer state dict is; other forms unchanged.
-    (Without FSDP, ``load_state_dict`` takes either form: it matches parameters by order.)"""
-    groups = sd.get("param_groups") or []
-    if not groups or not groups[0]["params"] or not isinstance(groups[0]["params"][0], int):
-        return sd
-    return {"state": {names[i]: v for i, v in sd["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
-
-
-def _swap_dir(tmp: Path, out: Path) -> None:
-    """Put a complete checkpoint directory in place: rename, never a half-copied ``out``."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -924,7 +383,7 @@ def _build_model(cfg: TrainConfig, source: str, adapter: str | None, dtype: str,
     model.to(device)
     model.train()
     if cfg.gradient_checkpointing:
-        lm = _causal_lm(model)
+        lm = causal_lm(model)
         # transformers 5 renamed the method (and its keyword); older releases have the old one.
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -955,7 +414,7 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
     tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
-    inputs = shards.open_inputs(cfg.weights, _columns(cfg.loss))
+    inputs = shards.open_inputs(cfg.weights, columns(cfg.loss))
     first_file = inputs.files[0]
     meta = inputs.metadata
     temperature = resolve_temperature(cfg, meta, first_file)
@@ -970,65 +429,118 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
 
     d = init_distributed(cfg.device)
     try:
-        return _run(cfg, inputs, micro, temperature, teacher_name, out, d, progress, t_start,
-                    student, teacher)
+        trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d)
+        trainer.setup(student, teacher)
+        return trainer.train(progress, t_start)
     finally:
         if d.initialized_here:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | None],
-         temperature: float,
-         teacher_name: str | None, out: Path, d: Dist, progress: Progress | None,
-         t_start: float, student: Any = None, preloaded_teacher: Any = None) -> TrainSummary:
-    if d.on and torch.cuda.is_available() and cfg.device != "cpu":
-        device = torch.device("cuda", d.local_rank)
-    else:
-        device = models.choose_device(cfg.device)
-    grad_accum = cfg.grad_accum
-    if cfg.steps_per_batch is not None:
-        grad_accum = len(micro) // (d.world * cfg.steps_per_batch)
-        if grad_accum == 0:
+@dataclasses.dataclass
+class StepTotals:
+    """One optimizer step's sums over its micro-batches (all-reduced across processes)."""
+
+    loss: float = 0.0  # sum of the micro-batches' losses
+    weight: float = 0.0  # sum of the sample weights
+    samples: float = 0.0
+    pivotal_share: float = 0.0  # sum over samples of pivotal tokens / tokens
+    tokens: float = 0.0
+    micro_batches: float = 0.0
+
+    def add(self, loss: float, weights: list[float], pivotal: list[int], lengths: list[int]) -> None:
+        self.loss += loss
+        self.weight += sum(weights)
+        self.samples += len(weights)
+        self.pivotal_share += sum(pc / n if n else 0.0 for pc, n in zip(pivotal, lengths))
+        self.tokens += sum(lengths)
+        self.micro_batches += 1
+
+    def all_reduced(self, d: Dist, device: torch.device) -> StepTotals:
+        return StepTotals(*all_reduce_sum(list(dataclasses.astuple(self)), d, device))
+
+
+class Trainer:
+    """One ``renio train`` run: set up (precision, the step plan, models, the parallel wrap,
+    the optimizer and what to restore), then :meth:`train`, one :meth:`_loss_step` per
+    micro-batch."""
+
+    def __init__(self, cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | None],
+                 temperature: float, teacher_name: str | None, out: Path, d: Dist):
+        self.cfg, self.inputs, self.micro, self.out, self.d = cfg, inputs, micro, out, d
+        self.temperature, self.teacher_name = temperature, teacher_name
+        self.state: dict[str, Any] | None = None  # the checkpoint's trainer state (--resume)
+        self.step = 0
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def setup(self, student: Any = None, teacher: Any = None) -> None:
+        self._setup_device_and_precision()
+        self._setup_step_plan()
+        self._setup_tokenizer()
+        self._setup_resume()
+        self._setup_models(student, teacher)
+        self._setup_optimizer()
+        self._setup_metrics()
+
+    def _setup_device_and_precision(self) -> None:
+        cfg, d = self.cfg, self.d
+        if d.on and torch.cuda.is_available() and cfg.device != "cpu":
+            self.device = torch.device("cuda", d.local_rank)
+        else:
+            self.device = models.choose_device(cfg.device)
+        # LoRA on a GPU: the frozen base in bf16, the adapter in fp32 (peft upcasts it). A full
+        # fine-tune keeps fp32 master weights and runs the matmuls under bf16 autocast. On CPU
+        # everything stays fp32 unless --bf16-autocast asks for bf16 matmuls (CPU autocast).
+        cuda = self.device.type == "cuda"
+        self.dtype = cfg.dtype
+        if self.dtype == "auto":
+            self.dtype = "bfloat16" if (cuda and cfg.lora) else "float32"
+        if cfg.bf16_autocast is None:
+            self.autocast = cuda and torch.cuda.is_bf16_supported()
+        else:
+            self.autocast = cfg.bf16_autocast
+            if self.autocast and cuda and not torch.cuda.is_bf16_supported():
+                raise RenioInputError("--bf16-autocast: this GPU has no bf16 support; drop the flag")
+
+    def _setup_step_plan(self) -> None:
+        """Micro-batches per optimizer step, steps per epoch, and the run's total steps."""
+        cfg, d, n_micro, file = self.cfg, self.d, len(self.micro), self.inputs.files[0]
+        self.grad_accum = cfg.grad_accum
+        if cfg.steps_per_batch is not None:
+            self.grad_accum = n_micro // (d.world * cfg.steps_per_batch)
+            if self.grad_accum == 0:
+                raise RenioInputError(
+                    f"{n_micro} micro-batches (batch_id groups) cannot make {cfg.steps_per_batch} "
+                    f"optimizer steps on {d.world} processes (--steps-per-batch)", file=file)
+        self.per_step = d.world * self.grad_accum
+        self.steps_per_epoch = n_micro // self.per_step
+        if self.steps_per_epoch == 0:
             raise RenioInputError(
-                f"{len(micro)} micro-batches (batch_id groups) cannot make {cfg.steps_per_batch} "
-                f"optimizer steps on {d.world} processes (--steps-per-batch)", file=inputs.files[0])
-    per_step = d.world * grad_accum
-    steps_per_epoch = len(micro) // per_step
-    if steps_per_epoch == 0:
-        raise RenioInputError(
-            f"{len(micro)} micro-batches (batch_id groups) are fewer than one optimizer step "
-            f"needs ({d.world} processes x --grad-accum {cfg.grad_accum})", file=inputs.files[0],
-        )
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    dropped = len(micro) - steps_per_epoch * per_step
+                f"{n_micro} micro-batches (batch_id groups) are fewer than one optimizer step "
+                f"needs ({d.world} processes x --grad-accum {cfg.grad_accum})", file=file,
+            )
+        self.total_steps = (cfg.max_steps if cfg.max_steps is not None
+                            else cfg.epochs * self.steps_per_epoch)
+        self.dropped = n_micro - self.steps_per_epoch * self.per_step
 
-    # LoRA on a GPU: the frozen base in bf16, the adapter in fp32 (peft upcasts it). A full
-    # fine-tune keeps fp32 master weights and runs the matmuls under bf16 autocast. On CPU
-    # everything stays fp32 unless --bf16-autocast asks for bf16 matmuls (CPU autocast).
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if (device.type == "cuda" and cfg.lora) else "float32"
-    if cfg.bf16_autocast is None:
-        autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        autocast = cfg.bf16_autocast
-        if autocast and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise RenioInputError("--bf16-autocast: this GPU has no bf16 support; drop the flag")
+    def _setup_tokenizer(self) -> None:
+        cfg = self.cfg
+        self.tok = models.load_tokenizer(cfg.model)
+        want_fp = shards.find_in_lineage(self.inputs.metadata, "tokenizer_fingerprint")
+        if want_fp is not None and want_fp != models.tokenizer_fingerprint(self.tok):
+            raise RenioInputError(
+                f"tokenizer of --model {cfg.model} differs from the one the shard was made with "
+                "(metadata 'tokenizer_fingerprint'); train the model that sampled the rollouts",
+                file=self.inputs.files[0],
+            )
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
 
-    tok = models.load_tokenizer(cfg.model)
-    want_fp = shards.find_in_lineage(inputs.metadata, "tokenizer_fingerprint")
-    if want_fp is not None and want_fp != models.tokenizer_fingerprint(tok):
-        raise RenioInputError(
-            f"tokenizer of --model {cfg.model} differs from the one the shard was made with "
-            "(metadata 'tokenizer_fingerprint'); train the model that sampled the rollouts",
-            file=inputs.files[0],
-        )
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-
-    state: dict[str, Any] | None = None
-    if cfg.resume:
+    def _setup_resume(self) -> None:
+        """With --resume, the checkpoint's trainer state, refused if made with other settings."""
+        cfg, out = self.cfg, self.out
+        if not cfg.resume:
+            return
         state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
         saved, now = state.get("data") or {}, cfg.data_fields()
         # A key the checkpoint does not record (made by an older renio) cannot be compared.
@@ -1039,339 +551,196 @@ def _run(cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | Non
                 "--resume: the checkpoint was made with other settings: " + "; ".join(changed)
                 + "; use the same flags or another --out", file=out,
             )
-        if state.get("input_fingerprint") != shards.fingerprint_of(inputs.fingerprint()):
+        if state.get("input_fingerprint") != shards.fingerprint_of(self.inputs.fingerprint()):
             raise RenioInputError("--resume: the checkpoint was trained on other --weights", file=out)
-        source = str(out) if not cfg.lora else cfg.model
-        adapter = str(out) if cfg.lora else None
-    else:
-        source, adapter = cfg.model, cfg.adapter
-    if student is not None:
-        model = student
-        model.train()
-    else:
-        model = _build_model(cfg, source, adapter, dtype, device)
-    _check_token_ids(micro, _head(_causal_lm(model)).weight.shape[0], inputs.files[0])
+        self.state = state
 
-    self_teacher = teacher_name == "self"
-    teacher = None
-    if preloaded_teacher is not None and teacher_name is not None and not self_teacher:
-        teacher = preloaded_teacher
-    elif preloaded_teacher is not None and self_teacher and not cfg.lora:
-        # OPSD with a full fine-tune: the caller keeps the frozen base weights loaded.
-        teacher, self_teacher = preloaded_teacher, False
-    elif teacher_name is not None and (not self_teacher or not cfg.lora):
+    def _setup_models(self, student: Any, preloaded_teacher: Any) -> None:
+        """The student (trainable), the teacher if the loss needs it, and the wrapped module."""
+        cfg, device = self.cfg, self.device
+        if student is not None:
+            model = student
+            model.train()
+        elif self.state is not None:
+            model = _build_model(cfg, cfg.model if cfg.lora else str(self.out),
+                                 str(self.out) if cfg.lora else None, self.dtype, device)
+        else:
+            model = _build_model(cfg, cfg.model, cfg.adapter, self.dtype, device)
+        vocab = lm_head(causal_lm(model)).weight.shape[0]
+        check_token_ids(self.micro, vocab, self.inputs.files[0])
+
+        teacher, self_teacher = self._teacher(preloaded_teacher)
+        chunk = cfg.chunk_size or models.auto_chunk(vocab, cfg.chunk_budget_mb * 2**20)
+        self.module = DistillModule(
+            model, LossSpec(cfg.loss, cfg.beta, cfg.token_clip, self.temperature, cfg.topk_tail),
+            chunk, teacher=teacher, self_teacher=self_teacher,
+            live=live_weight_spec(cfg, self.inputs.metadata, self.inputs.files[0]))
+        self.wrapped = wrap(self.module, self.d, device, fsdp=cfg.fsdp, autocast=self.autocast)
+
+    def _teacher(self, preloaded: Any) -> tuple[Any, bool]:
+        """(separate teacher model or None, whether the teacher is the student's own base with
+        its adapter switched off)."""
+        cfg, name = self.cfg, self.teacher_name
+        self_teacher = name == "self"
+        if name is None:
+            return None, False
+        if preloaded is not None and not self_teacher:
+            return preloaded, False
+        if preloaded is not None and not cfg.lora:
+            # OPSD with a full fine-tune: the caller keeps the frozen base weights loaded.
+            return preloaded, False
+        if self_teacher and cfg.lora:
+            return None, True
         # OPD, or OPSD without an adapter to switch off: the frozen base as a separate model.
         # An explicit --dtype applies to the teacher too; "auto" is bf16 on a GPU.
         t_dtype = cfg.dtype if cfg.dtype != "auto" else (
-            "bfloat16" if device.type == "cuda" else "float32")
-        teacher = _load_teacher(cfg.model if self_teacher else teacher_name, t_dtype, device, tok)
-        self_teacher = False
+            "bfloat16" if self.device.type == "cuda" else "float32")
+        return _load_teacher(cfg.model if self_teacher else name, t_dtype, self.device,
+                             self.tok), False
 
-    spec = LossSpec(cfg.loss, cfg.beta, cfg.token_clip, temperature, cfg.topk_tail)
-    chunk = cfg.chunk_size or models.auto_chunk(_head(_causal_lm(model)).weight.shape[0],
-                                         cfg.chunk_budget_mb * 2**20)
-    module = DistillModule(model, spec, chunk, teacher=teacher, self_teacher=self_teacher,
-                           live=live_weight_spec(cfg, inputs.metadata, inputs.files[0]))
-    wrapped: torch.nn.Module = module
-    if d.on and cfg.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    def _setup_optimizer(self) -> None:
+        """AdamW and the schedule, continued from --resume or --init-from; seeds otherwise."""
+        cfg, d, module = self.cfg, self.d, self.module
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.offset, self.sched_total = schedule_position(cfg, self.state, self.total_steps,
+                                                          self.optimizer, module, d)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(self.offset + s, schedule=cfg.lr_schedule,
+                                                warmup=cfg.warmup_steps, total=self.sched_total))
+        if self.state is not None:
+            load_optimizer(self.optimizer, self.state["optimizer"], module, d, cfg.fsdp)
+            self.scheduler.load_state_dict(self.state["scheduler"])
+            self.step = int(self.state["step"])
+            rng = self.state["rng"]
+            set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+        else:
+            torch.manual_seed(cfg.seed + d.rank)
+            np.random.seed(cfg.seed + d.rank)
+            random.seed(cfg.seed + d.rank)
+        self.resumed_from = self.step
 
-        lm = _causal_lm(model)
-        layer_names = set(getattr(lm, "_no_split_modules", None) or [])
-        # Works with gloo on CPU too. Parameters are gathered in bf16 only when the matmuls
-        # run in bf16 anyway (autocast); gradients are always reduced in fp32.
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if autocast else None,
-                                  reduce_dtype=torch.float32)
-        for sub in lm.modules():
-            if type(sub).__name__ in layer_names:
-                fully_shard(sub, mp_policy=mp)
-        fully_shard(module, mp_policy=mp)
-    elif d.on:
-        from torch.nn.parallel import DistributedDataParallel
-
-        wrapped = DistributedDataParallel(
-            module, device_ids=[d.local_rank] if device.type == "cuda" else None
-        )
-
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    offset, sched_total = _schedule_position(cfg, state, total_steps, optimizer, module, d)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(offset + s, schedule=cfg.lr_schedule,
-                                       warmup=cfg.warmup_steps, total=sched_total))
-    step = 0
-    if state is not None:
-        _load_optimizer(optimizer, state["optimizer"], module, d, cfg.fsdp)
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        rng = state["rng"]
-        _set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
-    else:
-        torch.manual_seed(cfg.seed + d.rank)
-        np.random.seed(cfg.seed + d.rank)
-        random.seed(cfg.seed + d.rank)
-    resumed_from = step
-
-    metrics_path = out / METRICS_FILE
-    tb = None
-    if d.main:
+    def _setup_metrics(self) -> None:
+        """metrics.jsonl (kept up to the checkpoint's step on --resume) and the trackers."""
+        cfg, out = self.cfg, self.out
+        self.metrics_path = out / METRICS_FILE
+        self.tracker = None
+        if not self.d.main:
+            return
         if cfg.overwrite and out.exists() and not cfg.resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         kept = []
-        if cfg.resume and metrics_path.exists():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        if cfg.resume and self.metrics_path.exists():
+            kept = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
         # On --resume, TensorBoard hides the interrupted run's events after the checkpoint's step.
-        tb = tracking.Tracker(tb_dir=out / "tensorboard" if cfg.tensorboard else None,
-                              wandb_project=cfg.wandb_project, run_name=out.name,
-                              config=shards._jsonable(cfg),
-                              purge_step=step + 1 if cfg.resume else None)
+        self.tracker = tracking.Tracker(
+            tb_dir=out / "tensorboard" if cfg.tensorboard else None,
+            wandb_project=cfg.wandb_project, run_name=out.name, config=shards._jsonable(cfg),
+            purge_step=self.step + 1 if cfg.resume else None)
 
-    def save(at_step: int) -> None:
-        _save_checkpoint(cfg, module, optimizer, scheduler, tok, out, at_step, d, inputs,
-                         temperature, teacher_name,
-                         schedule={"global_offset": offset, "schedule_total": sched_total,
-                                   "finished": at_step >= total_steps})
+    # -- the step ------------------------------------------------------------------------
 
-    samples_seen = tokens_seen = 0
-    first_loss = last_loss = None
-    weight_sum = weight_n = 0.0
-    while step < total_steps:
+    def _loss_step(self, mb: MicroBatch, sync: bool, totals: StepTotals,
+                   step_weights: list[float]) -> None:
+        """Forward and backward of one micro-batch; gradients accumulate until ``sync``."""
+        d, fsdp = self.d, self.cfg.fsdp
+        packed = pack(mb, self.pad_id, self.device)
+        # DDP: all-reduce the gradients once, after the step's last micro-batch.
+        ctx = (self.wrapped.no_sync() if (d.on and not fsdp and not sync)
+               else contextlib.nullcontext())
+        if d.on and fsdp:
+            self.wrapped.set_requires_gradient_sync(sync)
+        with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            loss, _per_token = self.wrapped(packed)
+            (loss / self.grad_accum).backward()
+        weights, pivotal = mb.weights, mb.pivotal_count
+        if self.module.last_live is not None:
+            weights, pivotal = (self.module.last_live[0].tolist(),
+                                self.module.last_live[1].tolist())
+            step_weights.extend(weights)
+        totals.add(float(loss.detach()), weights, pivotal, [len(c) for c in mb.completion_ids])
+
+    def _optimizer_step(self) -> tuple[dict[str, Any], StepTotals]:
+        """One optimizer step over ``grad_accum`` micro-batches per process; its metrics."""
+        cfg, d = self.cfg, self.d
         t0 = time.perf_counter()
-        within = step % steps_per_epoch
-        base = within * per_step
-        optimizer.zero_grad(set_to_none=True)
-        sums = [0.0] * 6  # loss, weight sum, samples, pivotal share sum, tokens, micro-batches
-        step_weights: list[float] = []
-        for a in range(grad_accum):
-            mb = micro[base + a * d.world + d.rank]
+        base = (self.step % self.steps_per_epoch) * self.per_step
+        self.optimizer.zero_grad(set_to_none=True)
+        totals, step_weights = StepTotals(), []
+        for a in range(self.grad_accum):
+            mb = self.micro[base + a * d.world + d.rank]
             assert mb is not None, "micro-batch of another rank"
-            packed = pack(mb, pad_id, device)
-            sync = a == grad_accum - 1
-            # DDP: all-reduce the gradients once, after the step's last micro-batch.
-            ctx = wrapped.no_sync() if (d.on and not cfg.fsdp and not sync) else contextlib.nullcontext()
-            if d.on and cfg.fsdp:
-                wrapped.set_requires_gradient_sync(sync)
-            with ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss, _per_token = wrapped(packed)
-                (loss / grad_accum).backward()
-            lengths = [len(c) for c in mb.completion_ids]
-            weights, pivotal = mb.weights, mb.pivotal_count
-            if module.last_live is not None:
-                weights, pivotal = module.last_live[0].tolist(), module.last_live[1].tolist()
-                step_weights.extend(weights)
-            sums[0] += float(loss.detach())
-            sums[1] += sum(weights)
-            sums[2] += len(weights)
-            sums[3] += sum(pc / n if n else 0.0 for pc, n in zip(pivotal, lengths))
-            sums[4] += sum(lengths)
-            sums[5] += 1
+            self._loss_step(mb, a == self.grad_accum - 1, totals, step_weights)
         grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
+            self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded DTensor
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        sums = _all_reduce_sum(sums, d, device)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        t = totals.all_reduced(d, self.device)
         seconds = time.perf_counter() - t0
         record = {
-            "step": step,
-            "global_step": offset + step,
-            "epoch": (step - 1) // steps_per_epoch,
-            "loss": sums[0] / sums[5],
-            "mean_weight": sums[1] / sums[2],
-            "pivotal_share": sums[3] / sums[2],
+            "step": self.step,
+            "global_step": self.offset + self.step,
+            "epoch": (self.step - 1) // self.steps_per_epoch,
+            "loss": t.loss / t.micro_batches,
+            "mean_weight": t.weight / t.samples,
+            "pivotal_share": t.pivotal_share / t.samples,
             "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
-            "samples": int(sums[2]),
-            "tokens": int(sums[4]),
-            "tokens_per_s": sums[4] / seconds if seconds > 0 else None,
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples": int(t.samples),
+            "tokens": int(t.tokens),
+            "tokens_per_s": t.tokens / seconds if seconds > 0 else None,
             "step_seconds": seconds,
         }
-        if module.live is not None:
+        if self.module.live is not None:
             record["live_weights"] = step_weights  # this rank's rows, in micro-batch order
-        samples_seen += int(sums[2])
-        tokens_seen += int(sums[4])
-        weight_sum += sums[1]
-        weight_n += sums[2]
-        first_loss = record["loss"] if first_loss is None else first_loss
-        last_loss = record["loss"]
-        if d.main:
-            with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            if tb is not None:
-                tb.log("train", {k: record[k] for k in TRACKED}, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            save(step)
-        if progress is not None and d.main:
-            progress(step, total_steps, record)
-    save(step)
-    if tb is not None:
-        tb.close()
-    return TrainSummary(
-        out=str(out), steps=step - resumed_from, total_steps=total_steps,
-        resumed_from=resumed_from, micro_batches=len(micro), micro_batches_dropped=dropped,
-        samples_seen=samples_seen, tokens_seen=tokens_seen, first_loss=first_loss,
-        last_loss=last_loss, mean_weight=(weight_sum / weight_n) if weight_n else None,
-        seconds=time.perf_counter() - t_start, world_size=d.world, temperature=temperature,
-        teacher=teacher_name, loss=cfg.loss,
-    )
+        return record, t
 
+    def _save(self, at_step: int) -> None:
+        save_checkpoint(self.cfg, self.module, self.optimizer, self.scheduler, self.tok,
+                        self.out, at_step, self.d, self.inputs, self.temperature,
+                        self.teacher_name,
+                        schedule={"global_offset": self.offset, "schedule_total": self.sched_total,
+                                  "finished": at_step >= self.total_steps})
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
-                    module: DistillModule, d: Dist, fsdp: bool) -> None:
-    if fsdp and d.on:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
+    # -- the loop ------------------------------------------------------------------------
+
+    def train(self, progress: Progress | None, t_start: float) -> TrainSummary:
+        cfg, d, total = self.cfg, self.d, self.total_steps
+        samples_seen = tokens_seen = 0
+        first_loss = last_loss = None
+        weight_sum = weight_n = 0.0
+        while self.step < total:
+            record, t = self._optimizer_step()
+            samples_seen += record["samples"]
+            tokens_seen += record["tokens"]
+            weight_sum += t.weight
+            weight_n += t.samples
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last_loss = record["loss"]
+            if d.main:
+                with open(self.metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if self.tracker is not None:
+                    self.tracker.log("train", {k: record[k] for k in TRACKED}, self.step)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
+                self._save(self.step)
+            if progress is not None and d.main:
+                progress(self.step, total, record)
+        self._save(self.step)
+        if self.tracker is not None:
+            self.tracker.close()
+        return TrainSummary(
+            out=str(self.out), steps=self.step - self.resumed_from, total_steps=total,
+            resumed_from=self.resumed_from, micro_batches=len(self.micro),
+            micro_batches_dropped=self.dropped, samples_seen=samples_seen,
+            tokens_seen=tokens_seen, first_loss=first_loss, last_loss=last_loss,
+            mean_weight=(weight_sum / weight_n) if weight_n else None,
+            seconds=time.perf_counter() - t_start, world_size=d.world,
+            temperature=self.temperature, teacher=self.teacher_name, loss=cfg.loss,
         )
-
-        names = [n for n, p in module.named_parameters() if p.requires_grad]
-        set_optimizer_state_dict(module, optimizer, _optim_by_name(sd, names),
-                                 options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(sd)
-
-
-def _schedule_position(cfg: TrainConfig, state: dict[str, Any] | None, total_steps: int,
-                       optimizer: torch.optim.Optimizer, module: DistillModule,
-                       d: Dist) -> tuple[int, int]:
-    """Where this run starts on the learning-rate schedule and the schedule's total steps.
-
-    ``--resume``: the checkpoint's own values. ``--init-from``: continue that checkpoint's
-    schedule and AdamW state (loaded here), refusing settings that would silently differ.
-    """
-    if state is not None:
-        return int(state.get("global_offset", 0)), int(state.get("schedule_total") or total_steps)
-    if cfg.init_from is None:
-        return 0, cfg.schedule_steps or total_steps
-    src = Path(cfg.init_from)
-    if not (src / STATE_FILE).is_file():
-        raise RenioInputError(f"--init-from: no trainer state ({STATE_FILE}) in the checkpoint "
-                              "(pruned, or not made by 'renio train')", file=src)
-    init = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
-    saved = init.get("data") or {}
-    offset = int(init.get("global_step", init.get("step", 0)))
-    total = cfg.schedule_steps or int(init.get("schedule_total") or 0) or offset + total_steps
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {getattr(cfg, k)} (now)"
-               for k in ("lr", "warmup_steps", "lr_schedule", "lora", "lora_r", "lora_alpha")
-               if k in saved and saved[k] != shards._jsonable(getattr(cfg, k))]
-    # A constant rate does not depend on the total (a run may be extended); a decay does.
-    if cfg.lr_schedule != "constant" and init.get("schedule_total") and total != init["schedule_total"]:
-        changed.append(f"--schedule-steps {init['schedule_total']} (checkpoint) vs {total} (now)")
-    if changed:
-        raise RenioInputError("--init-from: the checkpoint's optimizer ran with other settings: "
-                              + "; ".join(changed), file=src)
-    try:
-        _load_optimizer(optimizer, init["optimizer"], module, d, cfg.fsdp)
-    except (ValueError, KeyError) as exc:
-        raise RenioInputError(f"--init-from: its optimizer state does not fit this model's "
-                              f"trainable parameters ({exc})", file=src) from None
-    for group in optimizer.param_groups:  # the schedule is re-applied from the base rate
-        group["lr"] = group["initial_lr"] = cfg.lr
-    return offset, total
-
-
-def _save_adapter(model: Any, out: Path) -> None:
-    """The files of peft's ``save_pretrained`` that loading needs (adapter weights and
-    config), without the model card it renders from a template on every save: the
-    ``renio run`` loop saves once per optimizer step."""
-    import copy
-
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    state = get_peft_model_state_dict(model)
-    save_file({k: v.detach().contiguous() for k, v in state.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.copy(model.peft_config["default"])
-    config.inference_mode = True
-    config.save_pretrained(str(out))
-
-
-def _save_checkpoint(cfg: TrainConfig, module: DistillModule, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, tok: Any, out: Path, step: int, d: Dist,
-                     inputs: shards.InputSet, temperature: float, teacher_name: str | None,
-                     schedule: dict[str, Any] | None = None) -> None:
-    """Write the HF-format model or adapter plus the trainer state, then swap it into place."""
-    rng_states: list[Any] = [_rng_state()]
-    model_sd = optim_sd = None
-    if d.on:
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * d.world
-        dist.all_gather_object(gathered, rng_states[0])
-        rng_states = gathered
-        if cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(module, options=opts)
-            model_sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-            # Tied weights (input embeddings = LM head) come back as two copies: point them at
-            # one tensor so that save_pretrained drops the duplicate, as it does without FSDP.
-            first: dict[int, str] = {}
-            for name, param in module.model.named_parameters(remove_duplicate=False):
-                key = first.setdefault(id(param), name)
-                if key != name and key in model_sd and name in model_sd:
-                    model_sd[name] = model_sd[key]
-            optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
-    if not d.main:
-        if d.on:
-            import torch.distributed as dist
-
-            dist.barrier()
-        return
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model = module.model
-    if model_sd is not None:
-        model.save_pretrained(str(tmp), state_dict=model_sd)
-    elif models.has_adapter(model):
-        _save_adapter(model, tmp)
-    else:
-        model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    state = {
-        "step": step,
-        "optimizer": optim_sd if optim_sd is not None else optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_states,
-        "data": cfg.data_fields(),
-        "input_fingerprint": shards.fingerprint_of(inputs.fingerprint()),
-        "world_size": d.world,
-        **(schedule or {}),
-        "global_step": (schedule or {}).get("global_offset", 0) + step,
-    }
-    torch.save(state, tmp / STATE_FILE)
-    info = {"step": step, "finished": bool((schedule or {}).get("finished", True)),
-            "config": shards._jsonable(cfg), "temperature": temperature,
-            "teacher": teacher_name, "base_model": cfg.model, "lora": cfg.lora,
-            "upstream": inputs.metadata}
-    (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-    live = out / METRICS_FILE
-    if live.exists():
-        shutil.copyfile(live, tmp / METRICS_FILE)
-    if (out / "tensorboard").is_dir():
-        # Moved, not copied: the open event file keeps writing into it after the swap.
-        os.replace(out / "tensorboard", tmp / "tensorboard")
-    _swap_dir(tmp, out)
-    if d.on:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-__all__ = [
-    "TrainConfig", "TrainSummary", "run_train", "read_micro_batches", "ChunkedHeadLoss",
-    "DistillModule", "naive_loss", "pack", "LossSpec",
-]

@@ -1,0 +1,210 @@
+"""Checkpoints of the train stage: the model or adapter in Hugging Face format plus the
+trainer state (AdamW, schedule, RNG, the data it was trained on), put in place by a rename.
+
+A checkpoint is written to a temporary sibling folder and swapped in (:func:`swap_dir`), so a
+killed run leaves the previous checkpoint or the new one, never half of one. ``--resume``
+continues the same run from it; ``--init-from`` continues another run's optimizer and
+schedule (:func:`schedule_position`), which is how ``renio run`` steps one optimizer across
+iterations.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from renio_core.data import shards
+from renio_core.errors import RenioInputError
+from renio_core.modeling import models
+from renio_core.stages.train_module import DistillModule
+from renio_core.stages.train_parallel import Dist
+
+STATE_FILE = "trainer_state.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "train_config.json"
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _optim_by_name(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An ``optimizer.state_dict()`` (parameters by index, as saved without FSDP) keyed by
+    parameter name instead, as FSDP's full optimizer state dict is; other forms unchanged.
+    (Without FSDP, ``load_state_dict`` takes either form: it matches parameters by order.)"""
+    groups = sd.get("param_groups") or []
+    if not groups or not groups[0]["params"] or not isinstance(groups[0]["params"][0], int):
+        return sd
+    return {"state": {names[i]: v for i, v in sd["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
+def swap_dir(tmp: Path, out: Path) -> None:
+    """Put a complete checkpoint directory in place: rename, never a half-copied ``out``."""
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
+                    module: DistillModule, d: Dist, fsdp: bool) -> None:
+    if fsdp and d.on:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        set_optimizer_state_dict(module, optimizer, _optim_by_name(sd, names),
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(sd)
+
+
+def schedule_position(cfg: Any, state: dict[str, Any] | None, total_steps: int,
+                      optimizer: torch.optim.Optimizer, module: DistillModule,
+                      d: Dist) -> tuple[int, int]:
+    """Where this run starts on the learning-rate schedule and the schedule's total steps.
+
+    ``--resume``: the checkpoint's own values. ``--init-from``: continue that checkpoint's
+    schedule and AdamW state (loaded here), refusing settings that would silently differ.
+    """
+    if state is not None:
+        return int(state.get("global_offset", 0)), int(state.get("schedule_total") or total_steps)
+    if cfg.init_from is None:
+        return 0, cfg.schedule_steps or total_steps
+    src = Path(cfg.init_from)
+    if not (src / STATE_FILE).is_file():
+        raise RenioInputError(f"--init-from: no trainer state ({STATE_FILE}) in the checkpoint "
+                              "(pruned, or not made by 'renio train')", file=src)
+    init = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = init.get("data") or {}
+    offset = int(init.get("global_step", init.get("step", 0)))
+    total = cfg.schedule_steps or int(init.get("schedule_total") or 0) or offset + total_steps
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {getattr(cfg, k)} (now)"
+               for k in ("lr", "warmup_steps", "lr_schedule", "lora", "lora_r", "lora_alpha")
+               if k in saved and saved[k] != shards._jsonable(getattr(cfg, k))]
+    # A constant rate does not depend on the total (a run may be extended); a decay does.
+    if cfg.lr_schedule != "constant" and init.get("schedule_total") and total != init["schedule_total"]:
+        changed.append(f"--schedule-steps {init['schedule_total']} (checkpoint) vs {total} (now)")
+    if changed:
+        raise RenioInputError("--init-from: the checkpoint's optimizer ran with other settings: "
+                              + "; ".join(changed), file=src)
+    try:
+        load_optimizer(optimizer, init["optimizer"], module, d, cfg.fsdp)
+    except (ValueError, KeyError) as exc:
+        raise RenioInputError(f"--init-from: its optimizer state does not fit this model's "
+                              f"trainable parameters ({exc})", file=src) from None
+    for group in optimizer.param_groups:  # the schedule is re-applied from the base rate
+        group["lr"] = group["initial_lr"] = cfg.lr
+    return offset, total
+
+
+def save_adapter(model: Any, out: Path) -> None:
+    """The files of peft's ``save_pretrained`` that loading needs (adapter weights and
+    config), without the model card it renders from a template on every save: the
+    ``renio run`` loop saves once per optimizer step."""
+    state = get_peft_model_state_dict(model)
+    save_file({k: v.detach().contiguous() for k, v in state.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.copy(model.peft_config["default"])
+    config.inference_mode = True
+    config.save_pretrained(str(out))
+
+
+def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Optimizer,
+                     scheduler: Any, tok: Any, out: Path, step: int, d: Dist,
+                     inputs: shards.InputSet, temperature: float, teacher_name: str | None,
+                     schedule: dict[str, Any] | None = None) -> None:
+    """Write the HF-format model or adapter plus the trainer state, then swap it into place."""
+    rng_states: list[Any] = [rng_state()]
+    model_sd = optim_sd = None
+    if d.on:
+        gathered: list[Any] = [None] * d.world
+        dist.all_gather_object(gathered, rng_states[0])
+        rng_states = gathered
+        if cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            full = get_model_state_dict(module, options=opts)
+            model_sd = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+            # Tied weights (input embeddings = LM head) come back as two copies: point them at
+            # one tensor so that save_pretrained drops the duplicate, as it does without FSDP.
+            first: dict[int, str] = {}
+            for name, param in module.model.named_parameters(remove_duplicate=False):
+                key = first.setdefault(id(param), name)
+                if key != name and key in model_sd and name in model_sd:
+                    model_sd[name] = model_sd[key]
+            optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
+    if not d.main:
+        if d.on:
+                dist.barrier()
+        return
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = module.model
+    if model_sd is not None:
+        model.save_pretrained(str(tmp), state_dict=model_sd)
+    elif models.has_adapter(model):
+        save_adapter(model, tmp)
+    else:
+        model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    state = {
+        "step": step,
+        "optimizer": optim_sd if optim_sd is not None else optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_states,
+        "data": cfg.data_fields(),
+        "input_fingerprint": shards.fingerprint_of(inputs.fingerprint()),
+        "world_size": d.world,
+        **(schedule or {}),
+        "global_step": (schedule or {}).get("global_offset", 0) + step,
+    }
+    torch.save(state, tmp / STATE_FILE)
+    info = {"step": step, "finished": bool((schedule or {}).get("finished", True)),
+            "config": shards._jsonable(cfg), "temperature": temperature,
+            "teacher": teacher_name, "base_model": cfg.model, "lora": cfg.lora,
+            "upstream": inputs.metadata}
+    (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    live = out / METRICS_FILE
+    if live.exists():
+        shutil.copyfile(live, tmp / METRICS_FILE)
+    if (out / "tensorboard").is_dir():
+        # Moved, not copied: the open event file keeps writing into it after the swap.
+        os.replace(out / "tensorboard", tmp / "tensorboard")
+    swap_dir(tmp, out)
+    if d.on:
+        dist.barrier()
+
