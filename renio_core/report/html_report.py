@@ -37,6 +37,7 @@ from renio_core.report.inspect_report import (
     Summary,
     TokenText,
     Trajectory,
+    ratio_rgb,
 )
 
 # Alternatives per token kept in the file: enough to see what the teacher wanted, without
@@ -65,9 +66,24 @@ def script_json(data: Any) -> str:
     return text
 
 
-def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, Any]:
-    """The embedded data: one record per trajectory, token text shared through a vocabulary."""
+def token_colours(diff_T: np.ndarray, clip: float, palette: dict[str, int]) -> list[int]:
+    """Each token's background as an index into ``palette`` (``#rrggbb`` -> index, extended
+    here), from the terminal's own scale (:func:`~renio_core.report.inspect_report.ratio_rgb`
+    on ``s_t - q_t``): the page's script only applies these, it has no copy of the formula.
+    The scale has a few hundred distinct colours, so indices keep the file small."""
+    out = []
+    for d in diff_T:
+        css = "#{:02x}{:02x}{:02x}".format(*ratio_rgb(float(d), clip))
+        out.append(palette.setdefault(css, len(palette)))
+    return out
+
+
+def report_data(trajectories: list[Trajectory], text: TokenText,
+                clip: float | None = None) -> dict[str, Any]:
+    """The embedded data: one record per trajectory, token text shared through a vocabulary;
+    with ``clip``, each scored token's colour as well (shared through a palette)."""
     vocab: dict[str, str] = {}
+    palette: dict[str, int] = {}
     items = []
     for t in trajectories:
         ids = [int(i) for i in t.token_ids]
@@ -84,6 +100,9 @@ def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, An
             "piv": np.flatnonzero(t.pivotal).tolist() if t.pivotal is not None else [],
             "worst": t.worst,
         }
+        diff = t.diff
+        if diff is not None and clip is not None:
+            rec["colour"] = token_colours(diff, clip, palette)
         if t.alternatives is not None:
             alts = []
             for row in t.alternatives:
@@ -93,7 +112,7 @@ def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, An
                 alts.append([[a.token_id, _num(a.logprob)] for a in kept])
             rec["alts"] = alts
         items.append(rec)
-    return {"vocab": vocab, "rows": items}
+    return {"vocab": vocab, "palette": list(palette), "rows": items}
 
 
 def _histogram_svg(summary: Summary) -> str:
@@ -164,7 +183,7 @@ def _summary_html(summary: Summary, settings: Settings) -> str:
 def render_html(*, shard: str, stage: str | None, settings: Settings, summary: Summary,
                 trajectories: list[Trajectory], text: TokenText, included: str) -> str:
     """The whole report as one string."""
-    data = report_data(trajectories, text)
+    data = report_data(trajectories, text, settings.clip)
     data["clip"] = settings.clip
     data["threshold"] = settings.threshold
     token_note = text.source if text.available else f"token ids only ({text.note})"
@@ -183,7 +202,6 @@ def render_html(*, shard: str, stage: str | None, settings: Settings, summary: S
         "SUMMARY": _summary_html(summary, settings),
         "HIST": _histogram_svg(summary),
         "POS": pos, "NEG": neg,
-        "POSRGB": json.dumps(list(POSITIVE_RGB)), "NEGRGB": json.dumps(list(NEGATIVE_RGB)),
         "DATA": script_json(data),
     }
     # One pass, so text placed in one slot is never scanned for another slot's marker.

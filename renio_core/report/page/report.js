@@ -1,8 +1,7 @@
 "use strict";
 (function () {
   const DATA = JSON.parse(document.getElementById("renio-data").textContent);
-  const ROWS = DATA.rows, VOCAB = DATA.vocab, CLIP = DATA.clip;
-  const POS = @@POSRGB@@, NEG = @@NEGRGB@@;
+  const ROWS = DATA.rows, VOCAB = DATA.vocab, PALETTE = DATA.palette, CLIP = DATA.clip;
   const tbody = document.querySelector("#traj-table tbody");
   const tip = document.getElementById("tip");
   const view = document.getElementById("token-view");
@@ -17,12 +16,6 @@
     return e;
   }
   function fmt(v, d) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); }
-  function colour(diff) {
-    // Mirrors renio_core.report.inspect_report.ratio_rgb.
-    let t = CLIP > 0 ? Math.max(-1, Math.min(1, diff / CLIP)) : 0;
-    const end = t > 0 ? POS : NEG, a = Math.abs(t);
-    return "rgb(" + end.map(c => Math.round(255 + (c - 255) * a)).join(",") + ")";
-  }
   function shown(text) {
     if (text === "") return "∅";
     return text.replace(/\n/g, "↵\n").replace(/\t/g, "→\t");
@@ -98,7 +91,7 @@
     const box = el("div", {"id": "tokens"});
     r.ids.forEach((id, t) => {
       const span = el("span", {"class": "tok", "data-t": String(t)}, shown(VOCAB[id]));
-      if (r.s && r.q) span.style.background = colour(r.s[t] - r.q[t]);
+      if (r.colour) span.style.background = PALETTE[r.colour[t]];  // from Python's ratio_rgb
       if (r.pivSet.has(t)) span.classList.add("piv");
       if (worst.has(t)) span.classList.add("worst");
       box.appendChild(span);
