@@ -6,6 +6,7 @@ worked out here from the docs/design.md formula, not read back from the code und
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import math
 import os
@@ -364,6 +365,36 @@ def test_html_report_is_self_contained_and_holds_the_numbers(world, tmp_path):
     assert f"{n_tokens:,}" in page and f"4 ({4 / n_tokens:.2%})" in page
     assert ">1.000<" in page  # AUROC
     assert 'id="traj-table"' in page and "<svg" in page
+
+
+def test_html_token_colours_are_the_terminals(world, tmp_path):
+    # Each token's colour is ratio_rgb of its s - q (the terminal's scale), worked out here
+    # from the chosen log-probs; the page only looks it up in the embedded palette.
+    report = tmp_path / "report.html"
+    run("inspect", world["weights"], "--html", report)
+    data = _embedded(report.read_text())
+    for rec in data["rows"]:
+        r = rec["row"]
+        diffs = [STUDENT_LP - DISAGREE.get(r, {}).get(t, TEACHER_LP)
+                 for t in range(len(COMPLETIONS[r]))]
+        expected = ["#{:02x}{:02x}{:02x}".format(*ir.ratio_rgb(d, 2.5)) for d in diffs]
+        assert [data["palette"][i] for i in rec["colour"]] == expected
+    assert "#{:02x}{:02x}{:02x}".format(*ir.POSITIVE_RGB) in data["palette"]  # s - q = 6 > clip
+
+
+def test_html_page_is_package_data_with_no_copy_of_the_colour_scale():
+    page = importlib.resources.files("renio_core.report").joinpath("page")
+    files = {name: page.joinpath(name).read_text(encoding="utf-8")
+             for name in ("report.html", "report.css", "report.js")}
+    # The wheel ships them: pyproject.toml declares the folder as package data.
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert "page/*" in pyproject["tool"]["setuptools"]["package-data"]["renio_core.report"]
+    # The script applies colours computed by ratio_rgb; it has no formula or end colours.
+    js = files["report.js"]
+    assert "255" not in js and "Math.round" not in js and "Math.abs" not in js
+    for rgb in (ir.POSITIVE_RGB, ir.NEGATIVE_RGB):
+        assert not re.search(r"\b{}\D+{}\D+{}\b".format(*rgb), html_report.page_source())
 
 
 def test_html_keeps_large_shards_bounded(world, tmp_path):

@@ -7,7 +7,9 @@ coloured by ``s_t - q_t`` with pivotal tokens marked and a tooltip giving both l
 the teacher's top alternatives.
 
 Everything is inline (CSS, a small script, the data as JSON, histograms as SVG): the file
-makes no network request and opens from disk. Token text comes from the model's tokenizer, so
+makes no network request and opens from disk. The page's source lives in package data,
+``renio_core/report/page/`` (``report.html`` the template, ``report.css``, ``report.js``), and is
+inlined into the one output file here. Token text comes from the model's tokenizer, so
 it is untrusted: the JSON is escaped so that no ``</script>`` or ``<!--`` inside it can end the
 data block, and the script only ever inserts it with ``textContent``.
 
@@ -16,7 +18,9 @@ Deliberate differences from the paper's code: the paper has no viewer; this is r
 
 from __future__ import annotations
 
+import functools
 import html
+import importlib.resources
 import json
 import math
 import os
@@ -33,6 +37,7 @@ from renio_core.report.inspect_report import (
     Summary,
     TokenText,
     Trajectory,
+    ratio_rgb,
 )
 
 # Alternatives per token kept in the file: enough to see what the teacher wanted, without
@@ -61,9 +66,24 @@ def script_json(data: Any) -> str:
     return text
 
 
-def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, Any]:
-    """The embedded data: one record per trajectory, token text shared through a vocabulary."""
+def token_colours(diff_T: np.ndarray, clip: float, palette: dict[str, int]) -> list[int]:
+    """Each token's background as an index into ``palette`` (``#rrggbb`` -> index, extended
+    here), from the terminal's own scale (:func:`~renio_core.report.inspect_report.ratio_rgb`
+    on ``s_t - q_t``): the page's script only applies these, it has no copy of the formula.
+    The scale has a few hundred distinct colours, so indices keep the file small."""
+    out = []
+    for d in diff_T:
+        css = "#{:02x}{:02x}{:02x}".format(*ratio_rgb(float(d), clip))
+        out.append(palette.setdefault(css, len(palette)))
+    return out
+
+
+def report_data(trajectories: list[Trajectory], text: TokenText,
+                clip: float | None = None) -> dict[str, Any]:
+    """The embedded data: one record per trajectory, token text shared through a vocabulary;
+    with ``clip``, each scored token's colour as well (shared through a palette)."""
     vocab: dict[str, str] = {}
+    palette: dict[str, int] = {}
     items = []
     for t in trajectories:
         ids = [int(i) for i in t.token_ids]
@@ -80,6 +100,9 @@ def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, An
             "piv": np.flatnonzero(t.pivotal).tolist() if t.pivotal is not None else [],
             "worst": t.worst,
         }
+        diff = t.diff
+        if diff is not None and clip is not None:
+            rec["colour"] = token_colours(diff, clip, palette)
         if t.alternatives is not None:
             alts = []
             for row in t.alternatives:
@@ -89,7 +112,7 @@ def report_data(trajectories: list[Trajectory], text: TokenText) -> dict[str, An
                 alts.append([[a.token_id, _num(a.logprob)] for a in kept])
             rec["alts"] = alts
         items.append(rec)
-    return {"vocab": vocab, "rows": items}
+    return {"vocab": vocab, "palette": list(palette), "rows": items}
 
 
 def _histogram_svg(summary: Summary) -> str:
@@ -160,7 +183,7 @@ def _summary_html(summary: Summary, settings: Settings) -> str:
 def render_html(*, shard: str, stage: str | None, settings: Settings, summary: Summary,
                 trajectories: list[Trajectory], text: TokenText, included: str) -> str:
     """The whole report as one string."""
-    data = report_data(trajectories, text)
+    data = report_data(trajectories, text, settings.clip)
     data["clip"] = settings.clip
     data["threshold"] = settings.threshold
     token_note = text.source if text.available else f"token ids only ({text.note})"
@@ -179,11 +202,25 @@ def render_html(*, shard: str, stage: str | None, settings: Settings, summary: S
         "SUMMARY": _summary_html(summary, settings),
         "HIST": _histogram_svg(summary),
         "POS": pos, "NEG": neg,
-        "POSRGB": json.dumps(list(POSITIVE_RGB)), "NEGRGB": json.dumps(list(NEGATIVE_RGB)),
         "DATA": script_json(data),
     }
     # One pass, so text placed in one slot is never scanned for another slot's marker.
-    return re.sub(r"@@([A-Z]+)@@", lambda m: values[m.group(1)], _PAGE)
+    return re.sub(r"@@([A-Z]+)@@", lambda m: values[m.group(1)], page_source())
+
+
+def _page_file(name: str) -> str:
+    """One file of ``renio_core/report/page/`` (package data, shipped in the wheel)."""
+    return importlib.resources.files(__package__).joinpath("page", name).read_text(encoding="utf-8")
+
+
+@functools.lru_cache(maxsize=None)
+def page_source() -> str:
+    """The page with its stylesheet and script inlined, still holding the ``@@NAME@@`` slots
+    that :func:`render_html` fills. Each file's final newline is dropped: the template already
+    puts one before ``</style>`` and ``</script>``."""
+    slots = {"STYLE": _page_file("report.css").removesuffix("\n"),
+             "SCRIPT": _page_file("report.js").removesuffix("\n")}
+    return re.sub(r"@@(STYLE|SCRIPT)@@", lambda m: slots[m.group(1)], _page_file("report.html"))
 
 
 def write_html(path: str | os.PathLike, page: str, *, overwrite: bool = False) -> Path:
@@ -203,201 +240,3 @@ def write_html(path: str | os.PathLike, page: str, *, overwrite: bool = False) -
     os.replace(tmp, path)
     return path
 
-
-_PAGE = """<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; img-src data:">
-<title>@@TITLE@@</title>
-<link rel="icon" href="data:,">
-<style>
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
-header{background:#1d2430;color:#fff;padding:10px 20px}
-header h1{font-size:18px;margin:0}
-main{padding:12px 20px;display:grid;grid-template-columns:minmax(600px,1fr) minmax(400px,1fr);gap:16px}
-section{background:#fff;border:1px solid #dde1e7;border-radius:6px;padding:10px 14px;min-width:0}
-section.wide{grid-column:1/-1}
-h2{font-size:15px;margin:4px 0 8px}
-dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;margin:0}
-dt{color:#5b6576}dd{margin:0;word-break:break-all}
-.cards{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0}
-.card{border:1px solid #dde1e7;border-radius:5px;padding:6px 10px;background:#fafbfc}
-.card .k{font-size:12px;color:#5b6576}.card .v{font-size:16px;font-weight:600}
-svg.hist{width:100%;max-width:720px;height:auto}svg.hist text{font-size:11px;fill:#444}
-.legend{font-size:12px}.key{display:inline-block;width:10px;height:10px;margin:0 4px 0 10px}
-.tablewrap{max-height:70vh;overflow:auto}
-table{border-collapse:collapse;width:100%;font-size:13px}
-th,td{padding:3px 6px;border-bottom:1px solid #eceff3;text-align:right;white-space:nowrap}
-th{position:sticky;top:0;background:#eef1f5;cursor:pointer;user-select:none}
-th.txt,td.txt{text-align:left}
-th[aria-sort=ascending]::after{content:" ▲"}th[aria-sort=descending]::after{content:" ▼"}
-tbody tr{cursor:pointer}tbody tr:hover{background:#f1f5ff}tbody tr.sel{background:#dfe9ff}
-.ok{color:#1a7f37}.bad{color:#c62828}
-#tokens{font:15px/2 ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-all;border:1px solid #eceff3;padding:8px;border-radius:4px}
-.tok{border-radius:2px;padding:1px 0}
-.tok.piv{outline:1.5px solid #222;font-weight:700}
-.tok.worst{text-decoration:underline 2px #222;text-underline-offset:4px}
-.tok:hover{outline:2px solid #f0a000}
-.scale{display:inline-block;width:160px;height:10px;vertical-align:middle;background:linear-gradient(90deg,@@NEG@@,#fff,@@POS@@);border:1px solid #ccc}
-.prompt{white-space:pre-wrap;background:#fafbfc;border:1px solid #eceff3;padding:6px;border-radius:4px;max-height:12em;overflow:auto;font-size:12px}
-#tip{position:fixed;display:none;background:#1d2430;color:#fff;padding:6px 9px;border-radius:4px;font:12px/1.4 ui-monospace,monospace;pointer-events:none;z-index:10;max-width:380px;white-space:pre-wrap}
-.muted{color:#5b6576}
-</style>
-</head>
-<body>
-<header><h1>@@TITLE@@</h1></header>
-<main>
-<section class="wide"><h2>Summary</h2><dl>@@FACTS@@</dl>@@SUMMARY@@@@HIST@@</section>
-<section><h2>Trajectories <span class="muted" id="count"></span></h2>
-<div class="tablewrap"><table id="traj-table"><thead><tr>
-<th data-key="row">row</th><th data-key="prompt_id" class="txt">prompt_id</th>
-<th data-key="sample_index">sample</th><th data-key="correct">correct</th>
-<th data-key="weight">weight</th><th data-key="raw_weight">raw</th>
-<th data-key="pivotal">pivotal</th><th data-key="log_ratio">mean r</th>
-<th data-key="n_tokens">tokens</th></tr></thead><tbody></tbody></table></div></section>
-<section id="detail"><h2>Tokens</h2>
-<p class="muted">Colour: s − q (student minus teacher log-prob), <span class="scale"></span>
-blue &lt; 0 &lt; red, saturating at ±<span id="clipv"></span>. Outlined: pivotal (clipped
-ratio ≥ <span id="thrv"></span>). Underlined: the positions where the teacher disagreed most.
-Hover a token for its numbers.</p>
-<div id="token-view"><p class="muted" id="placeholder">Click a trajectory to see its tokens.</p></div>
-</section>
-</main>
-<div id="tip"></div>
-<script type="application/json" id="renio-data">@@DATA@@</script>
-<script>
-"use strict";
-(function () {
-  const DATA = JSON.parse(document.getElementById("renio-data").textContent);
-  const ROWS = DATA.rows, VOCAB = DATA.vocab, CLIP = DATA.clip;
-  const POS = @@POSRGB@@, NEG = @@NEGRGB@@;
-  const tbody = document.querySelector("#traj-table tbody");
-  const tip = document.getElementById("tip");
-  const view = document.getElementById("token-view");
-  document.getElementById("clipv").textContent = String(CLIP);
-  document.getElementById("thrv").textContent = String(DATA.threshold);
-  let sortKey = null, sortDir = 1, selected = null;
-
-  function el(tag, props, text) {
-    const e = document.createElement(tag);
-    if (props) for (const k in props) e.setAttribute(k, props[k]);
-    if (text !== undefined && text !== null) e.textContent = String(text);
-    return e;
-  }
-  function fmt(v, d) { return v === null || v === undefined ? "–" : Number(v).toFixed(d); }
-  function colour(diff) {
-    // Mirrors renio_core.report.inspect_report.ratio_rgb.
-    let t = CLIP > 0 ? Math.max(-1, Math.min(1, diff / CLIP)) : 0;
-    const end = t > 0 ? POS : NEG, a = Math.abs(t);
-    return "rgb(" + end.map(c => Math.round(255 + (c - 255) * a)).join(",") + ")";
-  }
-  function shown(text) {
-    if (text === "") return "∅";
-    return text.replace(/\\n/g, "↵\\n").replace(/\\t/g, "→\\t");
-  }
-  function correctCell(c) {
-    if (c === null || c === undefined) return el("td", null, "–");
-    return el("td", {"class": c ? "ok" : "bad"}, c ? "yes" : "no");
-  }
-  function value(r, key) {
-    const v = r[key];
-    if (v === null || v === undefined) return null;
-    if (key === "correct") return v ? 1 : 0;
-    return v;
-  }
-  function renderTable() {
-    const order = ROWS.map((r, i) => i);
-    if (sortKey) {
-      order.sort((a, b) => {
-        const va = value(ROWS[a], sortKey), vb = value(ROWS[b], sortKey);
-        if (va === vb) return ROWS[a].row - ROWS[b].row;
-        if (va === null) return 1;
-        if (vb === null) return -1;
-        return (va < vb ? -1 : 1) * sortDir;
-      });
-    }
-    tbody.textContent = "";
-    for (const i of order) {
-      const r = ROWS[i];
-      const tr = el("tr", {"data-index": String(i), "data-row": String(r.row)});
-      tr.appendChild(el("td", null, r.row));
-      tr.appendChild(el("td", {"class": "txt"}, r.prompt_id === null ? "–" : r.prompt_id));
-      tr.appendChild(el("td", null, r.sample_index === null ? "–" : r.sample_index));
-      tr.appendChild(correctCell(r.correct));
-      tr.appendChild(el("td", null, fmt(r.weight, 4)));
-      tr.appendChild(el("td", null, fmt(r.raw_weight, 4)));
-      tr.appendChild(el("td", null, r.pivotal === null ? "–" : r.pivotal));
-      tr.appendChild(el("td", null, fmt(r.log_ratio, 3)));
-      tr.appendChild(el("td", null, r.n_tokens));
-      if (i === selected) tr.classList.add("sel");
-      tr.addEventListener("click", () => select(i));
-      tbody.appendChild(tr);
-    }
-    document.getElementById("count").textContent = "(" + ROWS.length + ")";
-  }
-  function tipText(r, t) {
-    const id = r.ids[t], s = r.s[t], q = r.q[t], d = s - q;
-    const lines = ["token " + JSON.stringify(VOCAB[id]) + "  id " + id + "  position " + t,
-      "student log-prob  " + fmt(s, 4), "teacher log-prob  " + fmt(q, 4),
-      "s − q             " + fmt(d, 4) + (r.pivSet.has(t) ? "  (pivotal)" : "")];
-    if (r.alts && r.alts[t] && r.alts[t].length) {
-      lines.push("teacher's top alternatives:");
-      for (const [aid, lp] of r.alts[t]) {
-        lines.push("  " + JSON.stringify(VOCAB[aid]) + "  " + fmt(lp, 4) + "  p=" + fmt(Math.exp(lp), 3));
-      }
-    }
-    return lines.join("\\n");
-  }
-  function select(i) {
-    selected = i;
-    for (const tr of tbody.children) tr.classList.toggle("sel", Number(tr.dataset.index) === i);
-    const r = ROWS[i];
-    r.pivSet = r.pivSet || new Set(r.piv);
-    const worst = new Set(r.worst);
-    view.textContent = "";
-    const head = el("p", {"id": "token-head"});
-    head.textContent = "row " + r.row + " · prompt " + (r.prompt_id ?? "–") + " #" +
-      (r.sample_index ?? "–") + " · correct " + (r.correct === null ? "–" : (r.correct ? "yes" : "no")) +
-      " · weight " + fmt(r.weight, 4) + " · raw " + fmt(r.raw_weight, 4) + " · pivotal " +
-      (r.pivotal ?? "–") + " · mean r " + fmt(r.log_ratio, 3);
-    view.appendChild(head);
-    if (r.prompt) { view.appendChild(el("div", {"class": "muted"}, "prompt")); view.appendChild(el("div", {"class": "prompt"}, r.prompt)); }
-    view.appendChild(el("div", {"class": "muted"}, "completion (" + r.n_tokens + " tokens)"));
-    const box = el("div", {"id": "tokens"});
-    r.ids.forEach((id, t) => {
-      const span = el("span", {"class": "tok", "data-t": String(t)}, shown(VOCAB[id]));
-      if (r.s && r.q) span.style.background = colour(r.s[t] - r.q[t]);
-      if (r.pivSet.has(t)) span.classList.add("piv");
-      if (worst.has(t)) span.classList.add("worst");
-      box.appendChild(span);
-    });
-    box.addEventListener("mouseover", ev => {
-      const t = ev.target.dataset ? ev.target.dataset.t : undefined;
-      if (t === undefined || !r.s) return;
-      tip.textContent = tipText(r, Number(t));
-      tip.style.display = "block";
-    });
-    box.addEventListener("mousemove", ev => {
-      tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - 390) + "px";
-      tip.style.top = (ev.clientY + 16) + "px";
-    });
-    box.addEventListener("mouseout", () => { tip.style.display = "none"; });
-    view.appendChild(box);
-  }
-  for (const th of document.querySelectorAll("#traj-table th")) {
-    th.addEventListener("click", () => {
-      const key = th.dataset.key;
-      if (sortKey === key) sortDir = -sortDir;
-      else { sortKey = key; sortDir = key === "prompt_id" ? 1 : -1; }
-      for (const other of document.querySelectorAll("#traj-table th")) other.removeAttribute("aria-sort");
-      th.setAttribute("aria-sort", sortDir > 0 ? "ascending" : "descending");
-      renderTable();
-    });
-  }
-  renderTable();
-})();
-</script>
-</body>
-</html>
-"""

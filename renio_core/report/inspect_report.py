@@ -609,9 +609,11 @@ def _alternatives(rec: dict[str, Any], n_tokens: int, text: TokenText,
     return out
 
 
-# The diverging scale shared by the terminal and the HTML (html_report.js mirrors it): white
-# at 0, towards red where the student likes the token more than the teacher (s_t > q_t, the
-# tokens ReNIO counts), towards blue where the teacher likes it more; saturated at +-scale.
+# The diverging scale shared by the terminal and the HTML: white at 0, towards red where the
+# student likes the token more than the teacher (s_t > q_t, the tokens ReNIO counts), towards
+# blue where the teacher likes it more; saturated at +-scale. The HTML report does not copy it:
+# html_report.py puts each token's ratio_rgb colour in the page's data (page/report.js only
+# applies them), and its legend's gradient runs between these two ends.
 POSITIVE_RGB = (215, 48, 39)
 NEGATIVE_RGB = (69, 117, 180)
 
