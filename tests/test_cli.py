@@ -3,10 +3,27 @@ stages' config dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+from typing import Any, NamedTuple
+
+import click
+import pytest
+import typer.main
+
+from renio_cli import (
+    eval_cmd,
+    main,
+    rollout_cmd,
+    score_cmd,
+    train_cmd,
+    weight_cmd,
+)
+from renio_core.report import inspect_report
+from renio_core.stages.run_loop import RunConfig
 
 
 def test_help_lists_commands_in_pipeline_order() -> None:
@@ -21,25 +38,6 @@ def test_help_lists_commands_in_pipeline_order() -> None:
 # the stage's config dataclass (renio_cli.options.field_option); nothing here may drift.
 # --------------------------------------------------------------------------------------------
 
-import dataclasses  # noqa: E402
-from typing import Any, NamedTuple  # noqa: E402
-
-import click  # noqa: E402
-import pytest  # noqa: E402
-import typer.main  # noqa: E402
-
-from renio_cli import (  # noqa: E402
-    eval_cmd,
-    inspect_cmd,
-    main,
-    rollout_cmd,
-    score_cmd,
-    train_cmd,
-    weight_cmd,
-)
-from renio_core.report import inspect_report  # noqa: E402
-from renio_core.stages.run_loop import RunConfig  # noqa: E402
-
 REQUIRED = "<required>"  # a required option (typer's ...) or a field without a default
 
 
@@ -48,7 +46,7 @@ class Spec(NamedTuple):
     cli_only: frozenset[str]  # parameters (Python names) that are no field of ``config``
     field_only: frozenset[str]  # fields with no option on this command
     default_differs: dict[str, str]  # parameter -> why its CLI default is not the field's
-    renamed: dict[str, str] = {}  # parameter -> field, where the name is not the field's
+    renamed: dict[str, str] | None = None  # parameter -> field, where the names differ
 
 
 SPECS: dict[str, Spec] = {
@@ -113,7 +111,7 @@ def _command(name: str) -> click.Command:
 
 
 def _field_name(command: str, param: str) -> str:
-    return SPECS[command].renamed.get(param, param.rstrip("_"))
+    return (SPECS[command].renamed or {}).get(param, param.rstrip("_"))
 
 
 def _fields(command: str) -> dict[str, dataclasses.Field]:
@@ -163,7 +161,7 @@ def test_every_option_and_field_is_accounted_for(command: str) -> None:
     assert fields - {_field_name(command, p) for p in mapped} == spec.field_only, \
         "config fields with no option"
     assert set(spec.default_differs) <= mapped
-    assert set(spec.renamed) <= mapped
+    assert set(spec.renamed or {}) <= mapped
 
 
 @pytest.mark.parametrize(("command", "param"), _cases(with_marks=False))
