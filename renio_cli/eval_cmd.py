@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fail, handle_errors, progress_bar
-from renio_cli.options import BackendOpt, VllmMemoryOpt
+from renio_cli.options import field_option
 from renio_core.stages.evaluate import (
     EvalConfig,
     compare,
@@ -83,32 +83,32 @@ def compare_table(paths: list[Path], summaries: list[dict[str, Any]]) -> Table:
 def eval_cmd(
     runs: list[Path] = typer.Argument(None, help="With --compare: the summary JSON files to compare."),
     compare_: bool = typer.Option(False, "--compare", help="Compare summary JSON files side by side, with deltas against the first."),
-    model: str | None = typer.Option(None, help="Model to sample from: hub name, local path, or toy:student / toy:teacher."),
-    adapter: str | None = typer.Option(None, help="PEFT adapter directory to apply to --model."),
-    completions: str | None = typer.Option(None, help="Grade existing completions instead: a rollouts shard or JSONL with prompt_id and completion_text."),
-    bench: str | None = typer.Option(None, help="toy, humaneval, a prompts file (jsonl/json/parquet), or aime24|aime25|math500|amc23|hmmt25."),
-    n: int = typer.Option(16, help="Samples per problem (with --model)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling threshold."),
-    top_k: int = typer.Option(20, help="Top-k sampling (0 = off)."),
-    max_new_tokens: int = typer.Option(1024, help="Completion length cap; reaching it counts as truncated."),
-    seed: int = typer.Option(0, help="Sampling seed."),
-    backend: str = BackendOpt,
-    vllm_memory: float = VllmMemoryOpt,
-    limit: int | None = typer.Option(None, help="Only the first N problems of the benchmark."),
-    batch_size: int = typer.Option(64, help="Sequences per generate call."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option("auto", help="auto, float32, bfloat16 or float16."),
-    code_timeout: float = typer.Option(10.0, help="Seconds per code sample in the sandbox."),
-    code_memory_mb: int = typer.Option(1024, help="Address-space limit per code sample (MiB)."),
-    workers: int = typer.Option(2, help="Code samples graded in parallel."),
-    unsafe_inprocess_sandbox: bool = typer.Option(
-        False, "--unsafe-inprocess-sandbox",
-        help="Where bubblewrap is missing, grade code anyway with the weaker in-process guard "
-             "(generated code can escape it). Each row records its isolation."),
-    out: Path | None = typer.Option(None, "--out", help="Per-sample results (.parquet)."),
-    summary: Path | None = typer.Option(None, help="Summary JSON (default: --out with .json)."),
-    overwrite: bool = typer.Option(False, help="Replace an --out made with other inputs or settings."),
+    model: str | None = field_option(EvalConfig, "model"),
+    adapter: str | None = field_option(EvalConfig, "adapter"),
+    completions: str | None = field_option(EvalConfig, "completions"),
+    # --bench and --out are not required here (--compare takes neither); None becomes the
+    # dataclass's '', which EvalConfig rejects with its own message.
+    bench: str | None = field_option(EvalConfig, "bench", default=None),
+    n: int = field_option(EvalConfig, "n"),
+    temperature: float = field_option(EvalConfig, "temperature"),
+    top_p: float = field_option(EvalConfig, "top_p"),
+    top_k: int = field_option(EvalConfig, "top_k"),
+    max_new_tokens: int = field_option(EvalConfig, "max_new_tokens"),
+    seed: int = field_option(EvalConfig, "seed"),
+    backend: str = field_option(EvalConfig, "backend", "--backend"),
+    vllm_memory: float = field_option(EvalConfig, "vllm_memory", "--vllm-memory"),
+    limit: int | None = field_option(EvalConfig, "limit"),
+    batch_size: int = field_option(EvalConfig, "batch_size"),
+    device: str = field_option(EvalConfig, "device"),
+    dtype: str = field_option(EvalConfig, "dtype"),
+    code_timeout: float = field_option(EvalConfig, "code_timeout_s"),
+    code_memory_mb: int = field_option(EvalConfig, "code_memory_mb"),
+    workers: int = field_option(EvalConfig, "workers"),
+    unsafe_inprocess_sandbox: bool = field_option(EvalConfig, "unsafe_inprocess_sandbox",
+                                                  "--unsafe-inprocess-sandbox"),
+    out: Path | None = field_option(EvalConfig, "out", "--out", default=None),  # as --bench
+    summary: Path | None = field_option(EvalConfig, "summary"),
+    overwrite: bool = field_option(EvalConfig, "overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Measure accuracy, pass@k, length and reflection markers (correct vs incorrect)."""

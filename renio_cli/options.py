@@ -1,25 +1,35 @@
-"""Option definitions shared by several commands, so each flag reads the same everywhere."""
+"""Command-line options built from the stages' config dataclasses, so that an option's default
+and help are written once: in the field (``metadata["help"]``), never again in a command."""
 
 from __future__ import annotations
 
-import typer
+import dataclasses
+from typing import Any
 
-ShardOpt = typer.Option(
-    "0/1", "--shard",
-    help="i/N: do only chunks k with k % N == i, so N jobs write disjoint parts of one "
-         "directory --out. Sharded and unsharded runs write the same parts.",
-)
-OverwriteOpt = typer.Option(
-    False, "--overwrite", help="Replace outputs made with other inputs or settings.",
-)
-SeedOpt = typer.Option(0, "--seed", help="Random seed; the same seed gives the same output.")
-DtypeOpt = typer.Option(
-    "auto", "--dtype", help="auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16.",
-)
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ...")
-BackendOpt = typer.Option("hf", "--backend", help="hf (exact, any device) or vllm (optional extra; a GPU, or vLLM's CPU build).")
-VllmMemoryOpt = typer.Option(
-    0.9, "--vllm-memory",
-    help="With --backend vllm: the share of GPU memory vLLM may reserve (of CPU memory on a "
-         "CPU build; OPD scoring splits it between its two engines).",
-)
+import typer
+from typer.models import OptionInfo
+
+
+def field_option(config_cls: type, name: str, *flags: str, **overrides: Any) -> OptionInfo:
+    """A ``typer.Option`` for field ``name`` of ``config_cls``: its default and its
+    ``metadata["help"]``. ``flags`` (``"--in"``, ``"--lora/--no-lora"``) and any other
+    ``typer.Option`` keyword pass through; ``default=...`` makes the option required (for a
+    field whose dataclass default is a placeholder the config rejects), ``help=`` replaces
+    the field's (neither is done without a comment saying why)."""
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    if name not in fields:
+        raise KeyError(f"{config_cls.__name__} has no field {name!r}")
+    field = fields[name]
+    if "default" not in overrides:
+        if field.default is not dataclasses.MISSING:
+            overrides["default"] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            overrides["default"] = field.default_factory()
+        else:
+            overrides["default"] = ...  # a required field: a required option
+    if "help" not in overrides:
+        if "help" not in field.metadata:
+            raise KeyError(f"{config_cls.__name__}.{name} has no metadata['help']")
+        overrides["help"] = field.metadata["help"]
+    default = overrides.pop("default")
+    return typer.Option(default, *flags, **overrides)

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
-from renio_cli.options import (
-    BackendOpt,
-    DeviceOpt,
-    DtypeOpt,
-    OverwriteOpt,
-    SeedOpt,
-    ShardOpt,
-    VllmMemoryOpt,
-)
+from renio_cli.options import field_option
 from renio_core.data.prompt_io import load_prompts
 from renio_core.stages.rollout import (
     RolloutConfig,
@@ -46,30 +37,33 @@ def summary_table(s: RolloutSummary, cfg: RolloutConfig) -> Table:
 
 @handle_errors
 def rollout(
-    model: str = typer.Option(..., "--model", help="Student: hub name, local path, or toy:student."),
-    prompts: str = typer.Option(..., "--prompts", help="Prompts: .jsonl/.json/.parquet, or a datasets name NAME[:CONFIG][@SPLIT]."),
-    out: Path = typer.Option(..., "--out", help="Output: a .parquet file, or a directory of parts."),
-    adapter: str | None = typer.Option(None, "--adapter", help="PEFT adapter directory on top of --model."),
-    n: int = typer.Option(1, "--n", help="Samples per prompt."),
-    temperature: float = typer.Option(1.1, help="Sampling temperature (0 is greedy)."),
-    top_p: float = typer.Option(0.95, help="Nucleus sampling mass (1 disables it)."),
-    top_k: int = typer.Option(20, help="Top-k filter (0 disables it)."),
-    max_new_tokens: int = typer.Option(1024, help="Completion length limit."),
-    seed: int = SeedOpt,
-    task: str = typer.Option("math", help="math or code: the instruction added to each prompt (a prompt's own 'task' wins)."),
-    enable_thinking: bool = typer.Option(False, "--enable-thinking/--no-enable-thinking", help="Passed to chat templates that know it (Qwen3)."),
-    grade: bool = typer.Option(False, "--grade", help="Fill 'correct' (math: math-verify on the last \\boxed{})."),
-    shard: str = ShardOpt,
-    policy_step: int = typer.Option(0, "--policy-step", help="Train step of the student, recorded per row."),
-    backend: str = BackendOpt,
-    vllm_memory: float = VllmMemoryOpt,
-    batch_size: int = typer.Option(64, help="Trajectories sampled together (HF backend)."),
-    chunk_prompts: int = typer.Option(64, help="Prompts per output part (the unit of resuming and sharding)."),
-    math_instruction: str | None = typer.Option(None, help="Replace the math instruction."),
-    code_instruction: str | None = typer.Option(None, help="Replace the code instruction."),
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    overwrite: bool = OverwriteOpt,
+    # --model, --prompts and --out are required here; the dataclass's '' is a placeholder
+    # that RolloutConfig rejects.
+    model: str = field_option(RolloutConfig, "model", "--model", default=...),
+    prompts: str = field_option(RolloutConfig, "prompts", "--prompts", default=...),
+    out: Path = field_option(RolloutConfig, "out", "--out", default=...),
+    adapter: str | None = field_option(RolloutConfig, "adapter", "--adapter"),
+    n: int = field_option(RolloutConfig, "n", "--n"),
+    temperature: float = field_option(RolloutConfig, "temperature"),
+    top_p: float = field_option(RolloutConfig, "top_p"),
+    top_k: int = field_option(RolloutConfig, "top_k"),
+    max_new_tokens: int = field_option(RolloutConfig, "max_new_tokens"),
+    seed: int = field_option(RolloutConfig, "seed", "--seed"),
+    task: str = field_option(RolloutConfig, "task"),
+    enable_thinking: bool = field_option(RolloutConfig, "enable_thinking",
+                                         "--enable-thinking/--no-enable-thinking"),
+    grade: bool = field_option(RolloutConfig, "grade", "--grade"),
+    shard: str = field_option(RolloutConfig, "shard", "--shard"),
+    policy_step: int = field_option(RolloutConfig, "policy_step", "--policy-step"),
+    backend: str = field_option(RolloutConfig, "backend", "--backend"),
+    vllm_memory: float = field_option(RolloutConfig, "vllm_memory", "--vllm-memory"),
+    batch_size: int = field_option(RolloutConfig, "batch_size"),
+    chunk_prompts: int = field_option(RolloutConfig, "chunk_prompts"),
+    math_instruction: str | None = field_option(RolloutConfig, "math_instruction"),
+    code_instruction: str | None = field_option(RolloutConfig, "code_instruction"),
+    dtype: str = field_option(RolloutConfig, "dtype", "--dtype"),
+    device: str = field_option(RolloutConfig, "device", "--device"),
+    overwrite: bool = field_option(RolloutConfig, "overwrite", "--overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Sample completions from the student for every prompt (docs/design.md, 'rollout adds')."""

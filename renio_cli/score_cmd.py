@@ -4,18 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
-from renio_cli.options import (
-    BackendOpt,
-    DeviceOpt,
-    DtypeOpt,
-    OverwriteOpt,
-    ShardOpt,
-    VllmMemoryOpt,
-)
+from renio_cli.options import field_option
 from renio_core.data import shards
 from renio_core.stages.score import (
     INPUT_COLUMNS,
@@ -48,24 +40,26 @@ def summary_table(s: ScoreSummary, cfg: ScoreConfig) -> Table:
 
 @handle_errors
 def score(
-    input_: str = typer.Option(..., "--in", help="Rollouts: a .parquet file, a directory of parts, or a glob."),
-    teacher: str = typer.Option(..., "--teacher", help="Teacher model (OPD), or 'self' (OPSD: student base weights + privileged prompt)."),
-    out: Path = typer.Option(..., "--out", help="Output: a .parquet file, or a directory of parts."),
-    student: str | None = typer.Option(None, "--student", help="Student model; default: the rollout's, from the input's metadata."),
-    adapter: str | None = typer.Option(None, "--adapter", help="Student PEFT adapter; default: the rollout's."),
-    temperature: float | None = typer.Option(None, help="Scoring temperature T; default: the rollout's."),
-    topk: int = typer.Option(0, help="Also store the teacher's top-K ids and log-probs per position."),
-    max_batch_tokens: int = typer.Option(16384, help="Padded tokens per forward batch."),
-    chunk: int | None = typer.Option(None, help="Positions per log-softmax chunk (peak memory ~ chunk x vocab); default: from --chunk-budget-mb."),
-    chunk_budget_mb: float = typer.Option(256.0, help="Memory for one chunk's logits and log-softmax (sets the default --chunk)."),
-    shard: str = ShardOpt,
-    backend: str = BackendOpt,
-    vllm_memory: float = VllmMemoryOpt,
-    rows_per_part: int = typer.Option(512, help="Input rows per output part (the unit of resuming and sharding)."),
-    dtype: str = DtypeOpt,
-    device: str = DeviceOpt,
-    teacher_prompt: str | None = typer.Option(None, help="What the teacher sees before the completion: plain (the student's prompt) or privileged (problem + reference solution + instruction, as the official collator shows its OPD teacher). Default: privileged for --teacher self, plain otherwise."),
-    overwrite: bool = OverwriteOpt,
+    # --in, --teacher and --out are required here; the dataclass's '' is a placeholder that
+    # ScoreConfig rejects.
+    input_: str = field_option(ScoreConfig, "input", "--in", default=...),
+    teacher: str = field_option(ScoreConfig, "teacher", "--teacher", default=...),
+    out: Path = field_option(ScoreConfig, "out", "--out", default=...),
+    student: str | None = field_option(ScoreConfig, "student", "--student"),
+    adapter: str | None = field_option(ScoreConfig, "adapter", "--adapter"),
+    temperature: float | None = field_option(ScoreConfig, "temperature"),
+    topk: int = field_option(ScoreConfig, "topk"),
+    max_batch_tokens: int = field_option(ScoreConfig, "max_batch_tokens"),
+    chunk: int | None = field_option(ScoreConfig, "chunk"),
+    chunk_budget_mb: float = field_option(ScoreConfig, "chunk_budget_mb"),
+    shard: str = field_option(ScoreConfig, "shard", "--shard"),
+    backend: str = field_option(ScoreConfig, "backend", "--backend"),
+    vllm_memory: float = field_option(ScoreConfig, "vllm_memory", "--vllm-memory"),
+    rows_per_part: int = field_option(ScoreConfig, "rows_per_part"),
+    dtype: str = field_option(ScoreConfig, "dtype", "--dtype"),
+    device: str = field_option(ScoreConfig, "device", "--device"),
+    teacher_prompt: str | None = field_option(ScoreConfig, "teacher_prompt"),
+    overwrite: bool = field_option(ScoreConfig, "overwrite", "--overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Score each sampled token under the student and the teacher (docs/design.md, 'score adds')."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
 from rich.table import Table
 
 from renio_cli.common import ConfigOpt, console, fmt, handle_errors, progress_bar
-from renio_cli.options import OverwriteOpt
+from renio_cli.options import field_option
 from renio_core.data import shards
 from renio_core.stages.weight import WeightConfig, WeightSummary, run_weight
 
@@ -42,19 +41,21 @@ def summary_table(summary: WeightSummary, cfg: WeightConfig) -> Table:
 
 @handle_errors
 def weight(
-    input_: str = typer.Option(..., "--in", help="Scores: a .parquet file, a directory of parts, or a glob."),
-    out: Path = typer.Option(..., "--out", help="Output: a .parquet file, or a directory for parts."),
-    clip: float = typer.Option(2.5, help="Upper clip of the per-token log-ratio s_t - q_t."),
-    threshold: float = typer.Option(0.8, help="Tokens with clipped log-ratio >= threshold are pivotal."),
-    tem: float = typer.Option(1.0, help="Temperature of the weight: raw = exp(mean / tem)."),
-    norm: str = typer.Option("batch_mean", help="Group normalization: batch_mean, ema, clamp or none."),
-    group_size: int = typer.Option(8, help="Rows per normalization group."),
-    grouping: str = typer.Option("consecutive", help="consecutive: runs of --group-size rows in file order; distinct: --group-size distinct prompts, one sample each (the official trainer's micro-batch), when prompts have several samples."),
-    scheme: str = typer.Option("renio", help="renio, or uniform (every weight 1: plain OPD/OPSD)."),
-    filter_: str = typer.Option("all", "--filter", help="all, correct or incorrect (needs a graded 'correct' column)."),
-    rows_per_part: int = typer.Option(65536, help="Rows per part when --out is a directory."),
-    batch_rows: int = typer.Option(1024, help="Rows per record batch read (bounds memory)."),
-    overwrite: bool = OverwriteOpt,
+    # --in and --out are required here; the dataclass's '' is a placeholder that WeightConfig
+    # rejects.
+    input_: str = field_option(WeightConfig, "input", "--in", default=...),
+    out: Path = field_option(WeightConfig, "out", "--out", default=...),
+    clip: float = field_option(WeightConfig, "clip"),
+    threshold: float = field_option(WeightConfig, "threshold"),
+    tem: float = field_option(WeightConfig, "tem"),
+    norm: str = field_option(WeightConfig, "norm"),
+    group_size: int = field_option(WeightConfig, "group_size"),
+    grouping: str = field_option(WeightConfig, "grouping"),
+    scheme: str = field_option(WeightConfig, "scheme"),
+    filter_: str = field_option(WeightConfig, "filter", "--filter"),
+    rows_per_part: int = field_option(WeightConfig, "rows_per_part"),
+    batch_rows: int = field_option(WeightConfig, "batch_rows"),
+    overwrite: bool = field_option(WeightConfig, "overwrite", "--overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
     """Turn teacher-scored rollouts into ReNIO sample weights (docs/design.md, 'ReNIO weights')."""

@@ -55,6 +55,7 @@ from renio_core.grading.grader import extract_last_boxed, grade_math
 from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation, grade_code
 from renio_core.modeling import models
 from renio_core.modeling.toy import ensure_toy_world
+from renio_core.stages import option_help
 from renio_core.stages.rollout import RolloutConfig
 
 Advance = Callable[[int], None]
@@ -80,29 +81,52 @@ SUMMARY_VERSION = 1
 class EvalConfig:
     """Settings of ``renio eval``. Exactly one of ``model`` / ``completions`` is set."""
 
-    bench: str = ""
-    out: str = ""
-    model: str | None = None
-    adapter: str | None = None
-    completions: str | None = None
-    n: int = 16
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 1024
-    seed: int = 0
-    backend: str = "hf"
-    vllm_memory: float = 0.9
-    limit: int | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    dtype: str = "auto"
-    summary: str | None = None
-    code_timeout_s: float = 10.0
-    code_memory_mb: int = 1024
-    workers: int = 2
-    unsafe_inprocess_sandbox: bool = False  # grade code without bubblewrap (weaker guard)
-    overwrite: bool = False
+    bench: str = dataclasses.field(
+        default="", metadata={"help": "toy, humaneval, a prompts file (jsonl/json/parquet), or "
+                                      "aime24|aime25|math500|amc23|hmmt25."})
+    out: str = dataclasses.field(default="", metadata={"help": "Per-sample results (.parquet)."})
+    model: str | None = dataclasses.field(
+        default=None, metadata={"help": "Model to sample from: hub name, local path, or "
+                                        "toy:student / toy:teacher."})
+    adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "PEFT adapter directory to apply to --model."})
+    completions: str | None = dataclasses.field(
+        default=None, metadata={"help": "Grade existing completions instead: a rollouts shard "
+                                        "or JSONL with prompt_id and completion_text."})
+    n: int = dataclasses.field(default=16, metadata={"help": "Samples per problem (with --model)."})
+    temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = dataclasses.field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
+    top_k: int = dataclasses.field(default=20, metadata={"help": "Top-k sampling (0 = off)."})
+    max_new_tokens: int = dataclasses.field(
+        default=1024, metadata={"help": "Completion length cap; reaching it counts as "
+                                        "truncated."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
+    vllm_memory: float = dataclasses.field(
+        default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    limit: int | None = dataclasses.field(
+        default=None, metadata={"help": "Only the first N problems of the benchmark."})
+    batch_size: int = dataclasses.field(
+        default=64, metadata={"help": "Sequences per generate call."})
+    device: str = dataclasses.field(default="auto", metadata={"help": option_help.DEVICE})
+    dtype: str = dataclasses.field(
+        default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    summary: str | None = dataclasses.field(
+        default=None, metadata={"help": "Summary JSON (default: --out with .json)."})
+    code_timeout_s: float = dataclasses.field(
+        default=10.0, metadata={"help": "Seconds per code sample in the sandbox."})
+    code_memory_mb: int = dataclasses.field(
+        default=1024, metadata={"help": "Address-space limit per code sample (MiB)."})
+    workers: int = dataclasses.field(default=2, metadata={"help": "Code samples graded in parallel."})
+    # grade code without bubblewrap (weaker guard)
+    unsafe_inprocess_sandbox: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Where bubblewrap is missing, grade code anyway with the weaker "
+                          "in-process guard (generated code can escape it). Each row records "
+                          "its isolation."})
+    overwrite: bool = dataclasses.field(
+        default=False, metadata={"help": "Replace an --out made with other inputs or settings."})
 
     def __post_init__(self) -> None:
         if not self.bench:

@@ -50,6 +50,7 @@ from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
+from renio_core.stages import option_help
 
 BACKENDS = ("hf", "vllm")
 
@@ -58,30 +59,50 @@ BACKENDS = ("hf", "vllm")
 class RolloutConfig:
     """Settings of ``renio rollout``; sampling defaults are the official ones."""
 
-    model: str = ""
-    prompts: str = ""
-    out: str = ""
-    adapter: str | None = None
-    n: int = 1
-    temperature: float = 1.1
-    top_p: float = 0.95
-    top_k: int = 20
-    max_new_tokens: int = 1024
-    seed: int = 0
-    task: str = "math"
-    enable_thinking: bool = False
-    grade: bool = False
-    shard: str = "0/1"
-    policy_step: int = 0
-    backend: str = "hf"
-    vllm_memory: float = 0.9
-    batch_size: int = 64
-    chunk_prompts: int = 64
-    dtype: str = "auto"
-    device: str = "auto"
-    math_instruction: str | None = None
-    code_instruction: str | None = None
-    overwrite: bool = False
+    model: str = dataclasses.field(
+        default="", metadata={"help": "Student: hub name, local path, or toy:student."})
+    prompts: str = dataclasses.field(
+        default="", metadata={"help": "Prompts: .jsonl/.json/.parquet, or a datasets name "
+                                      "NAME[:CONFIG][@SPLIT]."})
+    out: str = dataclasses.field(
+        default="", metadata={"help": "Output: a .parquet file, or a directory of parts."})
+    adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "PEFT adapter directory on top of --model."})
+    n: int = dataclasses.field(default=1, metadata={"help": "Samples per prompt."})
+    temperature: float = dataclasses.field(
+        default=1.1, metadata={"help": "Sampling temperature (0 is greedy)."})
+    top_p: float = dataclasses.field(
+        default=0.95, metadata={"help": "Nucleus sampling mass (1 disables it)."})
+    top_k: int = dataclasses.field(default=20, metadata={"help": "Top-k filter (0 disables it)."})
+    max_new_tokens: int = dataclasses.field(
+        default=1024, metadata={"help": "Completion length limit."})
+    seed: int = dataclasses.field(default=0, metadata={"help": option_help.SEED})
+    task: str = dataclasses.field(
+        default="math", metadata={"help": "math or code: the instruction added to each prompt "
+                                          "(a prompt's own 'task' wins)."})
+    enable_thinking: bool = dataclasses.field(
+        default=False, metadata={"help": "Passed to chat templates that know it (Qwen3)."})
+    grade: bool = dataclasses.field(
+        default=False, metadata={"help": "Fill 'correct' (math: math-verify on the last "
+                                         "\\boxed{})."})
+    shard: str = dataclasses.field(default="0/1", metadata={"help": option_help.SHARD})
+    policy_step: int = dataclasses.field(
+        default=0, metadata={"help": "Train step of the student, recorded per row."})
+    backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
+    vllm_memory: float = dataclasses.field(
+        default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    batch_size: int = dataclasses.field(
+        default=64, metadata={"help": "Trajectories sampled together (HF backend)."})
+    chunk_prompts: int = dataclasses.field(
+        default=64, metadata={"help": "Prompts per output part (the unit of resuming and "
+                                      "sharding)."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": option_help.DTYPE})
+    device: str = dataclasses.field(default="auto", metadata={"help": option_help.DEVICE})
+    math_instruction: str | None = dataclasses.field(
+        default=None, metadata={"help": "Replace the math instruction."})
+    code_instruction: str | None = dataclasses.field(
+        default=None, metadata={"help": "Replace the code instruction."})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": option_help.OVERWRITE})
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> RenioInputError:

@@ -53,6 +53,7 @@ from renio_core.data.chunked_output import (
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
+from renio_core.stages import option_help
 
 BACKENDS = ("hf", "vllm")
 TEACHER_PROMPTS = ("plain", "privileged")
@@ -70,27 +71,52 @@ INPUT_COLUMNS = [
 class ScoreConfig:
     """Settings of ``renio score``. ``student``/``temperature`` default to the rollout's."""
 
-    input: str = ""
-    teacher: str = ""
-    out: str = ""
-    student: str | None = None
-    adapter: str | None = None
-    temperature: float | None = None
-    topk: int = 0
-    max_batch_tokens: int = 16384
-    chunk: int | None = None  # None: from chunk_budget_mb and the vocabulary (train's auto_chunk)
-    chunk_budget_mb: float = 256.0
-    shard: str = "0/1"
-    backend: str = "hf"
-    vllm_memory: float = 0.9
-    rows_per_part: int = 512
-    dtype: str = "auto"
-    device: str = "auto"
-    overwrite: bool = False
+    input: str = dataclasses.field(
+        default="", metadata={"help": "Rollouts: a .parquet file, a directory of parts, or a "
+                                      "glob."})
+    teacher: str = dataclasses.field(
+        default="", metadata={"help": "Teacher model (OPD), or 'self' (OPSD: student base "
+                                      "weights + privileged prompt)."})
+    out: str = dataclasses.field(
+        default="", metadata={"help": "Output: a .parquet file, or a directory of parts."})
+    student: str | None = dataclasses.field(
+        default=None, metadata={"help": "Student model; default: the rollout's, from the "
+                                        "input's metadata."})
+    adapter: str | None = dataclasses.field(
+        default=None, metadata={"help": "Student PEFT adapter; default: the rollout's."})
+    temperature: float | None = dataclasses.field(
+        default=None, metadata={"help": "Scoring temperature T; default: the rollout's."})
+    topk: int = dataclasses.field(
+        default=0, metadata={"help": "Also store the teacher's top-K ids and log-probs per "
+                                     "position."})
+    max_batch_tokens: int = dataclasses.field(
+        default=16384, metadata={"help": "Padded tokens per forward batch."})
+    # None: from chunk_budget_mb and the vocabulary (train's auto_chunk)
+    chunk: int | None = dataclasses.field(
+        default=None, metadata={"help": "Positions per log-softmax chunk (peak memory ~ chunk x "
+                                        "vocab); default: from --chunk-budget-mb."})
+    chunk_budget_mb: float = dataclasses.field(
+        default=256.0, metadata={"help": "Memory for one chunk's logits and log-softmax (sets "
+                                         "the default --chunk)."})
+    shard: str = dataclasses.field(default="0/1", metadata={"help": option_help.SHARD})
+    backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
+    vllm_memory: float = dataclasses.field(
+        default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    rows_per_part: int = dataclasses.field(
+        default=512, metadata={"help": "Input rows per output part (the unit of resuming and "
+                                       "sharding)."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": option_help.DTYPE})
+    device: str = dataclasses.field(default="auto", metadata={"help": option_help.DEVICE})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": option_help.OVERWRITE})
     # What the teacher is shown before the completion: "plain" (the student's prompt) or
     # "privileged" (problem, reference solution, instruction). None: privileged for OPSD,
     # plain for OPD.
-    teacher_prompt: str | None = None
+    teacher_prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "What the teacher sees before the completion: plain "
+                                        "(the student's prompt) or privileged (problem + "
+                                        "reference solution + instruction, as the official "
+                                        "collator shows its OPD teacher). Default: privileged "
+                                        "for --teacher self, plain otherwise."})
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> RenioInputError:

@@ -28,6 +28,7 @@ from renio_core.data import shards
 from renio_core.data.schema import WEIGHT_COLUMNS, spec
 from renio_core.errors import RenioInputError
 from renio_core.formulas import weighting
+from renio_core.stages import option_help
 
 NEW_COLUMNS = WEIGHT_COLUMNS
 
@@ -43,21 +44,39 @@ INPUT_COLUMNS = [
 class WeightConfig:
     """Settings of ``renio weight``; defaults are the official OPSD-math README values."""
 
-    input: str = ""
-    out: str = ""
-    clip: float = 2.5
-    threshold: float = 0.8
-    tem: float = 1.0
-    norm: str = "batch_mean"
-    group_size: int = 8
-    # consecutive: runs of group_size rows; distinct: group_size distinct prompts, one sample
-    # each (the official micro-batch), when prompts have several samples.
-    grouping: str = "consecutive"
-    scheme: str = "renio"
-    filter: str = "all"
-    overwrite: bool = False
-    batch_rows: int = 1024
-    rows_per_part: int = 65536
+    input: str = dataclasses.field(
+        default="", metadata={"help": "Scores: a .parquet file, a directory of parts, or a "
+                                      "glob."})
+    out: str = dataclasses.field(
+        default="", metadata={"help": "Output: a .parquet file, or a directory for parts."})
+    clip: float = dataclasses.field(
+        default=2.5, metadata={"help": "Upper clip of the per-token log-ratio s_t - q_t."})
+    threshold: float = dataclasses.field(
+        default=0.8, metadata={"help": "Tokens with clipped log-ratio >= threshold are "
+                                       "pivotal."})
+    tem: float = dataclasses.field(
+        default=1.0, metadata={"help": "Temperature of the weight: raw = exp(mean / tem)."})
+    norm: str = dataclasses.field(
+        default="batch_mean", metadata={"help": "Group normalization: batch_mean, ema, clamp or "
+                                                "none."})
+    group_size: int = dataclasses.field(
+        default=8, metadata={"help": "Rows per normalization group."})
+    grouping: str = dataclasses.field(
+        default="consecutive",
+        metadata={"help": "consecutive: runs of --group-size rows in file order; distinct: "
+                          "--group-size distinct prompts, one sample each (the official "
+                          "trainer's micro-batch), when prompts have several samples."})
+    scheme: str = dataclasses.field(
+        default="renio", metadata={"help": "renio, or uniform (every weight 1: plain "
+                                           "OPD/OPSD)."})
+    filter: str = dataclasses.field(
+        default="all", metadata={"help": "all, correct or incorrect (needs a graded 'correct' "
+                                         "column)."})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help": option_help.OVERWRITE})
+    batch_rows: int = dataclasses.field(
+        default=1024, metadata={"help": "Rows per record batch read (bounds memory)."})
+    rows_per_part: int = dataclasses.field(
+        default=65536, metadata={"help": "Rows per part when --out is a directory."})
 
     def __post_init__(self) -> None:
         if not self.input:
