@@ -82,7 +82,7 @@ from renio_core.stages.train_data import (
     pack,
     read_micro_batches,
 )
-from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec
+from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec, losses_help
 from renio_core.stages.train_module import DistillModule, causal_lm, lm_head
 from renio_core.stages.train_parallel import (
     Dist,
@@ -108,55 +108,98 @@ Progress = Callable[[int, int, dict[str, Any]], None]
 
 @dataclasses.dataclass
 class TrainConfig:
-    weights: str
-    model: str
-    out: str
-    loss: str = "jsd"
-    beta: float = 0.0
-    token_clip: float = 0.05
-    topk_tail: bool = True  # topk: keep the mass outside the top-k as one bucket (else renormalize)
-    temperature: float | None = None  # None: the score stage's temperature, from metadata
-    teacher: str | None = None  # a model, "self" (OPSD), or None: from metadata (jsd only)
-    lora: bool = True
-    lora_r: int = 64
-    lora_alpha: int = 128
-    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    adapter: str | None = None
-    lr: float = 5e-6
-    epochs: int = 1
-    max_steps: int | None = None
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    warmup_steps: int = 0
+    weights: str = dataclasses.field(metadata={"help":
+        "Output of 'renio weight': a .parquet file, a directory of parts, or a glob."})
+    model: str = dataclasses.field(metadata={"help":
+        "The student: a model name or path (toy:student for the toy world)."})
+    out: str = dataclasses.field(metadata={"help":
+        "Checkpoint directory (Hugging Face format plus trainer state)."})
+    loss: str = dataclasses.field(
+        default="jsd", metadata={"help": losses_help() + "."})
+    beta: float = dataclasses.field(default=0.0, metadata={"help":
+        "JSD mixing: 0 = KL(teacher||student), 1 = KL(student||teacher)."})
+    token_clip: float = dataclasses.field(default=0.05, metadata={"help":
+        "Clamp each vocabulary entry's term to [0, clip]; 0 = no clamp."})
+    topk_tail: bool = dataclasses.field(default=True, metadata={"help":
+        "topk: keep the mass outside the top-k as one bucket (default), or renormalize both "
+        "sides on the top-k."})
+    temperature: float | None = dataclasses.field(default=None, metadata={"help":
+        "Distribution temperature; default: the scoring temperature in the shard's metadata."})
+    teacher: str | None = dataclasses.field(default=None, metadata={"help":
+        "jsd only: teacher model (OPD), or 'self' (OPSD: base weights, privileged prompt). "
+        "Default: from metadata."})
+    lora: bool = dataclasses.field(default=True, metadata={"help":
+        "Train a LoRA adapter (default) or the full model."})
+    lora_r: int = dataclasses.field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = dataclasses.field(default=128, metadata={"help": "LoRA alpha."})
+    lora_targets: tuple[str, ...] = dataclasses.field(default=DEFAULT_LORA_TARGETS, metadata={"help":
+        "Comma-separated module names that get LoRA."})
+    adapter: str | None = dataclasses.field(default=None, metadata={"help":
+        "Start from this LoRA adapter (previous iteration)."})
+    lr: float = dataclasses.field(default=5e-6, metadata={"help": "AdamW learning rate."})
+    epochs: int = dataclasses.field(default=1, metadata={"help": "Passes over the micro-batches."})
+    max_steps: int | None = dataclasses.field(default=None, metadata={"help":
+        "Optimizer steps; overrides --epochs (cycles the data)."})
+    grad_accum: int = dataclasses.field(default=1, metadata={"help":
+        "Micro-batches per optimizer step and process."})
+    grad_clip: float = dataclasses.field(default=1.0, metadata={"help":
+        "Gradient norm clip; 0 = none."})
+    warmup_steps: int = dataclasses.field(default=0, metadata={"help":
+        "Linear learning-rate warm-up steps, then --lr-schedule."})
     # The learning-rate schedule after warmup: constant, linear (to 0) or cosine (to 0).
-    lr_schedule: str = "constant"
+    lr_schedule: str = dataclasses.field(default="constant", metadata={"help":
+        "After warm-up: constant, linear (to 0 at --schedule-steps; the official run's) or "
+        "cosine."})
     # Total optimizer steps of the schedule, counted from the first run of a chain of
     # --init-from runs; None = this run's own steps (plus, with init_from, the checkpoint's).
-    schedule_steps: int | None = None
+    schedule_steps: int | None = dataclasses.field(default=None, metadata={"help":
+        "Total steps of the schedule, over a chain of --init-from runs. Default: this run's "
+        "steps (plus --init-from's)."})
     # Optimizer steps per pass over the shard: the micro-batches are split into this many
     # equal steps (grad_accum derived). None = --grad-accum micro-batches per step.
-    steps_per_batch: int | None = None
+    steps_per_batch: int | None = dataclasses.field(default=None, metadata={"help":
+        "Split the shard's micro-batches into this many optimizer steps (gradient accumulation "
+        "derived); default: --grad-accum micro-batches per step."})
     # A finished checkpoint whose optimizer and schedule state this run continues (not its
     # data position: a new shard). With LoRA, also the adapter to continue (unless --adapter).
-    init_from: str | None = None
+    init_from: str | None = dataclasses.field(default=None, metadata={"help":
+        "Continue this finished checkpoint's AdamW and schedule state (and, with LoRA, its "
+        "adapter) on a new shard: one optimizer across 'renio train' calls."})
     # ReNIO weights from the shard's 'weight' column, or "live": recomputed inside each train
     # step from this forward pass's student log-probs and the stored teacher log-probs, with
     # the weight stage's clip/threshold/tem/norm, normalized over the micro-batch.
-    weights_from: str = "shard"
-    seed: int = 0
-    gradient_checkpointing: bool = False
-    resume: bool = False
-    fsdp: bool = False
-    save_every: int = 0  # steps between checkpoints; 0 = only at the end
+    weights_from: str = dataclasses.field(default="shard", metadata={"help":
+        "shard: the 'weight' column; live: recompute the ReNIO weight in each step from this "
+        "forward pass's student log-probs (the weight stage's settings, normalized per micro-"
+        "batch)."})
+    seed: int = dataclasses.field(default=0, metadata={"help": "Seed (LoRA initialization)."})
+    gradient_checkpointing: bool = dataclasses.field(default=False, metadata={"help":
+        "Recompute decoder activations in backward (less memory)."})
+    resume: bool = dataclasses.field(default=False, metadata={"help":
+        "Continue the checkpoint in --out exactly."})
+    fsdp: bool = dataclasses.field(default=False, metadata={"help":
+        "Shard the student with FSDP (under torchrun; nccl on GPUs, gloo on CPU)."})
+    save_every: int = dataclasses.field(default=0, metadata={"help":
+        "Save a resumable checkpoint every N steps; 0 = only at the end."})
     # Completion positions per LM-head chunk; None: auto_chunk(vocabulary, chunk_budget_mb).
-    chunk_size: int | None = None
-    chunk_budget_mb: float = 256.0
-    dtype: str = "auto"
-    bf16_autocast: bool | None = None  # None: on for CUDA GPUs with bf16, off on CPU
-    device: str = "auto"
-    tensorboard: bool = False
-    wandb_project: str | None = None  # log to Weights & Biases (renio[wandb]); None = off
-    overwrite: bool = False
+    chunk_size: int | None = dataclasses.field(default=None, metadata={"help":
+        "Completion positions per LM-head chunk; default: from --chunk-budget-mb and the "
+        "vocabulary."})
+    chunk_budget_mb: float = dataclasses.field(default=256.0, metadata={"help":
+        "Memory for the LM-head chunk's logits and divergence (sets the default --chunk-size)."})
+    dtype: str = dataclasses.field(default="auto", metadata={"help":
+        "Student weights: auto (bf16 base for LoRA on GPU, else fp32), float32, bfloat16."})
+    bf16_autocast: bool | None = dataclasses.field(default=None, metadata={"help":
+        "Run forward and backward under bf16 autocast (fp32 master weights). Default: on for "
+        "CUDA GPUs with bf16, off on CPU."})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    tensorboard: bool = dataclasses.field(default=False, metadata={"help":
+        "Also write TensorBoard events to OUT/tensorboard."})
+    wandb_project: str | None = dataclasses.field(default=None, metadata={"help":
+        "Also log to this Weights & Biases project (pip install 'renio[wandb]'; "
+        "WANDB_MODE=offline works without network)."})
+    overwrite: bool = dataclasses.field(default=False, metadata={"help":
+        "Replace a non-empty --out."})
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str):
