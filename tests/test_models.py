@@ -106,3 +106,13 @@ def test_adapter_can_be_disabled(tiny, tmp_path):
     base_lp = M.sequence_logprobs(plain, ids_BL, attn_BL, [(1, 4)]).logprobs[0]
     assert torch.allclose(without, base_lp, atol=1e-6)
     assert not torch.allclose(with_adapter, base_lp, atol=1e-4)
+
+
+def test_config_vocab_size_is_the_heads_rows(tiny):
+    # What the vLLM scorer checks token ids against (from the config, without loading the
+    # model) must be what the HF scorer reads from the loaded head, a padded vocabulary too.
+    for name in ("a", "padded"):
+        model = M.load_model(str(tiny[name]), dtype="float32", device="cpu")
+        assert M.config_vocab_size(str(tiny[name])) == M.vocab_rows(model)
+    assert M.vocab_rows(M.load_model(str(tiny["padded"]), dtype="float32", device="cpu")) \
+        == M.vocab_rows(M.load_model(str(tiny["a"]), dtype="float32", device="cpu")) + 37

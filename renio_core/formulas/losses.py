@@ -15,8 +15,11 @@ the teacher and multiplies each trajectory's loss by its ReNIO weight. The contr
 
 Deliberate differences from the official code:
 
-* The ReNIO weight multiplies every loss (the official code applies it only on its
-  full-vocabulary path).
+* The ReNIO weight multiplies every loss (the official code weights its JSD, on the full
+  vocabulary and on its top-k path, but not its sampled reverse KL).
+* The sampled reverse KL is reduced as every loss here: a token mean per sample, then the
+  (weighted) mean over samples. The official ``-(advantage * log p).mean()`` is one mean over
+  all the batch's valid tokens, so long samples count more there.
 * ``topk_divergence(tail=True)`` keeps the probability mass outside the top-k as one extra
   bucket on both sides; ``tail=False`` renormalizes both sides on the top-k support (the
   docs/design.md wording). The trainer uses the default, ``tail=True``, so that k = vocabulary size

@@ -24,7 +24,9 @@ trainer (:class:`Trainer`: setup steps, :meth:`Trainer._loss_step`, :meth:`Train
 
 Deliberate differences from the official code:
 
-* the ReNIO weight multiplies every loss (officially only the full-vocabulary path);
+* the ReNIO weight multiplies every loss (officially the JSD, full and top-k, but not the
+  sampled reverse KL), and ``rkl`` is reduced per sample like the others (officially one
+  mean over the batch's tokens; see ``formulas.losses``);
 * ``topk`` keeps the teacher's tail mass as one extra bucket by default
   (``topk_divergence(tail=True)``); ``topk_tail=False`` (``--topk-renormalize``) is docs/design.md's
   "both sides renormalized on the top-k";
