@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from renio_core.backends.rows import (
     Completion,
@@ -293,6 +292,9 @@ class _GenConfigView:
     """Just enough of a model for ``models.eos_token_ids``: its generation config."""
 
     def __init__(self, name: str):
+        # Imported when used: transformers' generation module is slow to import.
+        from transformers import GenerationConfig
+
         try:
             self.generation_config = GenerationConfig.from_pretrained(models.resolve_name(name))
         except (OSError, ValueError):

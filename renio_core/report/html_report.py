@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from renio_core.errors import RenioInputError
 from renio_core.report.inspect_report import (
     NEGATIVE_RGB,
     POSITIVE_RGB,
@@ -226,8 +227,6 @@ def page_source() -> str:
 def write_html(path: str | os.PathLike, page: str, *, overwrite: bool = False) -> Path:
     """Write atomically: a reader never sees half a report. An existing file is replaced only
     with ``overwrite``."""
-    from renio_core.errors import RenioInputError
-
     path = Path(path)
     if path.is_dir():
         raise RenioInputError("--html: is a directory; give a file name", file=path)

@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from renio_core.data import shards
+from renio_core.data.schema import spec
 from renio_core.errors import RenioInputError
 from renio_core.formulas import weighting
 from renio_core.modeling import models
@@ -45,22 +46,11 @@ WEIGHT_COLUMNS = ("weight", "raw_weight", "batch_id", "pivotal_count", "log_rati
 
 # Every column inspect may read, with its kind, so a wrong type is one clear line.
 KNOWN_COLUMNS = [
-    shards.ColumnSpec("prompt_id", "string", required=False),
-    shards.ColumnSpec("sample_index", "int", required=False),
-    shards.ColumnSpec("problem", "string", required=False),
-    shards.ColumnSpec("prompt_ids", "list<int>", required=False),
-    shards.ColumnSpec("completion_ids", "list<int>", hint="written by 'renio rollout'"),
-    shards.ColumnSpec("completion_text", "string", required=False),
-    shards.ColumnSpec("correct", "bool", required=False),
-    shards.ColumnSpec("student_logprobs", "list<float>", required=False),
-    shards.ColumnSpec("teacher_logprobs", "list<float>", required=False),
-    shards.ColumnSpec("teacher_topk_ids", "list<list<int>>", required=False),
-    shards.ColumnSpec("teacher_topk_logprobs", "list<list<float>>", required=False),
-    shards.ColumnSpec("weight", "float", required=False),
-    shards.ColumnSpec("raw_weight", "float", required=False),
-    shards.ColumnSpec("batch_id", "int", required=False),
-    shards.ColumnSpec("pivotal_count", "int", required=False),
-    shards.ColumnSpec("log_ratio_mean", "float", required=False),
+    spec(name, required=name == "completion_ids")
+    for name in ("prompt_id", "sample_index", "problem", "prompt_ids", "completion_ids",
+                 "completion_text", "correct", "student_logprobs", "teacher_logprobs",
+                 "teacher_topk_ids", "teacher_topk_logprobs", "weight", "raw_weight", "batch_id",
+                 "pivotal_count", "log_ratio_mean")
 ]
 
 

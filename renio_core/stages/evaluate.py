@@ -48,7 +48,7 @@ from renio_core.backends.hf import HFSampler
 from renio_core.data import shards
 from renio_core.data.prompt_io import Prompt, load_prompts
 from renio_core.data.prompts import TASKS
-from renio_core.data.schema import EVAL_COLUMNS
+from renio_core.data.schema import EVAL_COLUMNS, spec
 from renio_core.errors import RenioInputError
 from renio_core.formulas import eval_metrics
 from renio_core.grading.grader import extract_last_boxed, grade_math
@@ -324,11 +324,9 @@ class Sample:
 
 
 COMPLETION_COLUMNS = [
-    shards.ColumnSpec("prompt_id", "string", hint="the prompt's id in the benchmark"),
-    shards.ColumnSpec("completion_text", "string", hint="written by 'renio rollout'"),
-    shards.ColumnSpec("sample_index", "int", required=False),
-    shards.ColumnSpec("completion_ids", "list<int>", required=False),
-    shards.ColumnSpec("finish_reason", "string", required=False),
+    spec("prompt_id", hint="the prompt's id in the benchmark"),
+    spec("completion_text"),
+    *(spec(name, required=False) for name in ("sample_index", "completion_ids", "finish_reason")),
 ]
 
 

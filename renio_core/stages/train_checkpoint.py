@@ -21,8 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from peft import get_peft_model_state_dict
-from safetensors.torch import save_file
 
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
@@ -129,6 +127,11 @@ def save_adapter(model: Any, out: Path) -> None:
     """The files of peft's ``save_pretrained`` that loading needs (adapter weights and
     config), without the model card it renders from a template on every save: the
     ``renio run`` loop saves once per optimizer step."""
+    # peft and safetensors are imported when used: importing peft takes seconds, which every
+    # ``renio`` command (``--help`` included) would otherwise pay.
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     state = get_peft_model_state_dict(model)
     save_file({k: v.detach().contiguous() for k, v in state.items()},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
