@@ -153,3 +153,24 @@ def test_cli_quick_build_and_unknown_names(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "--world" in bad.stderr
     with pytest.raises(RenioInputError, match="toy-chain:teacher"):
         chain.resolve_chain_model("toy-chain:nope")
+
+
+def test_run_resolves_chain_prompt_names(quick_chain, monkeypatch) -> None:
+    from renio_core import run_loop
+    from renio_core.prompt_io import load_prompts
+
+    calls = []
+
+    def fake_ensure(*args, **kwargs):  # the quick world stands in for the cached full one
+        calls.append(args)
+        return quick_chain
+
+    monkeypatch.setattr(chain, "ensure_chain_world", fake_ensure)
+    train = run_loop._resolve_prompts("toy-chain:train", "prompts")
+    test = run_loop._resolve_prompts("toy-chain:test", "eval_prompts")
+    assert (train, test) == (str(quick_chain.train_prompts), str(quick_chain.test_prompts))
+    assert len(load_prompts(train).prompts) == chain.N_TRAIN
+    assert len(load_prompts(test).prompts) == chain.N_TEST
+    with pytest.raises(RenioInputError, match="toy-chain:train or toy-chain:test"):
+        run_loop._resolve_prompts("toy-chain:nope", "prompts")
+    assert len(calls) == 2  # an unknown name fails before building anything

@@ -253,6 +253,14 @@ def _scalar(raw: str) -> Any:
 
 
 def _resolve_prompts(spec: str, which: str) -> str:
+    if spec.startswith("toy-chain:"):
+        files = {"toy-chain:train": "train_prompts", "toy-chain:test": "test_prompts"}
+        if spec not in files:  # before building: a full chain world takes minutes
+            raise RenioInputError(f"{which}: unknown chain prompt set {spec!r} "
+                                  "(toy-chain:train or toy-chain:test)")
+        from renio_core.toy.chain import ensure_chain_world
+
+        return str(getattr(ensure_chain_world(), files[spec]))
     if spec.startswith("toy:"):
         world = ensure_toy_world()
         if spec == "toy:train":
