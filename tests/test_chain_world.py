@@ -156,8 +156,8 @@ def test_cli_quick_build_and_unknown_names(tmp_path: Path) -> None:
 
 
 def test_run_resolves_chain_prompt_names(quick_chain, monkeypatch) -> None:
-    from renio_core import run_loop
-    from renio_core.prompt_io import load_prompts
+    from renio_core.data.prompt_io import load_prompts
+    from renio_core.stages import run_loop
 
     calls = []
 

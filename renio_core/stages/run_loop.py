@@ -54,7 +54,7 @@ from renio_core.data import shards
 from renio_core.data.prompt_io import PromptSet, load_prompts
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
-from renio_core.modeling.toy import ensure_toy_world
+from renio_core.modeling.toy import chain, ensure_toy_world
 from renio_core.stages.evaluate import EvalConfig, run_eval
 from renio_core.stages.rollout import RolloutConfig, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
@@ -258,9 +258,7 @@ def _resolve_prompts(spec: str, which: str) -> str:
         if spec not in files:  # before building: a full chain world takes minutes
             raise RenioInputError(f"{which}: unknown chain prompt set {spec!r} "
                                   "(toy-chain:train or toy-chain:test)")
-        from renio_core.toy.chain import ensure_chain_world
-
-        return str(getattr(ensure_chain_world(), files[spec]))
+        return str(getattr(chain.ensure_chain_world(), files[spec]))
     if spec.startswith("toy:"):
         world = ensure_toy_world()
         if spec == "toy:train":
