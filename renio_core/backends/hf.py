@@ -66,7 +66,7 @@ def generate_batch(
     from transformers import DynamicCache
 
     lm = models._causal_lm(model)
-    device = next(lm.parameters()).device
+    device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     ids_BL, attn_BL = _pad_left(prompt_ids, pad_id)
     ids_BL, attn_BL = ids_BL.to(device), attn_BL.to(device)
@@ -170,7 +170,7 @@ def generate_refill(
     for its t-th token, so its tokens do not depend on which rows share its batch, up to the
     float noise that padding also causes in :func:`generate_batch`."""
     lm = models._causal_lm(model)
-    device = next(lm.parameters()).device
+    device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     J = len(prompt_ids)
@@ -341,7 +341,7 @@ def score_sequences(
     tlp: list[Any] = [None] * n
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens):
         ids_BL, attn_BL = models.pad_right([seqs[i] for i in batch], pad_id)
-        device = next(models._causal_lm(model).parameters()).device
+        device = models.input_device(model)
         spans = [(len(prompts[i]), len(seqs[i])) for i in batch]
         res = models.sequence_logprobs(model, ids_BL.to(device), attn_BL.to(device), spans,
                                        temperature=temperature, chunk=chunk, topk=topk)
