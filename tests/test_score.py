@@ -331,7 +331,8 @@ def test_device_map_auto_scores_equal_the_single_device_run(world, tmp_path):
     every visible GPU; on one GPU it is still the accelerate-hooked path) score the same
     numbers as the same models on one device, in float32."""
     pytest.importorskip("accelerate")
-    common = dict(input=world["rollout"], teacher=world["teacher"], topk=3, dtype="float32")
+    common = {"input": world["rollout"], "teacher": world["teacher"], "topk": 3,
+              "dtype": "float32"}
     one = run_score(ScoreConfig(out=str(tmp_path / "one.parquet"), device="cuda", **common))
     spread = run_score(ScoreConfig(out=str(tmp_path / "spread.parquet"), device_map="auto",
                                    **common))
