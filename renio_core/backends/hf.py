@@ -100,7 +100,9 @@ def generate_batch(
                 break
             if not keep_A.all():
                 keep_idx = keep_A.nonzero().squeeze(1)
-                cache.batch_select_indices(keep_idx)
+                # CPU indices: a model spread by device_map keeps each layer's cache on its
+                # own GPU, and a CUDA tensor takes CPU indices whatever its device.
+                cache.batch_select_indices(keep_idx.cpu())
                 alive_A, tok_A = alive_A[keep_idx], tok_A[keep_idx]
                 attn_BL, last_pos_A = attn_BL[keep_idx], last_pos_A[keep_idx]
             attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=1)
@@ -218,7 +220,7 @@ def generate_refill(
             if keep:
                 if len(keep) < len(job_A):
                     keep_idx = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(keep_idx)
+                    cache.batch_select_indices(torch.tensor(keep))  # CPU: as above
                     tok_A, attn_AL = tok_A[keep_idx], attn_AL[keep_idx]
                     last_pos_A = last_pos_A[keep_idx]
                     job_A, t_A = [job_A[a] for a in keep], [t_A[a] for a in keep]
