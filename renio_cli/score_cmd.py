@@ -55,6 +55,9 @@ def score(
     shard: str = field_option(ScoreConfig, "shard", "--shard"),
     backend: str = field_option(ScoreConfig, "backend", "--backend"),
     vllm_memory: float = field_option(ScoreConfig, "vllm_memory", "--vllm-memory"),
+    tensor_parallel_size: int = field_option(ScoreConfig, "tensor_parallel_size",
+                                             "--tensor-parallel-size"),
+    device_map: str = field_option(ScoreConfig, "device_map", "--device-map"),
     rows_per_part: int = field_option(ScoreConfig, "rows_per_part"),
     dtype: str = field_option(ScoreConfig, "dtype", "--dtype"),
     device: str = field_option(ScoreConfig, "device", "--device"),
@@ -67,7 +70,8 @@ def score(
         input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
         temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,
         chunk_budget_mb=chunk_budget_mb,
-        shard=shard, backend=backend, vllm_memory=vllm_memory, rows_per_part=rows_per_part, dtype=dtype,
+        shard=shard, backend=backend, vllm_memory=vllm_memory,
+        tensor_parallel_size=tensor_parallel_size, device_map=device_map, rows_per_part=rows_per_part, dtype=dtype,
         device=device, overwrite=overwrite, teacher_prompt=teacher_prompt,
     )
     total = shards.open_inputs(cfg.input, INPUT_COLUMNS).total_rows  # footers only: cheap

@@ -82,6 +82,7 @@ def train(
     dtype: str = field_option(TrainConfig, "dtype"),
     bf16_autocast: bool | None = field_option(TrainConfig, "bf16_autocast", "--bf16-autocast/--no-bf16-autocast"),
     device: str = field_option(TrainConfig, "device"),
+    teacher_device_map: str = field_option(TrainConfig, "teacher_device_map"),
     tensorboard: bool = field_option(TrainConfig, "tensorboard", "--tensorboard"),
     wandb_project: str | None = field_option(TrainConfig, "wandb_project", "--wandb-project"),
     overwrite: bool = field_option(TrainConfig, "overwrite", "--overwrite"),
@@ -97,6 +98,7 @@ def train(
         steps_per_batch=steps_per_batch, init_from=init_from, weights_from=weights_from, seed=seed, gradient_checkpointing=gradient_checkpointing,
         resume=resume, fsdp=fsdp, save_every=save_every, chunk_size=chunk_size,
         chunk_budget_mb=chunk_budget_mb, dtype=dtype, bf16_autocast=bf16_autocast, device=device,
+        teacher_device_map=teacher_device_map,
         tensorboard=tensorboard, wandb_project=wandb_project, overwrite=overwrite,
     )
     with contextlib.ExitStack() as stack:

@@ -191,3 +191,61 @@ def test_core_stages_import_neither_typer_nor_rich() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------
+# Models bigger than one GPU: the refusals a CPU machine gives, through the real command
+# --------------------------------------------------------------------------------------------
+
+
+def _refused(args: list[str], out: Any) -> str:
+    """Run ``renio ARGS``; it must exit 2 with one stderr line and write nothing at ``out``."""
+    proc = subprocess.run([sys.executable, "-m", "renio_cli.main", *args], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "200"}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert not os.path.exists(out)
+    return lines[0]
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"id": "p0", "problem": "1+1?"}\n')
+    return path
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU refusal")
+@pytest.mark.parametrize("command", ["rollout", "score", "eval"])
+def test_device_map_auto_is_refused_on_a_cpu(command, tmp_path, prompts_file):
+    out = tmp_path / "out.parquet"
+    args = {"rollout": ["rollout", "--model", "toy:student", "--prompts", str(prompts_file)],
+            "score": ["score", "--in", str(tmp_path / "rollouts.parquet"),
+                      "--teacher", "toy:teacher"],
+            "eval": ["eval", "--bench", str(prompts_file), "--model", "toy:student"]}[command]
+    line = _refused([*args, "--out", str(out), "--device-map", "auto"], out)
+    assert "--device-map: auto needs CUDA GPUs; on a CPU leave it unset" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU refusal")
+def test_train_teacher_device_map_auto_is_refused_on_a_cpu(tmp_path):
+    out = tmp_path / "ckpt"
+    line = _refused(["train", "--weights", str(tmp_path / "w.parquet"), "--model", "toy:student",
+                     "--out", str(out), "--teacher", "toy:teacher",
+                     "--teacher-device-map", "auto"], out)
+    assert "--teacher-device-map: auto needs CUDA GPUs; on a CPU leave it unset" in line
+
+
+@pytest.mark.parametrize("command", ["rollout", "score", "eval"])
+def test_tensor_parallel_above_one_is_refused_with_the_hf_backend(command, tmp_path,
+                                                                   prompts_file):
+    out = tmp_path / "out.parquet"
+    args = {"rollout": ["rollout", "--model", "toy:student", "--prompts", str(prompts_file)],
+            "score": ["score", "--in", str(tmp_path / "rollouts.parquet"),
+                      "--teacher", "toy:teacher"],
+            "eval": ["eval", "--bench", str(prompts_file), "--model", "toy:student"]}[command]
+    line = _refused([*args, "--out", str(out), "--tensor-parallel-size", "2"], out)
+    assert "--tensor-parallel-size 2: needs --backend vllm" in line
+    line = _refused([*args, "--out", str(out), "--tensor-parallel-size", "0"], out)
+    assert "--tensor-parallel-size: must be an integer >= 1, got 0" in line

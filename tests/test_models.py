@@ -116,3 +116,33 @@ def test_config_vocab_size_is_the_heads_rows(tiny):
         assert M.config_vocab_size(str(tiny[name])) == M.vocab_rows(model)
     assert M.vocab_rows(M.load_model(str(tiny["padded"]), dtype="float32", device="cpu")) \
         == M.vocab_rows(M.load_model(str(tiny["a"]), dtype="float32", device="cpu")) + 37
+
+
+# --------------------------------------------------------------------------------------------
+# --device-map: every refusal is a pure function of what the machine has
+# --------------------------------------------------------------------------------------------
+
+
+def test_device_map_problem_accepts_none_anywhere_and_auto_on_gpus():
+    assert M.device_map_problem("none", "cpu", "vllm", 0, False) is None
+    assert M.device_map_problem("auto", "auto", "hf", 1, True) is None
+    assert M.device_map_problem("auto", "cuda", "hf", 4, True) is None
+
+
+def test_device_map_problem_refusals():
+    def problem(device_map="auto", device="auto", backend="hf", cuda=2, accelerate=True):
+        return M.device_map_problem(device_map, device, backend, cuda, accelerate)
+
+    assert problem(device_map="balanced") == "must be one of none, auto, got 'balanced'"
+    assert problem(cuda=0) == "auto needs CUDA GPUs; on a CPU leave it unset"
+    assert "pip install accelerate" in problem(accelerate=False)
+    assert "--tensor-parallel-size" in problem(backend="vllm")
+    assert "leave --device at auto" in problem(device="cuda:1")
+    assert "leave --device at auto" in problem(device="cpu", cuda=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusal; a GPU machine spreads")
+def test_load_model_refuses_device_map_auto_without_cuda(toy_world):
+    with pytest.raises(RenioInputError, match="--device-map: auto needs CUDA GPUs; on a CPU "
+                                              "leave it unset"):
+        M.load_model(toy_world.student, dtype="float32", device_map="auto")

@@ -50,6 +50,23 @@ def test_bad_run_configs(tmp_path):
         load_run_config(CONFIG, ["rollout.backend=vllm", "train.lora=false"])
     with pytest.raises(RenioInputError, match="rollout: --vllm-memory: must be in"):
         load_run_config(CONFIG, ["rollout.vllm_memory=1.5"])
+    with pytest.raises(RenioInputError, match="rollout: --tensor-parallel-size 2: needs "
+                                              "--backend vllm"):
+        load_run_config(CONFIG, ["rollout.tensor_parallel_size=2"])
+    with pytest.raises(RenioInputError, match="rollout.device_map: the loop samples from the "
+                                              "resident student being trained"):
+        load_run_config(CONFIG, ["rollout.device_map=auto"])
+    with pytest.raises(RenioInputError, match="train.teacher_device_map: .* set "
+                                              "score.device_map"):
+        load_run_config(CONFIG, ["train.teacher_device_map=auto"])
+    with pytest.raises(RenioInputError, match="score.device_map: the OPSD teacher"):
+        load_run_config(CONFIG, ["teacher=self", "score.device_map=auto"])
+    if not torch.cuda.is_available():
+        with pytest.raises(RenioInputError, match="score: --device-map: auto needs CUDA GPUs"):
+            load_run_config(CONFIG, ["score.device_map=auto"])
+    cfg = load_run_config(CONFIG, ["rollout.backend=vllm", "rollout.tensor_parallel_size=4"])
+    assert cfg.stage_configs(tmp_path, adapter=None, policy_step=0)[
+        "rollout"].tensor_parallel_size == 4  # reaches the loop's VllmSampler
     proc = subprocess.run([*RENIO, "run", "--config", str(CONFIG), "iterations=0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "iterations: must be >= 1" in proc.stderr

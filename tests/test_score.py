@@ -322,3 +322,24 @@ def test_cuda_scores_match_the_cpu_direct_forward(world, tmp_path, dtype, atol):
         t_want, _ = direct_logprobs(teacher, r["prompt_ids"], r["completion_ids"], 1.1)
         assert torch.allclose(torch.tensor(r["student_logprobs"]), s_want, atol=atol)
         assert torch.allclose(torch.tensor(r["teacher_logprobs"]), t_want, atol=atol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_map_auto_scores_equal_the_single_device_run(world, tmp_path):
+    """The toy world's student and teacher spread by transformers' device_map="auto" (over
+    every visible GPU; on one GPU it is still the accelerate-hooked path) score the same
+    numbers as the same models on one device, in float32."""
+    pytest.importorskip("accelerate")
+    common = {"input": world["rollout"], "teacher": world["teacher"], "topk": 3,
+              "dtype": "float32"}
+    one = run_score(ScoreConfig(out=str(tmp_path / "one.parquet"), device="cuda", **common))
+    spread = run_score(ScoreConfig(out=str(tmp_path / "spread.parquet"), device_map="auto",
+                                   **common))
+    rows_one = shards.read_table(one.out).to_pylist()
+    rows_spread = shards.read_table(spread.out).to_pylist()
+    assert len(rows_one) == len(rows_spread) > 0
+    for a, b in zip(rows_one, rows_spread):
+        for col in ("student_logprobs", "teacher_logprobs", "teacher_topk_logprobs"):
+            assert torch.allclose(torch.tensor(b[col]), torch.tensor(a[col]), atol=1e-4), col
+        assert b["teacher_topk_ids"] == a["teacher_topk_ids"]

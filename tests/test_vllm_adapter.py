@@ -11,8 +11,10 @@ import pytest
 from renio_core.backends.vllm import (
     adapter_rank,
     check_scoring_temperature,
+    check_tensor_parallel,
     completion_from_vllm,
     engine_lora_rank,
+    engine_parallel_args,
     logprobs_from_prompt_logprobs,
     lora_engine_args,
     require_vllm,
@@ -129,3 +131,34 @@ def test_adapter_rank_reads_peft_config_and_names_the_file(tmp_path):
     with pytest.raises(RenioInputError, match="not a LoRA adapter") as err:
         adapter_rank(full)
     assert "adapter_config.json" in str(err.value)
+
+
+def test_engine_parallel_args_pass_the_size_to_vllm():
+    assert engine_parallel_args(1, 0, True) == {"tensor_parallel_size": 1}  # a CPU build
+    assert engine_parallel_args(1, 1, False) == {"tensor_parallel_size": 1}
+    assert engine_parallel_args(4, 4, False) == {"tensor_parallel_size": 4}
+    assert engine_parallel_args(2, 8, False) == {"tensor_parallel_size": 2}
+
+
+def test_engine_parallel_args_refuse_more_gpus_than_visible_and_a_cpu_build():
+    with pytest.raises(RenioInputError, match=r"--tensor-parallel-size 4: only 2 CUDA GPUs "
+                                              r"visible"):
+        engine_parallel_args(4, 2, False)
+    with pytest.raises(RenioInputError, match=r"--tensor-parallel-size 2: only 1 CUDA GPU "
+                                              r"visible"):
+        engine_parallel_args(2, 1, False)
+    with pytest.raises(RenioInputError, match="only 0 CUDA GPUs"):
+        engine_parallel_args(1, 0, False)  # a CUDA build with no GPU visible
+    with pytest.raises(RenioInputError, match="--tensor-parallel-size 2: this vLLM is a CPU "
+                                              "build"):
+        engine_parallel_args(2, 8, True)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(RenioInputError, match="--tensor-parallel-size: must be an integer"):
+            engine_parallel_args(bad, 8, False)
+
+
+def test_tensor_parallel_above_one_needs_the_vllm_backend():
+    check_tensor_parallel(1, "hf")
+    check_tensor_parallel(2, "vllm")
+    with pytest.raises(RenioInputError, match="--tensor-parallel-size 2: needs --backend vllm"):
+        check_tensor_parallel(2, "hf")

@@ -66,7 +66,7 @@ def generate_batch(
     from transformers import DynamicCache
 
     lm = models._causal_lm(model)
-    device = next(lm.parameters()).device
+    device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     ids_BL, attn_BL = _pad_left(prompt_ids, pad_id)
     ids_BL, attn_BL = ids_BL.to(device), attn_BL.to(device)
@@ -100,7 +100,9 @@ def generate_batch(
                 break
             if not keep_A.all():
                 keep_idx = keep_A.nonzero().squeeze(1)
-                cache.batch_select_indices(keep_idx)
+                # CPU indices: a model spread by device_map keeps each layer's cache on its
+                # own GPU, and a CUDA tensor takes CPU indices whatever its device.
+                cache.batch_select_indices(keep_idx.cpu())
                 alive_A, tok_A = alive_A[keep_idx], tok_A[keep_idx]
                 attn_BL, last_pos_A = attn_BL[keep_idx], last_pos_A[keep_idx]
             attn_BL = torch.cat([attn_BL, attn_BL.new_ones((attn_BL.shape[0], 1))], dim=1)
@@ -170,7 +172,7 @@ def generate_refill(
     for its t-th token, so its tokens do not depend on which rows share its batch, up to the
     float noise that padding also causes in :func:`generate_batch`."""
     lm = models._causal_lm(model)
-    device = next(lm.parameters()).device
+    device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     J = len(prompt_ids)
@@ -218,7 +220,7 @@ def generate_refill(
             if keep:
                 if len(keep) < len(job_A):
                     keep_idx = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(keep_idx)
+                    cache.batch_select_indices(torch.tensor(keep))  # CPU: as above
                     tok_A, attn_AL = tok_A[keep_idx], attn_AL[keep_idx]
                     last_pos_A = last_pos_A[keep_idx]
                     job_A, t_A = [job_A[a] for a in keep], [t_A[a] for a in keep]
@@ -341,7 +343,7 @@ def score_sequences(
     tlp: list[Any] = [None] * n
     for batch in token_budget_batches([len(s) for s in seqs], max_batch_tokens):
         ids_BL, attn_BL = models.pad_right([seqs[i] for i in batch], pad_id)
-        device = next(models._causal_lm(model).parameters()).device
+        device = models.input_device(model)
         spans = [(len(prompts[i]), len(seqs[i])) for i in batch]
         res = models.sequence_logprobs(model, ids_BL.to(device), attn_BL.to(device), spans,
                                        temperature=temperature, chunk=chunk, topk=topk)

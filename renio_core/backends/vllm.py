@@ -175,6 +175,41 @@ def lora_engine_args(rank: int | None) -> dict[str, Any]:
     return {"enable_lora": True, "max_lora_rank": engine_lora_rank(rank), "max_loras": 1}
 
 
+def check_tensor_parallel(tensor_parallel_size: int, backend: str) -> None:
+    """The config-time checks of ``--tensor-parallel-size`` (no machine needed)."""
+    tp = tensor_parallel_size
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise RenioInputError(f"--tensor-parallel-size: must be an integer >= 1, got {tp!r}")
+    if tp > 1 and backend != "vllm":
+        raise RenioInputError(
+            f"--tensor-parallel-size {tp}: needs --backend vllm (the hf backend spreads a "
+            "model over GPUs with --device-map auto)")
+
+
+def engine_parallel_args(tensor_parallel_size: int, device_count: int,
+                         is_cpu_build: bool) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments for ``tensor_parallel_size`` on a machine with
+    ``device_count`` visible CUDA GPUs (or vLLM's CPU build), or one line saying why not."""
+    tp = tensor_parallel_size
+    check_tensor_parallel(tp, "vllm")
+    if tp > 1 and is_cpu_build:
+        raise RenioInputError(f"--tensor-parallel-size {tp}: this vLLM is a CPU build; "
+                              "tensor parallelism needs CUDA GPUs (leave it at 1)")
+    if not is_cpu_build and tp > device_count:
+        raise RenioInputError(f"--tensor-parallel-size {tp}: only {device_count} CUDA "
+                              f"GPU{'s' if device_count != 1 else ''} visible "
+                              "(CUDA_VISIBLE_DEVICES); ask for at most that many")
+    return {"tensor_parallel_size": tp}
+
+
+def _parallel_args(tensor_parallel_size: int) -> dict[str, Any]:
+    """:func:`engine_parallel_args` on this machine."""
+    from vllm.platforms import current_platform
+
+    return engine_parallel_args(tensor_parallel_size, torch.cuda.device_count(),
+                                current_platform.is_cpu())
+
+
 # --------------------------------------------------------------------------------------------
 # Thin adapters over vLLM
 # --------------------------------------------------------------------------------------------
@@ -235,6 +270,7 @@ class VllmSampler:
         self.llm = start_engine(vllm, models.resolve_name(cfg.model), seed=cfg.seed,
                                 dtype=_dtype_arg(cfg.dtype),
                                 gpu_memory_utilization=cfg.vllm_memory,
+                                **_parallel_args(cfg.tensor_parallel_size),
                                 **lora_engine_args(lora_rank))
         self.lora_rank = lora_rank
         self.lora: Any = None
@@ -336,6 +372,8 @@ class VllmScorer:
 
         vllm = require_vllm()
         check_scoring_temperature(resolved.temperature)
+        # Both engines spread over the same GPUs, each with its share of their memory.
+        parallel = _parallel_args(cfg.tensor_parallel_size)
         self.vllm = vllm
         self.cfg = cfg
         self.resolved = resolved
@@ -362,11 +400,11 @@ class VllmScorer:
         try:
             self.student_llm = start_engine(vllm, student_path, dtype=dtype,
                                             gpu_memory_utilization=share,
-                                            max_logprobs=max_logprobs)
+                                            max_logprobs=max_logprobs, **parallel)
             self.teacher_llm = (self.student_llm if one_engine else
                                 start_engine(vllm, teacher_path, dtype=dtype,
                                              gpu_memory_utilization=share,
-                                             max_logprobs=max_logprobs))
+                                             max_logprobs=max_logprobs, **parallel))
         except BaseException:
             self.close()  # the engine that did start, and the merged copy
             raise

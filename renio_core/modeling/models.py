@@ -42,6 +42,7 @@ from renio_core.modeling.toy import resolve_model
 from renio_core.modeling.toy.chain import resolve_chain_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_MAPS = ("none", "auto")
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,6 +89,45 @@ def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def device_map_problem(device_map: str, device: str, backend: str, cuda_count: int,
+                       has_accelerate: bool) -> str | None:
+    """Why ``--device-map device_map`` cannot be used here (None: it can). A pure function
+    of what the machine has, so every refusal is tested on any machine."""
+    if device_map not in DEVICE_MAPS:
+        return f"must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}"
+    if device_map == "none":
+        return None
+    if backend != "hf":
+        return ("auto is for --backend hf; vLLM spreads a model with "
+                "--tensor-parallel-size")
+    if device not in ("auto", "cuda"):
+        return f"auto places the model itself; leave --device at auto (got {device!r})"
+    if cuda_count < 1:
+        return "auto needs CUDA GPUs; on a CPU leave it unset"
+    if not has_accelerate:
+        return "auto needs the 'accelerate' package (pip install accelerate)"
+    return None
+
+
+def check_device_map(device_map: str, device: str = "auto", backend: str = "hf",
+                     flag: str = "--device-map") -> None:
+    """:func:`device_map_problem` on this machine, as one ``RenioInputError`` line."""
+    import importlib.util
+
+    cuda = torch.cuda.device_count() if device_map == "auto" else 0
+    has_accelerate = importlib.util.find_spec("accelerate") is not None
+    problem = device_map_problem(device_map, device, backend, cuda, has_accelerate)
+    if problem is not None:
+        raise RenioInputError(f"{flag}: {problem}")
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its first parameter's device, which with
+    ``device_map="auto"`` is the device of the embedding (accelerate's hooks move the
+    activations on between layers)."""
+    return next(_causal_lm(model).parameters()).device
+
+
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
@@ -130,17 +170,26 @@ def load_model(
     adapter: str | os.PathLike | None = None,
     dtype: str = "auto",
     device: str = "auto",
+    device_map: str | None = None,
 ) -> Any:
     """A causal LM in eval mode, optionally wrapped by a PEFT adapter (kept unmerged, so
-    OPSD can disable it to get the base weights)."""
+    OPSD can disable it to get the base weights).
+
+    ``device_map="auto"``: the layers are spread over the visible CUDA GPUs by transformers
+    (accelerate); its inputs go to :func:`input_device`. Not for a model being trained
+    (DDP/FSDP is that path)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    dev = choose_device(device)
+    spread = device_map not in (None, "none")
+    if spread:
+        check_device_map(device_map, device)
+    dev = choose_device("cuda" if spread else device)
     torch_dtype = choose_dtype(dtype, dev)
     path = resolve_name(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        extra = {"device_map": "auto"} if spread else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **extra)
     except (OSError, ValueError) as exc:
         raise RenioInputError(f"cannot load model {os.fspath(name)!r}: {exc}") from None
     if adapter is not None:
@@ -153,7 +202,8 @@ def load_model(
                 model = PeftModel.from_pretrained(model, os.fspath(adapter))
         except (OSError, ValueError) as exc:
             raise RenioInputError(f"cannot load adapter: {exc}", file=adapter) from None
-    model.to(dev)
+    if not spread:
+        model.to(dev)
     model.eval()
     return model
 
@@ -363,10 +413,12 @@ def sequence_logprobs(
             rows.append(torch.full((end - start,), b, dtype=torch.long))
             cols.append(torch.arange(start - 1, end - 1, dtype=torch.long))
             lengths.append(end - start)
+        # The last hidden states' device; with a model spread by device_map="auto" it is
+        # not the inputs' (the first layer's), and the head may sit on a third.
         device = hidden_BLH.device
         rows_N = torch.cat(rows).to(device)
         cols_N = torch.cat(cols).to(device)
-        targets_N = input_ids_BL[rows_N, cols_N + 1]
+        targets_N = input_ids_BL.to(device)[rows_N, cols_N + 1]
         n_total = rows_N.numel()
         lp_N = torch.empty(n_total, dtype=torch.float32, device=device)
         topk_ids_NK = torch.empty((n_total, topk), dtype=torch.long, device=device) if topk else None
@@ -374,7 +426,7 @@ def sequence_logprobs(
         for lo in range(0, n_total, max(1, chunk)):
             hi = min(n_total, lo + max(1, chunk))
             h_CH = hidden_BLH[rows_N[lo:hi], cols_N[lo:hi]]
-            logits_CV = head_logits(lm, h_CH).float()
+            logits_CV = head_logits(lm, h_CH).float().to(device)
             if temperature != 1.0:
                 logits_CV = logits_CV / temperature
             lse_C = torch.logsumexp(logits_CV, dim=-1)

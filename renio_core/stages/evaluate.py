@@ -105,6 +105,9 @@ class EvalConfig:
     backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
     vllm_memory: float = dataclasses.field(
         default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    tensor_parallel_size: int = dataclasses.field(
+        default=1, metadata={"help": option_help.TENSOR_PARALLEL})
+    device_map: str = dataclasses.field(default="none", metadata={"help": option_help.DEVICE_MAP})
     limit: int | None = dataclasses.field(
         default=None, metadata={"help": "Only the first N problems of the benchmark."})
     batch_size: int = dataclasses.field(
@@ -153,6 +156,8 @@ class EvalConfig:
             raise RenioInputError(f"backend: must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 < self.vllm_memory <= 1:
             raise RenioInputError(f"vllm_memory: must be in (0, 1], got {self.vllm_memory}")
+        vllm_backend.check_tensor_parallel(self.tensor_parallel_size, self.backend)
+        models.check_device_map(self.device_map, self.device, self.backend)
         if self.limit is not None and self.limit < 1:
             raise RenioInputError(f"limit: must be at least 1, got {self.limit}")
         if self.batch_size < 1:
@@ -399,6 +404,7 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
         max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
         dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, vllm_memory=cfg.vllm_memory,
+        tensor_parallel_size=cfg.tensor_parallel_size, device_map=cfg.device_map,
     )
     tok = models.load_tokenizer(cfg.model)
     sampler: Any
@@ -406,7 +412,7 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
         sampler = vllm_backend.VllmSampler(rollout_cfg, tok)
     else:
         model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
-                                  device=cfg.device)
+                                  device=cfg.device, device_map=cfg.device_map)
         sampler = HFSampler(model, tok)
     prompts = [Prompt(id=p.id, problem=p.problem or "", task=p.task) for p in problems]
     table = sampler.sample(prompts, rollout_cfg, progress)
@@ -564,7 +570,8 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
 def _config_for_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     # Where the results go and how fast they are made do not change them.
-    for key in ("out", "summary", "overwrite", "workers", "batch_size", "device", "vllm_memory"):
+    for key in ("out", "summary", "overwrite", "workers", "batch_size", "device", "vllm_memory",
+                "tensor_parallel_size", "device_map"):
         d.pop(key)
     # A file edited in place, or a checkpoint overwritten at the same path, is new input.
     d["bench_file"] = _file_identity(cfg.bench)

@@ -16,3 +16,7 @@ DEVICE = "auto, cpu, cuda, cuda:1, ..."
 BACKEND = "hf (exact, any device) or vllm (optional extra; a GPU, or vLLM's CPU build)."
 VLLM_MEMORY = ("With --backend vllm: the share of GPU memory vLLM may reserve (of CPU memory on "
                "a CPU build; OPD scoring splits it between its two engines).")
+TENSOR_PARALLEL = ("With --backend vllm: GPUs one vLLM engine spreads the model over (vLLM's "
+                   "tensor parallelism); at most the visible CUDA GPUs.")
+DEVICE_MAP = ("With --backend hf: auto spreads the model's layers over the visible CUDA GPUs "
+              "(transformers' device_map='auto', needs accelerate); none keeps it on --device.")

@@ -91,6 +91,9 @@ class RolloutConfig:
     backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
     vllm_memory: float = dataclasses.field(
         default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    tensor_parallel_size: int = dataclasses.field(
+        default=1, metadata={"help": option_help.TENSOR_PARALLEL})
+    device_map: str = dataclasses.field(default="none", metadata={"help": option_help.DEVICE_MAP})
     batch_size: int = dataclasses.field(
         default=64, metadata={"help": "Trajectories sampled together (HF backend)."})
     chunk_prompts: int = dataclasses.field(
@@ -130,6 +133,8 @@ class RolloutConfig:
             raise bad("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 < self.vllm_memory <= 1:
             raise bad("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}")
+        vllm_backend.check_tensor_parallel(self.tensor_parallel_size, self.backend)
+        models.check_device_map(self.device_map, self.device, self.backend)
         if self.batch_size < 1:
             raise bad("batch_size", f"must be >= 1, got {self.batch_size}")
         if self.chunk_prompts < 1:
@@ -143,7 +148,8 @@ class RolloutConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the rows: everything but where they go and how the work is split."""
         d = dataclasses.asdict(self)
-        for key in ("out", "shard", "overwrite", "device", "vllm_memory"):
+        for key in ("out", "shard", "overwrite", "device", "vllm_memory", "tensor_parallel_size",
+                    "device_map"):
             d.pop(key)
         return d
 
@@ -269,7 +275,7 @@ def run_rollout(
                 else:
                     if model is None:
                         model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
-                                                  device=cfg.device)
+                                                  device=cfg.device, device_map=cfg.device_map)
                     sampler = HFSampler(model, tokenizer)
             return sampler
 

@@ -150,6 +150,22 @@ class RunConfig:
                 "rollout.backend: vllm in the loop serves the trained LoRA adapter to one "
                 "resident engine; a full fine-tune (train.lora: false) would need a new "
                 "engine every iteration. Use LoRA, or rollout.backend: hf")
+        # Only the frozen teacher is spread over GPUs (score.device_map); the student is
+        # trained, and a model being trained is not spread with a device map.
+        if self.rollout.get("device_map", "none") != "none":
+            raise RenioInputError(
+                "rollout.device_map: the loop samples from the resident student being "
+                "trained, which is not spread with a device map; remove it (score.device_map "
+                "spreads the teacher)")
+        if "teacher_device_map" in self.train:
+            raise RenioInputError(
+                "train.teacher_device_map: the loop trains against its one resident teacher; "
+                "set score.device_map instead")
+        if (self.score.get("device_map", "none") != "none" and self.teacher == "self"
+                and self.lora):
+            raise RenioInputError(
+                "score.device_map: the OPSD teacher (teacher: self with LoRA) is the student "
+                "being trained, which is not spread with a device map; remove it")
         unknown = sorted(set(self.eval) - {*EVAL_SAMPLING, "limit"})
         if unknown:
             raise RenioInputError(
@@ -320,16 +336,18 @@ class _Resident:
         self.student = models.load_model(self.student_name, dtype=self.dtype, device=self.device)
         self.teacher = None
         self.teacher_tok = None
+        teacher_map = cfg.score.get("device_map", "none")  # the frozen teacher only
         if cfg.teacher != "self":
             self.teacher_tok = models.load_tokenizer(cfg.teacher)
             models.check_tokenizers_compatible(self.tokenizer, self.teacher_tok,
                                                student_name=cfg.student, teacher_name=cfg.teacher)
-            self.teacher = models.load_model(cfg.teacher, dtype=self.dtype, device=self.device)
+            self.teacher = models.load_model(cfg.teacher, dtype=self.dtype, device=self.device,
+                                             device_map=teacher_map)
         elif not cfg.lora:
             # OPSD with a full fine-tune: no adapter to switch off, so the frozen base stays
             # loaded beside the student it is trained into.
             self.teacher = models.load_model(self.student_name, dtype=self.dtype,
-                                             device=self.device)
+                                             device=self.device, device_map=teacher_map)
             self.teacher.requires_grad_(False)
         self.checkpoint: str | None = None
         self.vllm_sampler: Any = None

@@ -102,6 +102,9 @@ class ScoreConfig:
     backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
     vllm_memory: float = dataclasses.field(
         default=0.9, metadata={"help": option_help.VLLM_MEMORY})
+    tensor_parallel_size: int = dataclasses.field(
+        default=1, metadata={"help": option_help.TENSOR_PARALLEL})
+    device_map: str = dataclasses.field(default="none", metadata={"help": option_help.DEVICE_MAP})
     rows_per_part: int = dataclasses.field(
         default=512, metadata={"help": "Input rows per output part (the unit of resuming and "
                                        "sharding)."})
@@ -151,6 +154,8 @@ class ScoreConfig:
             raise bad("backend", f"must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 < self.vllm_memory <= 1:
             raise bad("vllm_memory", f"must be in (0, 1], got {self.vllm_memory}")
+        vllm_backend.check_tensor_parallel(self.tensor_parallel_size, self.backend)
+        models.check_device_map(self.device_map, self.device, self.backend)
         if self.dtype not in models.DTYPES:
             raise bad("dtype", f"must be one of {', '.join(models.DTYPES)}")
         parse_shard(self.shard)
@@ -338,7 +343,7 @@ def read_rows(inputs: shards.InputSet, start: int, stop: int) -> pa.Table:
 def _fingerprint_fields(cfg: ScoreConfig, resolved: ResolvedScoring) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     for key in ("out", "shard", "overwrite", "device", "max_batch_tokens", "chunk",
-                "chunk_budget_mb", "vllm_memory"):
+                "chunk_budget_mb", "vllm_memory", "tensor_parallel_size", "device_map"):
         d.pop(key)
     d["resolved"] = dataclasses.asdict(resolved)
     return d
@@ -365,10 +370,11 @@ def load_scoring_models(cfg: ScoreConfig, resolved: ResolvedScoring, where: Any
     if cfg.backend == "vllm":
         return None, student_tok, None, teacher_tok
     student = models.load_model(resolved.student, adapter=resolved.adapter, dtype=cfg.dtype,
-                                device=cfg.device)
+                                device=cfg.device, device_map=cfg.device_map)
     teacher = None
     if not cfg.self_distill:
-        teacher = models.load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
+        teacher = models.load_model(cfg.teacher, dtype=cfg.dtype, device=cfg.device,
+                                    device_map=cfg.device_map)
     return student, student_tok, teacher, teacher_tok
 
 

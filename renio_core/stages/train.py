@@ -108,6 +108,12 @@ Progress = Callable[[int, int, dict[str, Any]], None]
 # --------------------------------------------------------------------------------------------
 
 
+SELF_TEACHER_NOT_SPREAD = (
+    "teacher_device_map: the OPSD teacher (--teacher self with LoRA) is the student being "
+    "trained, its adapter switched off; a model being trained is not spread with a device "
+    "map (--fsdp under torchrun is that path). Leave --teacher-device-map unset")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     weights: str = dataclasses.field(metadata={"help":
@@ -195,6 +201,10 @@ class TrainConfig:
         "Run forward and backward under bf16 autocast (fp32 master weights). Default: on for "
         "CUDA GPUs with bf16, off on CPU."})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    teacher_device_map: str = dataclasses.field(default="none", metadata={"help":
+        "auto spreads the frozen teacher's layers over the visible CUDA GPUs (transformers' "
+        "device_map='auto', needs accelerate); none keeps it on --device. Never the student: "
+        "a model being trained is spread with --fsdp under torchrun."})
     tensorboard: bool = dataclasses.field(default=False, metadata={"help":
         "Also write TensorBoard events to OUT/tensorboard."})
     wandb_project: str | None = dataclasses.field(default=None, metadata={"help":
@@ -221,6 +231,19 @@ class TrainConfig:
                 f"teacher: --loss {self.loss} uses the stored teacher log-probs; --teacher is "
                 "only for --loss jsd"
             )
+        models.check_device_map(self.teacher_device_map, self.device,
+                                flag="--teacher-device-map")
+        if self.teacher_device_map == "auto":
+            if not LOSS_TABLE[self.loss].needs_teacher_model:
+                raise RenioInputError(
+                    f"teacher_device_map: --loss {self.loss} loads no teacher model (it uses "
+                    "the stored teacher log-probs); leave --teacher-device-map unset")
+            if self.teacher == "self" and self.lora:
+                raise RenioInputError(SELF_TEACHER_NOT_SPREAD)
+            if self.fsdp:
+                raise RenioInputError(
+                    "teacher_device_map: auto with --fsdp would spread a teacher over every "
+                    "GPU in every process; use one or the other")
         if self.lora:
             if self.lora_r < 1:
                 raise RenioInputError(f"lora_r: must be >= 1, got {self.lora_r}")
@@ -437,8 +460,9 @@ def _build_model(cfg: TrainConfig, source: str, adapter: str | None, dtype: str,
     return model
 
 
-def _load_teacher(name: str, dtype: str, device: torch.device, student_tok: Any) -> Any:
-    teacher = models.load_model(name, dtype=dtype, device=str(device))
+def _load_teacher(name: str, dtype: str, device: torch.device, student_tok: Any,
+                  device_map: str = "none") -> Any:
+    teacher = models.load_model(name, dtype=dtype, device=str(device), device_map=device_map)
     teacher.requires_grad_(False)
     teacher.eval()
     t_tok = models.load_tokenizer(name)
@@ -457,6 +481,9 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     """
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
+    if cfg.teacher_device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RenioInputError("teacher_device_map: auto under torchrun would spread a teacher "
+                              "over every GPU in every process; leave it unset there")
     tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
     inputs = shards.open_inputs(cfg.weights, columns(cfg.loss))
@@ -635,13 +662,15 @@ class Trainer:
             # OPSD with a full fine-tune: the caller keeps the frozen base weights loaded.
             return preloaded, False
         if self_teacher and cfg.lora:
+            if cfg.teacher_device_map == "auto":  # 'self' read from the score metadata
+                raise RenioInputError(SELF_TEACHER_NOT_SPREAD)
             return None, True
         # OPD, or OPSD without an adapter to switch off: the frozen base as a separate model.
         # An explicit --dtype applies to the teacher too; "auto" is bf16 on a GPU.
         t_dtype = cfg.dtype if cfg.dtype != "auto" else (
             "bfloat16" if self.device.type == "cuda" else "float32")
         return _load_teacher(cfg.model if self_teacher else name, t_dtype, self.device,
-                             self.tok), False
+                             self.tok, cfg.teacher_device_map), False
 
     def _setup_optimizer(self) -> None:
         """AdamW and the schedule, continued from --resume or --init-from; seeds otherwise."""

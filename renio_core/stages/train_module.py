@@ -143,8 +143,11 @@ class DistillModule(torch.nn.Module):
         else:
             t_lm = causal_lm(self.teacher)
             t_hidden = _final_hidden(t_lm, p.teacher_input_ids_BL, p.teacher_attention_BL)
-        return TeacherHead(t_hidden[p.rows_N, p.teacher_cols_N], lm_head(t_lm).weight.detach(),
-                           t_lm.config)
+        # A teacher spread by device_map="auto" ends on its last GPU; the loss runs on the
+        # student's (a no-op for a teacher on the student's device).
+        device = p.rows_N.device
+        return TeacherHead(t_hidden.to(device)[p.rows_N, p.teacher_cols_N],
+                           lm_head(t_lm).weight.detach().to(device), t_lm.config)
 
     def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any) -> torch.Tensor:
         """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
