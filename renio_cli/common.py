@@ -104,8 +104,8 @@ def _force_progress() -> bool:
 def load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
     """Eager ``--config`` callback: a YAML file's keys become the defaults of the other flags.
 
-    Keys are the config dataclass's field names (``group_size``), or the flag spelled with
-    dashes (``group-size``); flags given on the command line still win.
+    Keys are the config dataclass's field names (``group_size``, ``input``), or the flag
+    spelled with dashes (``group-size``, ``in``); flags given on the command line still win.
     """
     if value is None:
         return None
@@ -116,10 +116,17 @@ def load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: Path 
     if not isinstance(data, dict):
         raise fail(f"{value}: a config file must be a mapping of option names to values")
     params = {p.name: p for p in ctx.command.params}
+    # A parameter answers to its name, that name without the trailing underscore that dodges a
+    # Python keyword (input_ -> input), and its long flags (--in -> in).
+    aliases: dict[str, str] = {}
+    for p in ctx.command.params:
+        for alias in (p.name, p.name.rstrip("_"),
+                      *(o[2:] for o in getattr(p, "opts", []) if o.startswith("--"))):
+            aliases.setdefault(alias.replace("-", "_"), p.name)
     defaults: dict[str, Any] = {}
     for key, val in data.items():
-        name = str(key).replace("-", "_")
-        if name not in params:
+        name = aliases.get(str(key).replace("-", "_"))
+        if name is None:
             raise fail(f"{value}: unknown key '{key}' for 'renio {ctx.command.name}'")
         problem = _yaml_type_problem(params[name], val)
         if problem:

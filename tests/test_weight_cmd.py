@@ -184,6 +184,17 @@ def test_yaml_config(hand_scores, tmp_path):
     assert proc.returncode == 2 and "unknown key 'clipp'" in proc.stderr
 
 
+def test_yaml_config_takes_field_names_and_flags(hand_scores, tmp_path):
+    # The config field is 'input' (the flag --in, the parameter input_): all three spellings of
+    # a key work, as the field name 'filter' (parameter filter_) does.
+    for key in ("input", "in"):
+        cfg = tmp_path / f"{key}.yaml"
+        out = tmp_path / f"{key}.parquet"
+        cfg.write_text(f"{key}: {hand_scores}\nout: {out}\nfilter: all\n")
+        run("weight", "--config", cfg)
+        assert pq.read_table(out).num_rows == pq.read_table(hand_scores).num_rows
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
