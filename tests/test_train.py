@@ -744,8 +744,8 @@ def test_gradient_checkpointing_gives_the_same_run(world, weights_file, tmp_path
 def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients(world, weights_file, lora):
     """With --gradient-checkpointing each decoder layer really runs again in backward, and
     the loss and every trainable parameter's gradient are those of the plain model."""
+    from renio_core.modeling.models import causal_lm as _causal_lm
     from renio_core.stages.train import _build_model
-    from renio_core.stages.train_module import causal_lm as _causal_lm
 
     mb = next(m for m in read_micro_batches(shards.open_inputs(str(weights_file), []), "rkl") if m)
     packed = pack(mb, 0, torch.device("cpu"))

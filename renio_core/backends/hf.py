@@ -65,7 +65,7 @@ def generate_batch(
     t-th token. Stops a row at its first EOS (kept in its ids) or after ``max_new_tokens``."""
     from transformers import DynamicCache
 
-    lm = models._causal_lm(model)
+    lm = models.causal_lm(model)
     device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     ids_BL, attn_BL = _pad_left(prompt_ids, pad_id)
@@ -147,7 +147,7 @@ def refill_supported(model: Any) -> bool:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
-    lm = models._causal_lm(model)
+    lm = models.causal_lm(model)
     layers = DynamicCache(config=lm.config).layers
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
@@ -171,7 +171,7 @@ def generate_refill(
     (continuous batching). Each job keeps its own positions and draws ``uniforms_JT[j, t]``
     for its t-th token, so its tokens do not depend on which rows share its batch, up to the
     float noise that padding also causes in :func:`generate_batch`."""
-    lm = models._causal_lm(model)
+    lm = models.causal_lm(model)
     device = models.input_device(lm)
     cache_kw = models._cache_kwarg(lm)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)

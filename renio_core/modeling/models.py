@@ -125,7 +125,7 @@ def input_device(model: Any) -> torch.device:
     """Where a model's inputs go: its first parameter's device, which with
     ``device_map="auto"`` is the device of the embedding (accelerate's hooks move the
     activations on between layers)."""
-    return next(_causal_lm(model).parameters()).device
+    return next(causal_lm(model).parameters()).device
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +323,7 @@ class LogprobResult:
     topk_logprobs: list[torch.Tensor] | None  # per row: [n_b, K] float32
 
 
-def _causal_lm(model: Any) -> Any:
+def causal_lm(model: Any) -> Any:
     """The transformers CausalLM inside a PEFT wrapper (LoRA layers stay injected)."""
     return model.get_base_model() if has_adapter(model) else model
 
@@ -361,7 +361,7 @@ def config_vocab_size(name: str | os.PathLike) -> int:
 
 def vocab_rows(model: Any) -> int:
     """Rows of the model's LM head (a padded vocabulary has more than its tokenizer)."""
-    return _causal_lm(model).get_output_embeddings().weight.shape[0]
+    return causal_lm(model).get_output_embeddings().weight.shape[0]
 
 
 def auto_chunk(vocab: int, budget_bytes: float, *, bytes_per_element: int = 4,
@@ -399,7 +399,7 @@ def sequence_logprobs(
     """
     if temperature <= 0:
         raise ValueError("temperature must be > 0")
-    lm = _causal_lm(model)
+    lm = causal_lm(model)
     decoder = lm.get_decoder()
     B, L = input_ids_BL.shape
     with torch.no_grad():

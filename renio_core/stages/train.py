@@ -85,7 +85,7 @@ from renio_core.stages.train_data import (
     read_micro_batches,
 )
 from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec, losses_help
-from renio_core.stages.train_module import DistillModule, causal_lm, lm_head
+from renio_core.stages.train_module import DistillModule, lm_head
 from renio_core.stages.train_parallel import (
     Dist,
     all_reduce_sum,
@@ -451,7 +451,7 @@ def _build_model(cfg: TrainConfig, source: str, adapter: str | None, dtype: str,
     model.to(device)
     model.train()
     if cfg.gradient_checkpointing:
-        lm = causal_lm(model)
+        lm = models.causal_lm(model)
         # transformers 5 renamed the method (and its keyword); older releases have the old one.
         if hasattr(lm, "activation_checkpointing_enable"):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -638,7 +638,7 @@ class Trainer:
                                  str(self.out) if cfg.lora else None, self.dtype, device)
         else:
             model = _build_model(cfg, cfg.model, cfg.adapter, self.dtype, device)
-        vocab = lm_head(causal_lm(model)).weight.shape[0]
+        vocab = lm_head(models.causal_lm(model)).weight.shape[0]
         check_token_ids(self.micro, vocab, self.inputs.files[0])
 
         teacher, self_teacher = self._teacher(preloaded_teacher)

@@ -75,10 +75,6 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return g_h, g_w, None, None, None, None
 
 
-def causal_lm(model: Any) -> Any:
-    return model.get_base_model() if models.has_adapter(model) else model
-
-
 def _final_hidden(lm: Any, ids_BL: torch.Tensor, attn_BL: torch.Tensor) -> torch.Tensor:
     out = lm.get_decoder()(input_ids=ids_BL, attention_mask=attn_BL, use_cache=False)
     return out.last_hidden_state
@@ -116,7 +112,7 @@ class DistillModule(torch.nn.Module):
         self.self_teacher = self_teacher
 
     def forward(self, p: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        lm = causal_lm(self.model)
+        lm = models.causal_lm(self.model)
         entry = LOSS_TABLE[self.spec.loss]
         teacher = self._teacher_head(lm, p) if entry.needs_teacher_model else None
         hidden_BLH = _final_hidden(lm, p.input_ids_BL, p.attention_BL)
@@ -141,7 +137,7 @@ class DistillModule(torch.nn.Module):
                 t_hidden = _final_hidden(lm, p.teacher_input_ids_BL, p.teacher_attention_BL)
             t_lm = lm
         else:
-            t_lm = causal_lm(self.teacher)
+            t_lm = models.causal_lm(self.teacher)
             t_hidden = _final_hidden(t_lm, p.teacher_input_ids_BL, p.teacher_attention_BL)
         # A teacher spread by device_map="auto" ends on its last GPU; the loss runs on the
         # student's (a no-op for a teacher on the student's device).
@@ -179,7 +175,7 @@ def naive_loss(module: DistillModule, p: PackedBatch) -> torch.Tensor:
     """
     spec = module.spec
     entry = LOSS_TABLE[spec.loss]
-    lm = causal_lm(module.model)
+    lm = models.causal_lm(module.model)
     logits_BLV = lm(input_ids=p.input_ids_BL, attention_mask=p.attention_BL, use_cache=False).logits
     B = p.input_ids_BL.shape[0]
     Tmax = int(p.lengths_B.max().item()) if B else 0

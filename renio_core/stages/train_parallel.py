@@ -66,7 +66,7 @@ def wrap(module: torch.nn.Module, d: Dist, device: torch.device, *, fsdp: bool,
         # Imported here: builds of torch without distributed support cannot import them.
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        lm = module.model.get_base_model() if models.has_adapter(module.model) else module.model
+        lm = models.causal_lm(module.model)
         layer_names = set(getattr(lm, "_no_split_modules", None) or [])
         # Works with gloo on CPU too. Parameters are gathered in bf16 only when the matmuls
         # run in bf16 anyway (autocast); gradients are always reduced in fp32.
