@@ -33,7 +33,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -176,13 +176,16 @@ def _new_model(spec: ModelSpec, tok: Any, seed: int):
     return model
 
 
-def _train(model: Any, tok: Any, spec: TrainSpec, steps: int, seed: int, name: str,
-           exclude: frozenset[toy_task.Problem], progress: Progress | None) -> None:
+def fit(model: Any, batches: Iterable[tuple[Any, Any, Any]], *, lr: float, warmup: int,
+        steps: int, seed: int, label: str, progress: Progress | None) -> None:
+    """Train ``model`` from scratch on ``steps`` batches of (input_ids_BL, attention_mask_BL,
+    labels_BL): AdamW, warmup then cosine down to 10%, gradient-norm clip 1. Both toy
+    worlds train their models with it."""
     import torch
 
     torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(spec.warmup, max(steps // 4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    warmup = min(warmup, max(steps // 4, 1))
 
     def lr_factor(step: int) -> float:
         if step < warmup:
@@ -194,8 +197,7 @@ def _train(model: Any, tok: Any, spec: TrainSpec, steps: int, seed: int, name: s
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
-    for step, (ids_BL, mask_BL, labels_BL) in enumerate(
-            _batches(tok, spec, steps, seed, name, exclude)):
+    for step, (ids_BL, mask_BL, labels_BL) in enumerate(batches):
         loss = model(input_ids=ids_BL, attention_mask=mask_BL, labels=labels_BL).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -203,7 +205,7 @@ def _train(model: Any, tok: Any, spec: TrainSpec, steps: int, seed: int, name: s
         opt.step()
         sched.step()
         if progress is not None:
-            progress(f"train {name}", step + 1, steps)
+            progress(label, step + 1, steps)
     model.eval()
 
 
@@ -290,7 +292,9 @@ def build_toy_world(out_dir: str | os.PathLike[str], *, seed: int = 0, quick: bo
                                           ("student", STUDENT_MODEL, STUDENT_TRAIN, seed + 1)):
             steps = QUICK_STEPS if quick else tspec.steps
             model = _new_model(mspec, tok, mseed)
-            _train(model, tok, tspec, steps, mseed, name, exclude, progress)
+            fit(model, _batches(tok, tspec, steps, mseed, name, exclude), lr=tspec.lr,
+                warmup=tspec.warmup, steps=steps, seed=mseed, label=f"train {name}",
+                progress=progress)
             _save_model(model, tok, getattr(world, name))
             models[name] = model
         metrics: dict[str, float] = {}

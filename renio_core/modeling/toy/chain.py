@@ -55,6 +55,7 @@ from renio_core.modeling.toy.build import (
     _new_model,
     _save_model,
     cache_root,
+    fit,
     generate_completions,
 )
 from renio_core.modeling.toy.tokenizer import build_tokenizer
@@ -219,35 +220,6 @@ def _chain_batches(tok: Any, spec: ChainTrainSpec, steps: int, seed: int, name: 
         yield ids_BL, mask_BL, labels_BL
 
 
-def _train_chain(model: Any, tok: Any, spec: ChainTrainSpec, steps: int, seed: int, name: str,
-                 exclude: frozenset[ChainProblem], progress: Progress | None) -> None:
-    import torch
-
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    warmup = min(spec.warmup, max(steps // 4, 1))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        frac = (step - warmup) / max(steps - warmup, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    model.train()
-    for step, (ids_BL, mask_BL, labels_BL) in enumerate(
-            _chain_batches(tok, spec, steps, seed, name, exclude)):
-        loss = model(input_ids=ids_BL, attention_mask=mask_BL, labels=labels_BL).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if progress is not None:
-            progress(f"train chain {name}", step + 1, steps)
-    model.eval()
-
-
 # ----------------------------------------------------------------------------- measurement
 
 
@@ -379,7 +351,9 @@ def build_chain_world(out_dir: str | Path, *, seed: int = 0, quick: bool = False
                                           ("student", STUDENT_MODEL, STUDENT_TRAIN, seed + 1)):
             steps = QUICK_STEPS if quick else tspec.steps
             model = _new_model(mspec, tok, mseed)
-            _train_chain(model, tok, tspec, steps, mseed, name, exclude, progress)
+            fit(model, _chain_batches(tok, tspec, steps, mseed, name, exclude), lr=tspec.lr,
+                warmup=tspec.warmup, steps=steps, seed=mseed, label=f"train chain {name}",
+                progress=progress)
             _save_model(model, tok, getattr(world, name))
             models[name] = model
         metrics = {} if quick else measure_chain(models["teacher"], models["student"], tok, test,
