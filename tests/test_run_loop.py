@@ -298,3 +298,47 @@ def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, t
 def test_overrides_read_exponent_numbers(tmp_path):
     cfg = load_run_config(CONFIG, [f"run_dir={tmp_path}", "train.lr=1e-4", "seed=3"])
     assert cfg.train["lr"] == 1e-4 and cfg.seed == 3
+
+
+def test_fill_filtered_needs_a_filter():
+    with pytest.raises(RenioInputError, match="fill_filtered: needs weight.filter correct or"):
+        load_run_config(CONFIG, ["fill_filtered=true"])
+    load_run_config(CONFIG, ["fill_filtered=true", "weight.filter=correct"])
+
+
+@pytest.mark.integration
+def test_fill_filtered_trains_on_as_many_rows_as_unfiltered(tmp_path, toy_world):
+    """weight.filter with fill_filtered samples further prompts until prompts_per_iteration x n
+    rows of the kept kind exist; the rows are the ordinary rollout rows of those prompts, the
+    first ones of the kind in prompt order, and the student's own accuracy is recorded over
+    every row sampled."""
+    from renio_core.stages.run_loop import run_loop
+
+    common = ["iterations=1", "prompts_per_iteration=8", "rollout.n=2", "eval_every=0",
+              "rollout.max_new_tokens=48", "weight.filter=incorrect", "weight.scheme=uniform"]
+    plain, filled = tmp_path / "plain", tmp_path / "filled"
+    run_loop(load_run_config(CONFIG, [f"run_dir={plain}", *common]))
+    run_loop(load_run_config(CONFIG, [f"run_dir={filled}", *common, "fill_filtered=true"]))
+    it_plain, it_filled = plain / "iter-00000", filled / "iter-00000"
+    plain_rows = pq.read_table(it_plain / "rollouts.parquet")
+    n_wrong = plain_rows.column("correct").to_pylist().count(False)
+    assert 0 < n_wrong < 16, "the toy student should get some but not all of 16 rows wrong"
+    assert pq.read_metadata(it_plain / "weights.parquet").num_rows == n_wrong
+
+    rounds = sorted((it_filled / "fill").glob("rollouts-*.parquet"))
+    assert len(rounds) >= 2
+    # Round 0 is exactly the unfilled iteration's rollout: same prompts, same seed, same rows.
+    drop = ["created_at"] if "created_at" in plain_rows.schema.names else []
+    assert pq.read_table(rounds[0]).drop_columns(drop).equals(plain_rows.drop_columns(drop))
+    pooled = [r for path in rounds for r in pq.read_table(path).to_pylist()]
+    wanted = [r for r in pooled if r["correct"] is False][:16]
+    # It stops at the first round that completes the 16: the rounds before had too few.
+    assert sum(r["correct"] is False for r in pooled[:-16]) < 16
+    got = pq.read_table(it_filled / "rollouts.parquet").to_pylist()
+    key = lambda r: (r["prompt_id"], r["sample_index"], tuple(r["completion_ids"]))  # noqa: E731
+    assert [key(r) for r in got] == [key(r) for r in wanted] and len(got) == 16
+    assert pq.read_metadata(it_filled / "weights.parquet").num_rows == 16
+    (rec,) = [json.loads(x) for x in (filled / "metrics.jsonl").read_text().splitlines()]
+    assert rec["fill_kept"] == 16 and rec["fill_sampled"] == len(pooled) == 16 * len(rounds)
+    right = sum(r["correct"] is True for r in pooled)
+    assert rec["rollout_accuracy"] == pytest.approx(right / len(pooled))

@@ -20,9 +20,14 @@ outputs (complete parts are skipped; a checkpoint is reused only when it recorde
 its training, never a mid-training ``save_every`` save), so the same command after a kill
 continues exactly from the last complete stage.
 
+Filtered runs (``fill_filtered``): the paper's correct-only and incorrect-only comparison is
+fair only at equal data, so the loop can sample further prompts until the iteration has
+``prompts_per_iteration x n`` rows of the kind ``weight.filter`` keeps (``sample_filled``).
+
 Disk: the optimizer state (``trainer_state.pt``) is kept only in the newest checkpoint and in
 every ``keep_checkpoint_every``-th; ``prune_checkpoints`` also removes those older
-checkpoints' weights, ``prune_shards`` older iterations' rollouts, scores and weights.
+checkpoints' weights, ``prune_shards`` older iterations' rollouts (with ``fill/``), scores and
+weights.
 
 The YAML maps one to one onto :class:`RunConfig`; its sections ``rollout``, ``score``,
 ``weight``, ``train`` and ``eval`` hold the fields of the stages' own config dataclasses.
@@ -46,6 +51,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from renio_core.backends.hf import HFScorer
@@ -56,7 +63,7 @@ from renio_core.errors import RenioInputError
 from renio_core.modeling import models
 from renio_core.modeling.toy import chain, ensure_toy_world
 from renio_core.stages.evaluate import EvalConfig, run_eval
-from renio_core.stages.rollout import RolloutConfig, run_rollout
+from renio_core.stages.rollout import RolloutConfig, RolloutSummary, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
@@ -91,6 +98,11 @@ class RunConfig:
     prompts_per_iteration: int = 64
     eval_every: int = 1
     eval_before: bool = True
+    # With weight.filter correct/incorrect: sample further prompts (the next ones in order,
+    # at most one pass over the prompt file) until prompts_per_iteration x rollout.n rows of
+    # the kept kind exist, and train on exactly that many, so a filtered run takes as many
+    # rows per optimizer step as an unfiltered one. Off: filter what was sampled.
+    fill_filtered: bool = False
     seed: int = 0
     task: str = "math"
     wandb_project: str | None = None  # log steps and iterations to W&B (renio[wandb]); None = off
@@ -166,6 +178,10 @@ class RunConfig:
             raise RenioInputError(
                 "score.device_map: the OPSD teacher (teacher: self with LoRA) is the student "
                 "being trained, which is not spread with a device map; remove it")
+        if self.fill_filtered and self.weight.get("filter", "all") not in ("correct", "incorrect"):
+            raise RenioInputError(
+                "fill_filtered: needs weight.filter correct or incorrect (it fills the "
+                "iteration with rows of the kept kind)")
         unknown = sorted(set(self.eval) - {*EVAL_SAMPLING, "limit"})
         if unknown:
             raise RenioInputError(
@@ -304,6 +320,10 @@ class IterationRecord:
     train_loss: float | None
     eval_accuracy: float | None
     seconds: float
+    # fill_filtered: rows sampled in all, and rows of the kept kind trained on
+    # (prompts_per_iteration x n unless the prompt file ran out).
+    fill_sampled: int | None = None
+    fill_kept: int | None = None
     # Wall seconds by phase (TIME_KEYS); "*_work" is the stage's own compute inside it.
     time: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -498,11 +518,12 @@ class _Loop:
         resident.use_checkpoint(prev_ckpt)
         prompt_set = _iteration_prompts(self.train_prompts, cfg, i)
 
-        with _timed(t, "sample"), self.bar(f"{label}: rollout",
-                                           len(prompt_set.prompts) * c["rollout"].n) as advance:
-            r = run_rollout(c["rollout"], advance, prompt_set=prompt_set, model=resident.student,
-                            tokenizer=resident.tokenizer,
-                            sampler=resident.sampler(c["rollout"], self.lora_rank))
+        fill: tuple[int, int] | None = None
+        with _timed(t, "sample"):
+            if cfg.fill_filtered:
+                r, fill = self.sample_filled(c, i, label)
+            else:
+                r = self.sample(c["rollout"], prompt_set, f"{label}: rollout")
         t["sample_work"] = r.seconds
         rollout_acc = r.correct / r.graded if r.graded else None
 
@@ -549,8 +570,60 @@ class _Loop:
             mean_weight_correct=w.mean_weight_correct,
             mean_weight_incorrect=w.mean_weight_incorrect, auroc_incorrect=w.auroc_incorrect,
             pivotal_share=w.pivotal_share, train_loss=steps[-1].get("loss") if steps else None,
-            eval_accuracy=eval_acc, seconds=total, time={k: round(v, 4) for k, v in t.items()},
+            eval_accuracy=eval_acc, seconds=total,
+            fill_sampled=fill[0] if fill else None, fill_kept=fill[1] if fill else None,
+            time={k: round(v, 4) for k, v in t.items()},
         )
+
+    def sample(self, rollout_cfg: RolloutConfig, prompt_set: PromptSet, desc: str) -> Any:
+        with self.bar(desc, len(prompt_set.prompts) * rollout_cfg.n) as advance:
+            return run_rollout(rollout_cfg, advance, prompt_set=prompt_set,
+                               model=self.resident.student, tokenizer=self.resident.tokenizer,
+                               sampler=self.resident.sampler(rollout_cfg, self.lora_rank))
+
+    def sample_filled(self, c: dict[str, Any], i: int, label: str) -> tuple[Any, tuple[int, int]]:
+        """Rollout rounds over the next prompts until ``prompts_per_iteration x n`` rows of
+        the kind ``weight.filter`` keeps exist; those rows (first ones first) become the
+        iteration's ``rollouts.parquet``. Each round is an ordinary, resumable rollout shard
+        under ``fill/``; rows depend only on (seed, prompt, sample), not on the rounds."""
+        cfg, rollout_cfg = self.cfg, c["rollout"]
+        keep = c["weight"].filter == "correct"
+        target = min(cfg.prompts_per_iteration, len(self.train_prompts.prompts)) * rollout_cfg.n
+        n_prompts = len(self.train_prompts.prompts)
+        fill_dir = Path(rollout_cfg.out).parent / "fill"
+        fill_dir.mkdir(parents=True, exist_ok=True)
+        tables, kept, sampled, seconds, meta = [], 0, 0, 0.0, None
+        graded = correct = 0
+        start = i * cfg.prompts_per_iteration
+        for j, first in enumerate(range(0, n_prompts, cfg.prompts_per_iteration)):
+            count = min(cfg.prompts_per_iteration, n_prompts - first)
+            picked = [self.train_prompts.prompts[(start + first + k) % n_prompts]
+                      for k in range(count)]
+            round_cfg = dataclasses.replace(rollout_cfg, out=str(fill_dir / f"rollouts-{j:03d}.parquet"))
+            r = self.sample(round_cfg, dataclasses.replace(self.train_prompts, prompts=picked),
+                            f"{label}: rollout (fill round {j})")
+            seconds += r.seconds
+            graded, correct = graded + r.graded, correct + r.correct
+            table = shards.read_table(round_cfg.out)
+            meta = meta or shards.read_metadata(Path(round_cfg.out))
+            sampled += table.num_rows
+            mask = pc.fill_null(pc.equal(table.column("correct"), keep), False)
+            tables.append(table.filter(mask))
+            kept += tables[-1].num_rows
+            if kept >= target:
+                break
+        rows = pa.concat_tables(tables).slice(0, target)
+        meta = {**(meta or {}), "fill_filtered": {
+            "filter": c["weight"].filter, "target_rows": target, "rows": rows.num_rows,
+            "rows_sampled": sampled, "rounds": j + 1}}
+        shards.write_table_atomic(Path(rollout_cfg.out), rows.replace_schema_metadata(None), meta)
+        if rows.num_rows < target:
+            self.say(f"{label}: fill_filtered found {rows.num_rows} of {target} "
+                     f"{c['weight'].filter} rows in one pass over the prompts")
+        # The record's rollout accuracy is the student's, over every row sampled.
+        summary = RolloutSummary(out=Path(rollout_cfg.out), rows=rows.num_rows, graded=graded,
+                                 correct=correct, seconds=seconds)
+        return summary, (sampled, rows.num_rows)
 
     def evaluate(self, where: Path, ckpt: str | None, policy_step: int, label: str) -> float | None:
         cfg, resident, eval_prompts = self.cfg, self.resident, self.eval_prompts
@@ -596,7 +669,7 @@ class _Loop:
             elif not kept:
                 (ckpt / STATE_FILE).unlink(missing_ok=True)
             if cfg.prune_shards:
-                for name in ("rollouts.parquet", "scores.parquet", "weights.parquet"):
+                for name in ("rollouts.parquet", "scores.parquet", "weights.parquet", "fill"):
                     path = it_dir / name
                     if path.is_dir():
                         shutil.rmtree(path, ignore_errors=True)
