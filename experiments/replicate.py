@@ -1,30 +1,40 @@
-"""The toy replication of the paper's comparisons, in one command.
+"""The toy replication of the paper's comparisons, on both toy worlds, in one command.
 
-    python experiments/replicate.py [--seeds 0 1 2 3 4] [--out runs/replication] [--docs docs]
+    python experiments/replicate.py [--seeds 0 1 2 3 4] [--jobs 2] [--out runs/replication]
 
-Runs, for every seed and at the same compute (iterations, prompts per iteration, samples per
-prompt, train steps per rollout batch):
+Worlds: ``addition`` (3-digit column addition, ``toy:*``; every error is a dropped carry and
+the teacher offers no way back) and ``chain`` (K dependent mod-10 steps, ``toy-chain:*``; the
+teacher checks each line and, after a wrong one, writes ``wait`` and the redo). Every run is
+the real CLI (``renio run``) with the faithful loop of ``sample_configs/toy-*.yaml``: 64
+iterations, each one optimizer step on a fresh batch of 32 prompts x 1 sample, one AdamW and
+a linear schedule over the run, evaluated every ``EVAL_EVERY`` iterations. Conditions:
 
-    opd               plain OPD (every sample weighs 1)          sample_configs/toy-opd.yaml
-    opd-renio         OPD + ReNIO weights                        sample_configs/toy-opd-renio.yaml
-    opsd              plain OPSD (teacher: self + privileged)    sample_configs/toy-opsd.yaml
-    opsd-renio        OPSD + ReNIO weights                       sample_configs/toy-opsd-renio.yaml
-    opd-correct-only  OPD trained only on samples that ended right    (--filter correct)
-    opd-incorrect-only OPD trained only on samples that ended wrong   (--filter incorrect)
-    opd-renio-tem4    ablation: OPD + ReNIO with softer weights (tem 4)
+    opd                 plain OPD (every sample weighs 1)             toy-opd.yaml
+    opd-renio           OPD + ReNIO weights                           toy-opd-renio.yaml
+    opsd                plain OPSD (teacher: self + privileged)       toy-opsd.yaml
+    opsd-renio          OPSD + ReNIO weights                          toy-opsd-renio.yaml
+    opd-correct-only    OPD on correct samples only, at equal rows    weight.filter=correct
+    opd-incorrect-only  OPD on incorrect samples only, at equal rows  weight.filter=incorrect
+    opd-tclip0.05       opd with the official token clip 0.05         train.token_clip=0.05
+    opd-renio-tclip0.05 opd-renio with the official token clip 0.05   train.token_clip=0.05
 
-Each run is the real CLI (`renio run`). A run directory carries ``replicate-stamp.json``: the
-run's full config (YAML file, overrides, seed) and a digest of the code that made it. A
-finished run is reused only when both match; a directory made with another config or code
-version (or with no stamp) is refused, naming the difference, unless ``--rerun-stale`` is given,
-which deletes it and runs again. Every (condition, replicate) pair gets its own run seed, spaced
-so that no seed derived from it inside ``renio run`` (rollout, train, eval) equals one of another
-run (see ``run_seed``). Differences between conditions are judged with a paired t test at 95%
-(two-sided, the t quantile for n - 1 degrees of freedom, computed exactly); with fewer than
-``MIN_SEEDS`` seeds the verdict is "undetermined". Results go to
-``docs/replication.md`` (mean ± std table, AUROC of the weights for incorrect samples) and two
-PNG plots: accuracy against train step, and the weight distribution of correct against
-incorrect samples.
+(The sample configs use token clip 0, so ``opd`` and ``opd-renio`` are the clip-0 runs.) The
+filtered runs use ``fill_filtered``: each iteration samples further prompts until it has 32
+rows of the kept kind, so they take as many rows and optimizer steps as the others.
+
+Conditions, seeds and hyperparameters are fixed here before the first run. A run directory
+carries ``replicate-stamp.json``: the run's full config (YAML file, overrides, seed) and a
+digest of the code that made it; a finished run is reused only when both match, and a
+directory made with another config or code version is refused, naming the difference,
+unless ``--rerun-stale`` is given. Every (world, condition, replicate) gets its own run seed,
+spaced so that no seed derived from it inside ``renio run`` equals one of another run
+(``run_seed``). Differences are paired by replicate and judged with a two-sided t test at 95%
+(t quantile for n - 1 degrees of freedom, computed exactly); with fewer than ``MIN_SEEDS``
+replicates the verdict is "undetermined".
+
+Results: ``docs/replication.md`` (tables per world, paired tests, the behaviour analysis:
+completion length and reflection-marker rate after correct-only and incorrect-only training,
+accuracy by chain length K) and its plots; raw numbers in ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -33,10 +43,12 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,37 +60,60 @@ CONDITIONS = {
     "opd-renio": ("toy-opd-renio.yaml", []),
     "opsd": ("toy-opsd.yaml", []),
     "opsd-renio": ("toy-opsd-renio.yaml", []),
-    "opd-correct-only": ("toy-opd.yaml", ["weight.filter=correct"]),
-    "opd-incorrect-only": ("toy-opd.yaml", ["weight.filter=incorrect"]),
-    # Ablation: softer weights (raw = exp(m / 4)), to test whether ReNIO's cost here comes
-    # from concentrating each group's weight on a few rollouts.
-    "opd-renio-tem4": ("toy-opd-renio.yaml", ["weight.tem=4"]),
+    "opd-correct-only": ("toy-opd.yaml", ["weight.filter=correct", "fill_filtered=true"]),
+    "opd-incorrect-only": ("toy-opd.yaml", ["weight.filter=incorrect", "fill_filtered=true"]),
+    "opd-tclip0.05": ("toy-opd.yaml", ["train.token_clip=0.05"]),
+    "opd-renio-tclip0.05": ("toy-opd-renio.yaml", ["train.token_clip=0.05"]),
 }
-COMMON = ["eval_every=1"]
-# Fixed slot per condition for seed derivation; append new conditions, never reorder.
+EVAL_EVERY = 8
+COMMON = [f"eval_every={EVAL_EVERY}"]
+CHAIN_MAX_NEW = 128  # renio_core.modeling.toy.chain.MAX_NEW_TOKENS: the world's own setting
+WORLDS = {
+    # The sample configs are the addition world's; nothing to change.
+    "addition": {"models": [], "prompts": []},
+    "chain": {"models": ["student=toy-chain:student", "teacher=toy-chain:teacher"],
+              "prompts": ["prompts=toy-chain:train", "eval_prompts=toy-chain:test",
+                          f"rollout.max_new_tokens={CHAIN_MAX_NEW}",
+                          f"eval.max_new_tokens={CHAIN_MAX_NEW}", "eval.limit=256"]},
+}
+# Fixed slot per (world, condition) for seed derivation; append new ones, never reorder.
+WORLD_SLOT = {name: i for i, name in enumerate(WORLDS)}
 CONDITION_SLOT = {name: i for i, name in enumerate(CONDITIONS)}
+SLOTS_PER_WORLD = 16
 MAX_SLOTS = 64
-# renio run derives, from its seed s: rollout s * 100003 + it, train s + it, eval s + 7919
-# (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations keeps the ranges of
-# different runs apart.
+# renio run derives, from its seed s: rollout s * 100003 + it, train s * 100003 + it, eval
+# s + 7919 (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations keeps the
+# ranges of different runs apart (tests/test_replicate.py checks it, modulo 2**32 where a
+# generator truncates).
 SEED_STRIDE = 10_000
 MIN_SEEDS = 3
 STAMP = "replicate-stamp.json"
+PAIRS = (  # (baseline, treatment, what a positive difference means, negative)
+    ("opd", "opd-renio", "ReNIO helps", "ReNIO hurts"),
+    ("opsd", "opsd-renio", "ReNIO helps", "ReNIO hurts"),
+    ("opd-tclip0.05", "opd-renio-tclip0.05", "ReNIO helps", "ReNIO hurts"),
+    ("opd", "opd-tclip0.05", "token clip 0.05 helps", "token clip 0.05 hurts"),
+    ("opd-correct-only", "opd-incorrect-only", "incorrect-only is better",
+     "correct-only is better"),
+)
 
 
-def run_seed(name: str, replicate: int) -> int:
-    """The ``seed`` given to ``renio run`` for one condition's replicate: unique per pair."""
+def run_seed(world: str, name: str, replicate: int) -> int:
+    """The ``seed`` given to ``renio run`` for one (world, condition, replicate): unique."""
     if replicate < 0:
         raise ValueError(f"replicate must be >= 0, got {replicate}")
-    return (replicate * MAX_SLOTS + CONDITION_SLOT[name] + 1) * SEED_STRIDE
+    slot = WORLD_SLOT[world] * SLOTS_PER_WORLD + CONDITION_SLOT[name]
+    return (replicate * MAX_SLOTS + slot + 1) * SEED_STRIDE
 
 
 def derived_seeds(seed: int, iterations: int) -> set[tuple[str, int]]:
-    """Every torch/python seed ``renio run`` derives from ``seed`` (see SEED_STRIDE)."""
-    out = {("eval", seed + 7919)}
+    """The seeds ``renio run`` derives from ``seed``, as the generators see them: rollout rows
+    hash the full rollout seed (``formulas.sampling.row_seed``); torch's and numpy's generators
+    (train, and the eval's seed) keep only its low 32 bits."""
+    out = {("torch", (seed + 7919) % 2**32)}
     for it in range(iterations):
         out.add(("rollout", seed * 100003 + it))
-        out.add(("train", seed + it))
+        out.add(("torch", (seed * 100003 + it) % 2**32))
     return out
 
 
@@ -93,13 +128,23 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def run_stamp(name: str, replicate: int, code: str) -> dict:
-    """What a run directory must have been made with to be reused."""
+def run_overrides(world: str, name: str) -> list[str]:
+    """The ``key=value`` overrides of one run (besides run_dir and seed)."""
     config, extra = CONDITIONS[name]
-    return {"condition": name, "replicate": replicate, "seed": run_seed(name, replicate),
-            "config_file": config,
+    w = WORLDS[world]
+    models = w["models"]
+    if "opsd" in config:  # OPSD's teacher is the student itself: only the student changes
+        models = [m for m in models if not m.startswith("teacher=")]
+    return [*models, *w["prompts"], *COMMON, *extra]
+
+
+def run_stamp(world: str, name: str, replicate: int, code: str) -> dict:
+    """What a run directory must have been made with to be reused."""
+    config, _ = CONDITIONS[name]
+    return {"world": world, "condition": name, "replicate": replicate,
+            "seed": run_seed(world, name, replicate), "config_file": config,
             "config_text": (ROOT / "sample_configs" / config).read_text(),
-            "overrides": [*COMMON, *extra], "code_version": code}
+            "overrides": run_overrides(world, name), "code_version": code}
 
 
 class StaleRun(Exception):
@@ -132,10 +177,11 @@ def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False) -> 
     return "reuse" if finished else "run"
 
 
-def run_one(name: str, replicate: int, out: Path, code: str, *, rerun_stale: bool = False) -> Path:
-    config, extra = CONDITIONS[name]
-    run_dir = out / name / f"rep{replicate}"
-    stamp = run_stamp(name, replicate, code)
+def run_one(world: str, name: str, replicate: int, out: Path, code: str, *,
+            rerun_stale: bool = False, threads: int = 1) -> Path:
+    config, _ = CONDITIONS[name]
+    run_dir = out / world / name / f"rep{replicate}"
+    stamp = run_stamp(world, name, replicate, code)
     try:
         if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale) == "reuse":
             return run_dir
@@ -145,12 +191,15 @@ def run_one(name: str, replicate: int, out: Path, code: str, *, rerun_stale: boo
     (run_dir / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     cmd = [sys.executable, "-m", "renio_cli.main", "run", "--config",
            str(ROOT / "sample_configs" / config), f"run_dir={run_dir}",
-           f"seed={stamp['seed']}", *COMMON, *extra]
+           f"seed={stamp['seed']}", *stamp["overrides"]]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} replicate {replicate} (seed {stamp['seed']}) failed:\n{proc.stderr[-3000:]}")
-    print(f"{name:>20} replicate {replicate}: {time.perf_counter() - t0:5.1f}s", flush=True)
+        raise SystemExit(f"{world}/{name} replicate {replicate} (seed {stamp['seed']}) "
+                         f"failed:\n{proc.stderr[-3000:]}")
+    print(f"{world:>8} {name:>20} replicate {replicate}: {time.perf_counter() - t0:6.1f}s",
+          flush=True)
     return run_dir
 
 
@@ -158,22 +207,60 @@ def eval_accuracy(path: Path) -> float:
     return json.loads(path.read_text())["metrics"]["avg_at_n"]
 
 
-def collect(run_dir: Path) -> dict:
-    """Accuracy after every iteration, and the weights of every rollout (pooled)."""
+def chain_length(problem: str) -> int:
+    """K of a chain problem such as ``7+5*3+9``: its number of operations."""
+    return problem.count("+") + problem.count("*")
+
+
+def eval_behaviour(eval_dir: Path, world: str) -> dict:
+    """Accuracy, completion length and reflection-marker rate of one evaluation, and for the
+    chain world the accuracy by K."""
+    summary = json.loads((eval_dir / "eval.json").read_text())
+    m = summary["metrics"]
+    out = {"acc": m["avg_at_n"], "length": m["all"]["mean_length"],
+           "reflection_per_1k": m["all"]["reflection_per_1k"] or 0.0,
+           "wait_share": None, "by_k": {}}
+    rows = pq.read_table(eval_dir / "eval.parquet",
+                         columns=["prompt_id", "correct", "reflection_markers"]).to_pylist()
+    out["wait_share"] = float(np.mean([r["reflection_markers"] > 0 for r in rows]))
+    if world == "chain":
+        ks = {}
+        for line in Path(summary["bench"]).read_text().splitlines():
+            item = json.loads(line)
+            ks[item["id"]] = chain_length(item["problem"])
+        by_k: dict[int, list[bool]] = {}
+        for r in rows:
+            by_k.setdefault(ks[r["prompt_id"]], []).append(bool(r["correct"]))
+        out["by_k"] = {k: float(np.mean(v)) for k, v in sorted(by_k.items())}
+    return out
+
+
+def collect(run_dir: Path, world: str) -> dict:
+    """Accuracy after every evaluation, the weights of every rollout (pooled), the final and
+    base evaluations' behaviour, and how many rows were sampled per row trained on."""
     steps, accs = [0], [eval_accuracy(run_dir / "eval-base" / "eval.json")]
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     raw, weight, correct = [], [], []
+    last_eval = None
     for r in records:
         it = run_dir / f"iter-{r['iteration']:05d}"
         if r["eval_accuracy"] is not None:
             steps.append(r["policy_step"])
             accs.append(r["eval_accuracy"])
+            last_eval = it
         t = pq.read_table(it / "weights.parquet", columns=["raw_weight", "weight", "correct"])
         raw.extend(t.column("raw_weight").to_pylist())
         weight.extend(t.column("weight").to_pylist())
         correct.extend(t.column("correct").to_pylist())
+    sampled = sum(r.get("fill_sampled") or 0 for r in records)
+    kept = sum(r.get("fill_kept") or 0 for r in records)
     return {"steps": steps, "acc": accs, "raw": raw, "weight": weight, "correct": correct,
-            "auroc": [r["auroc_incorrect"] for r in records]}
+            "auroc": [r["auroc_incorrect"] for r in records],
+            "rollout_acc": [r["rollout_accuracy"] for r in records],
+            "base": eval_behaviour(run_dir / "eval-base", world),
+            "final": eval_behaviour(last_eval, world),
+            "sampled_per_kept": sampled / kept if kept else 1.0,
+            "seconds": sum(r["seconds"] for r in records)}
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -248,153 +335,242 @@ def paired_test(a: list[float], b: list[float], *, better: str, worse: str) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                    help="replicate indices; each (condition, replicate) gets its own run seed")
+                    help="replicate indices; each (world, condition, replicate) gets its own seed")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs")
-    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
+    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs at once, each with (CPU cores / jobs) threads")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="delete and rerun run directories made with another config or code")
     args = ap.parse_args()
 
-    from renio_core.formulas.weighting import auroc
-    from renio_core.modeling.toy import ensure_toy_world
+    from renio_core.modeling.toy import chain, ensure_toy_world
 
-    ensure_toy_world()
+    ensure_toy_world()  # built once here, not by concurrent runs
+    if "chain" in args.worlds:
+        chain.ensure_chain_world()
     code = code_version()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
-    results: dict[str, list[dict]] = {}
-    for rep in args.seeds:  # replicate-major, so a cut-short run still has every condition
-        for name in args.conditions:
-            run_dir = run_one(name, rep, args.out, code, rerun_stale=args.rerun_stale)
-            results.setdefault(name, []).append(collect(run_dir))
+    load0 = os.getloadavg()[0]
+    # Replicate-major, so a cut-short experiment still has every condition.
+    tasks = [(w, name, rep) for rep in args.seeds for w in args.worlds for name in args.conditions]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {t: pool.submit(run_one, *t, args.out, code, rerun_stale=args.rerun_stale,
+                                  threads=threads) for t in tasks}
+        dirs = {t: f.result() for t, f in futures.items()}
+    results: dict[str, dict[str, list[dict]]] = {}
+    for (w, name, rep) in tasks:
+        results.setdefault(w, {}).setdefault(name, []).append(collect(dirs[(w, name, rep)], w))
     wall = time.perf_counter() - t0
+    run = {"seeds": args.seeds, "jobs": args.jobs, "threads": threads, "wall_s": wall,
+           "code_version": code, "load_before": load0, "load_after": os.getloadavg()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"run": run, "results": results}))
     args.docs.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results))
+    plot(args.docs, results, len(args.seeds))
+    write_report(args.docs, run, results)
 
+
+def plot(docs: Path, results: dict, n_seeds: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # Accuracy against train step, mean ± std over seeds.
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, runs in results.items():
-        steps = runs[0]["steps"]
-        accs = np.array([r["acc"] for r in runs])
-        m, s = accs.mean(0), accs.std(0, ddof=1) if len(runs) > 1 else np.zeros(accs.shape[1])
-        style = "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
-        ax.plot(steps, m, style, marker="o", label=name)
-        ax.fill_between(steps, m - s, m + s, alpha=0.15)
-    ax.set_xlabel("train step")
-    ax.set_ylabel("toy test accuracy (avg@2, 128 problems)")
-    ax.set_title(f"Toy world: accuracy against step (mean ± std over {len(args.seeds)} seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    worlds = list(results)
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.4), squeeze=False)
+    for ax, w in zip(axes[0], worlds):
+        for name, runs in results[w].items():
+            steps = runs[0]["steps"]
+            accs = np.array([r["acc"] for r in runs])
+            m = accs.mean(0)
+            se = accs.std(0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * m
+            style = "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
+            ax.plot(steps, m, style, marker="o", ms=3, label=name)
+            ax.fill_between(steps, m - se, m + se, alpha=0.12)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out accuracy (avg@2)")
+        ax.set_title(f"{w} world (mean ± s.e. over {n_seeds} replicates)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(args.docs / "replication-accuracy.png", dpi=110)
+    fig.savefig(docs / "replication-accuracy.png", dpi=110)
     plt.close(fig)
 
-    # Weight distribution, correct against incorrect, pooled over the ReNIO runs.
-    pooled = {"raw": [], "weight": [], "correct": []}
-    for name in ("opd-renio", "opsd-renio"):
-        for r in results.get(name, []):
-            for key in pooled:
-                pooled[key].extend(r[key])
-    aurocs = {}
-    if pooled["raw"]:
-        raw = np.array(pooled["raw"])
-        w = np.array(pooled["weight"])
+    # Weights of correct and incorrect rollouts, pooled over each world's ReNIO runs.
+    fig, axes = plt.subplots(len(worlds), 2, figsize=(9, 3.3 * len(worlds)), squeeze=False)
+    for row, w in zip(axes, worlds):
+        pooled = {"raw": [], "weight": [], "correct": []}
+        for name in ("opd-renio", "opsd-renio"):
+            for r in results[w].get(name, []):
+                for key in pooled:
+                    pooled[key].extend(r[key])
+        if not pooled["raw"]:
+            continue
+        wts, lb = np.array(pooled["weight"]), np.log(np.array(pooled["raw"]))
         ok = np.array([c is True for c in pooled["correct"]])
         bad = np.array([c is False for c in pooled["correct"]])
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-        bins = np.linspace(0, max(w.max(), 1.0) * 1.02, 40)
-        axes[0].hist(w[ok], bins=bins, alpha=0.7, label=f"correct ({ok.sum()})", color="tab:blue")
-        axes[0].hist(w[bad], bins=bins, alpha=0.7, label=f"incorrect ({bad.sum()})", color="tab:red")
-        axes[0].set_xlabel("normalized weight (batch_mean)")
-        axes[0].set_ylabel("samples")
-        axes[0].legend(fontsize=8)
-        lb = np.log(raw)
-        bins = np.linspace(lb.min(), lb.max() + 1e-9, 40)
-        axes[1].hist(lb[ok], bins=bins, alpha=0.7, label="correct", color="tab:blue")
-        axes[1].hist(lb[bad], bins=bins, alpha=0.7, label="incorrect", color="tab:red")
-        axes[1].set_xlabel("log raw weight = mean pivotal log-ratio / tem")
-        axes[1].legend(fontsize=8)
-        fig.suptitle("ReNIO weights of toy rollouts, pooled over OPD+ReNIO and OPSD+ReNIO runs")
+        for ax, values, label in ((row[0], wts, "normalized weight (batch_mean)"),
+                                  (row[1], lb, "log raw weight = mean pivotal log-ratio / tem")):
+            bins = np.linspace(values.min(), values.max() + 1e-9, 40)
+            ax.hist(values[ok], bins=bins, alpha=0.7, label=f"correct ({ok.sum()})", color="tab:blue")
+            ax.hist(values[bad], bins=bins, alpha=0.7, label=f"incorrect ({bad.sum()})", color="tab:red")
+            ax.set_xlabel(label)
+            ax.set_title(f"{w} world, OPD+ReNIO and OPSD+ReNIO rollouts", fontsize=9)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(docs / "replication-weights.png", dpi=110)
+    plt.close(fig)
+
+    if "chain" in results:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        runs0 = next(iter(results["chain"].values()))
+        ks = sorted(runs0[0]["base"]["by_k"], key=int)
+        base = np.array([[r["base"]["by_k"][k] for k in ks] for rs in results["chain"].values()
+                         for r in rs])
+        ax.plot([int(k) for k in ks], base.mean(0), "k-", marker="s", label="before training")
+        for name, runs in results["chain"].items():
+            acc = np.array([[r["final"]["by_k"][k] for k in ks] for r in runs])
+            style = "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
+            ax.plot([int(k) for k in ks], acc.mean(0), style, marker="o", ms=3, label=name)
+        ax.set_xlabel("chain length K")
+        ax.set_ylabel("held-out accuracy after training")
+        ax.set_title(f"chain world: accuracy by K (mean over {n_seeds} replicates)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(args.docs / "replication-weights.png", dpi=110)
+        fig.savefig(docs / "replication-chain-by-k.png", dpi=110)
         plt.close(fig)
-    for name, runs in results.items():
-        raw = np.concatenate([r["raw"] for r in runs])
-        correct = [c for r in runs for c in r["correct"]]
-        graded = np.array([c is not None for c in correct])
-        incorrect = np.array([c is False for c in correct])
-        value = auroc(raw[graded], incorrect[graded])
-        aurocs[name] = None if math.isnan(value) else value
-
-    write_report(args, results, aurocs, wall)
 
 
-def write_report(args, results, aurocs, wall) -> None:
-    base = [r["acc"][0] for r in results[next(iter(results))]]
+def auroc_of(runs: list[dict]) -> float | None:
+    from renio_core.formulas.weighting import auroc
+
+    raw = np.concatenate([r["raw"] for r in runs])
+    correct = [c for r in runs for c in r["correct"]]
+    graded = np.array([c is not None for c in correct])
+    incorrect = np.array([c is False for c in correct])
+    if not graded.any():
+        return None
+    value = auroc(raw[graded], incorrect[graded])
+    return None if math.isnan(value) else value
+
+
+def pct(v: float) -> str:
+    return f"{v:.1%}"
+
+
+def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
+    base = [r["base"]["acc"] for runs in runs_by.values() for r in runs]
+    lines = [f"## The {w} world", "",
+             f"Student before training: {np.mean(base):.1%} (mean of every run's own base "
+             f"evaluation; {len(base)} evaluations).", "",
+             "| condition | final accuracy (mean ± s.e.) | gain over its base | AUROC of raw weight "
+             "for incorrect rollouts | rows sampled per row trained |",
+             "| --- | --- | --- | --- | --- |"]
+    finals = {name: [r["final"]["acc"] for r in runs] for name, runs in runs_by.items()}
+    for name, runs in runs_by.items():
+        m, sd = mean_std(finals[name])
+        se = sd / math.sqrt(len(runs)) if len(runs) > 1 else float("nan")
+        gain = np.mean([r["final"]["acc"] - r["base"]["acc"] for r in runs])
+        a = auroc_of(runs) if "renio" in name else None
+        lines.append(f"| {name} | {m:.1%} ± {se:.1%} | {gain:+.1%} | "
+                     f"{'-' if a is None else f'{a:.3f}'} | "
+                     f"{np.mean([r['sampled_per_kept'] for r in runs]):.2f} |")
+    lines += ["", "Final accuracy of each replicate:", ""]
+    for name, final in finals.items():
+        lines.append(f"- {name}: " + ", ".join(pct(v) for v in final))
+    lines += ["", "Paired differences (treatment - baseline, paired by replicate; two-sided "
+              "t test at 95%):", ""]
+    for plain, treated, better, worse in PAIRS:
+        if plain in finals and treated in finals:
+            r = paired_test(finals[plain], finals[treated], better=better, worse=worse)
+            lines.append(f"- {treated} - {plain}: {describe_test(r)}.")
+    lines += ["", "Behaviour of the student at the final evaluation (mean over replicates; "
+              "length in tokens; reflection markers per 1,000 tokens; share of completions "
+              "with at least one reflection marker):", "",
+              "| condition | accuracy | mean length | reflection / 1k | completions with a marker |",
+              "| --- | --- | --- | --- | --- |"]
+    all_runs = [r for runs in runs_by.values() for r in runs]
+    lines.append(f"| before training | {np.mean([r['base']['acc'] for r in all_runs]):.1%} | "
+                 f"{np.mean([r['base']['length'] for r in all_runs]):.1f} | "
+                 f"{np.mean([r['base']['reflection_per_1k'] for r in all_runs]):.2f} | "
+                 f"{np.mean([r['base']['wait_share'] for r in all_runs]):.1%} |")
+    for name, runs in runs_by.items():
+        f = [r["final"] for r in runs]
+        lines.append(f"| {name} | {np.mean([x['acc'] for x in f]):.1%} | "
+                     f"{np.mean([x['length'] for x in f]):.1f} | "
+                     f"{np.mean([x['reflection_per_1k'] for x in f]):.2f} | "
+                     f"{np.mean([x['wait_share'] for x in f]):.1%} |")
+    if "opd-correct-only" in runs_by and "opd-incorrect-only" in runs_by:
+        lines += ["", "Incorrect-only against correct-only training (paired by replicate):", ""]
+        for key, label in (("length", "mean completion length (tokens)"),
+                           ("reflection_per_1k", "reflection markers per 1k tokens")):
+            a = [r["final"][key] for r in runs_by["opd-correct-only"]]
+            b = [r["final"][key] for r in runs_by["opd-incorrect-only"]]
+            r = paired_test(a, b, better="higher after incorrect-only",
+                            worse="higher after correct-only")
+            lines.append(f"- {label}: correct-only {np.mean(a):.2f}, incorrect-only "
+                         f"{np.mean(b):.2f}; difference {describe_test(r, fmt='{:+.2f}')}.")
+    if w == "chain":
+        ks = sorted(all_runs[0]["base"]["by_k"], key=int)
+        lines += ["", "Accuracy by chain length K at the final evaluation (mean over "
+                  "replicates; 256 test problems x 2 samples, about 43 problems per K):", "",
+                  "| condition | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "| --- |" + " --- |" * len(ks)]
+        lines.append("| before training | " + " | ".join(
+            pct(np.mean([r["base"]["by_k"][k] for r in all_runs])) for k in ks) + " |")
+        for name, runs in runs_by.items():
+            lines.append(f"| {name} | " + " | ".join(
+                pct(np.mean([r["final"]["by_k"][k] for r in runs])) for k in ks) + " |")
+    return lines + [""]
+
+
+def write_report(docs: Path, run: dict, results: dict) -> None:
+    n = len(run["seeds"])
     lines = [
         "# Toy replication of ReNIO's comparisons",
         "",
-        "Made by `python experiments/replicate.py` "
-        f"(replicates {', '.join(map(str, args.seeds))}, each condition with its own run seed; "
-        f"{wall / 60:.1f} min on this 2-core CPU, including reused runs' collection only: "
-        "run directories are reused only when their config and code version match). Every "
-        "run: the toy world's student, 4 on-policy iterations of 32 prompts x 4 samples (128 "
-        "rollouts), one epoch of LoRA training per iteration (micro-batches of 8), evaluated "
-        "after every iteration on 128 held-out problems x 2 samples (T 1.1). Filtered runs "
-        "train on fewer rows, so they take fewer optimizer steps from the same rollouts.",
+        f"Made by `python experiments/replicate.py` (replicates {', '.join(map(str, run['seeds']))}; "
+        f"{run['wall_s'] / 60:.1f} min on this {os.cpu_count()}-core CPU, {run['jobs']} runs at a "
+        f"time with {run['threads']} thread(s) each; load average {run['load_before']:.1f} before, "
+        f"{run['load_after']:.1f} after; code version {run['code_version']}). Run directories are "
+        "reused only when their config and code version match.",
         "",
-        f"Student before training: {np.mean(base):.1%} averaged over replicates. Differences "
-        f"are paired by replicate and tested with a two-sided t test at 95% (t quantile for "
-        f"n - 1 degrees of freedom); fewer than {MIN_SEEDS} replicates give \"undetermined\".",
-        "",
-        "| condition | final accuracy (mean ± std) | gain over base | AUROC of raw weight for incorrect rollouts |",
-        "| --- | --- | --- | --- |",
-    ]
-    finals = {}
-    for name, runs in results.items():
-        final = [r["acc"][-1] for r in runs]
-        finals[name] = final
-        m, s = mean_std(final)
-        a = aurocs.get(name)
-        lines.append(f"| {name} | {m:.1%} ± {s:.1%} | {m - np.mean(base):+.1%} | "
-                     f"{'-' if a is None else f'{a:.3f}'} |")
-    lines += ["", "Per-seed final accuracies:", ""]
-    for name, final in finals.items():
-        lines.append(f"- {name}: " + ", ".join(f"{v:.1%}" for v in final))
-    lines += ["", "## Does ReNIO help in the toy world?", ""]
-    for plain, renio in (("opd", "opd-renio"), ("opsd", "opsd-renio"), ("opd", "opd-renio-tem4")):
-        if plain in finals and renio in finals:
-            r = paired_test(finals[plain], finals[renio], better="ReNIO helps",
-                            worse="ReNIO hurts")
-            lines.append(f"- {renio} - {plain}: {describe_test(r)}; seed-to-seed std of "
-                         f"{plain} itself: {mean_std(finals[plain])[1]:.1%}.")
-    if "opd-correct-only" in finals and "opd-incorrect-only" in finals:
-        r = paired_test(finals["opd-correct-only"], finals["opd-incorrect-only"],
-                        better="incorrect-only is better", worse="correct-only is better")
-        lines.append(f"- incorrect-only - correct-only (controlled filtering): {describe_test(r)}.")
-    lines += [
-        "",
-        "![accuracy against step](replication-accuracy.png)",
-        "",
-        "![weights of correct and incorrect rollouts](replication-weights.png)",
+        "Every run is `renio run` with the faithful loop (`sample_configs/toy-*.yaml`): 64 "
+        "iterations, each one AdamW step (LoRA r 16, lr 3e-4, linear to 0, JSD with beta 0) on "
+        "a fresh batch of 32 prompts x 1 sample at T 1.1 / top-p 0.95 / top-k 20, ReNIO "
+        "normalized over groups of 8; the held-out evaluation every "
+        f"{EVAL_EVERY} steps at T 1.1, 2 samples per problem (addition: 128 problems; chain: "
+        "all 256). Conditions are in the script's docstring; the filtered runs sample until "
+        "each step has 32 rows of their kind, so every condition takes 64 steps of 32 rows. "
+        "Every (world, condition, replicate) has its own seed, so each run's base evaluation "
+        f"differs a little. Differences are paired by replicate ({n} pairs) and tested with a "
+        "two-sided t test at 95% (t quantile for n - 1 degrees of freedom); fewer than "
+        f"{MIN_SEEDS} replicates give \"undetermined\". s.e. = standard error of the mean.",
         "",
     ]
-    (args.docs / "replication.md").write_text("\n".join(lines))
+    for w, runs_by in results.items():
+        lines += world_section(w, runs_by)
+    lines += ["![accuracy against step](replication-accuracy.png)", "",
+              "![weights of correct and incorrect rollouts](replication-weights.png)", ""]
+    if "chain" in results:
+        lines += ["![chain world: accuracy by K](replication-chain-by-k.png)", ""]
+    (docs / "replication.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 
-def describe_test(r: dict) -> str:
+def describe_test(r: dict, fmt: str = "{:+.1%}") -> str:
     """One line for a paired_test result."""
+    mean = fmt.format(r["mean"])
     if r["n"] < MIN_SEEDS:
-        return f"{r['mean']:+.1%} over {r['n']} replicate(s): {r['verdict']}"
-    return (f"{r['mean']:+.1%} (paired over {r['n']} replicates: std {r['std']:.1%}, standard "
-            f"error {r['se']:.1%}, t = {r['t']:+.2f}, 95% cut {r['cut']:.2f} for {r['df']} "
-            f"degrees of freedom, p = {r['p']:.3f}): {r['verdict']}")
+        return f"{mean} over {r['n']} replicate(s): {r['verdict']}"
+    return (f"{mean} (paired over {r['n']} replicates: s.e. {fmt.format(r['se']).lstrip('+')}, "
+            f"t = {r['t']:+.2f}, 95% cut {r['cut']:.2f} for {r['df']} degrees of freedom, "
+            f"p = {r['p']:.3f}): {r['verdict']}")
 
 
 if __name__ == "__main__":

@@ -690,7 +690,7 @@ class Trainer:
             set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
         else:
             torch.manual_seed(cfg.seed + d.rank)
-            np.random.seed(cfg.seed + d.rank)
+            np.random.seed((cfg.seed + d.rank) % 2**32)  # numpy's legacy seed is 32-bit
             random.seed(cfg.seed + d.rank)
         self.resumed_from = self.step
 
