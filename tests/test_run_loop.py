@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -342,3 +343,19 @@ def test_fill_filtered_trains_on_as_many_rows_as_unfiltered(tmp_path, toy_world)
     assert rec["fill_kept"] == 16 and rec["fill_sampled"] == len(pooled) == 16 * len(rounds)
     right = sum(r["correct"] is True for r in pooled)
     assert rec["rollout_accuracy"] == pytest.approx(right / len(pooled))
+
+
+@pytest.mark.parametrize("name", ["opd", "opd-renio"])
+def test_chain_configs_differ_from_the_addition_ones_only_in_the_world(tmp_path, name):
+    """make demo runs the chain world with the same recipe as the addition world's configs."""
+    base = load_run_config(CONFIG.parent / f"toy-{name}.yaml", [f"run_dir={tmp_path}"])
+    chain = load_run_config(CONFIG.parent / f"toy-chain-{name}.yaml", [f"run_dir={tmp_path}"])
+    assert (chain.student, chain.teacher, chain.prompts, chain.eval_prompts) == (
+        "toy-chain:student", "toy-chain:teacher", "toy-chain:train", "toy-chain:test")
+    a, b = dataclasses.asdict(base), dataclasses.asdict(chain)
+    for key in ("student", "teacher", "prompts", "eval_prompts"):
+        a.pop(key), b.pop(key)
+    assert b["rollout"].pop("max_new_tokens") == 128 and a["rollout"].pop("max_new_tokens") == 64
+    assert b["eval"].pop("max_new_tokens") == 128 and b["eval"].pop("limit") == 256
+    a["eval"].pop("limit")
+    assert a == b
