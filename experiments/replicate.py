@@ -235,6 +235,81 @@ def eval_behaviour(eval_dir: Path, world: str) -> dict:
     return out
 
 
+def parse_chain(problem: str):
+    """``7+5*3+9`` -> the chain world's ChainProblem (start 7, ops +5, *3, +9)."""
+    from renio_core.modeling.toy.chain import ChainProblem
+
+    ops = tuple((problem[i], int(problem[i + 1])) for i in range(1, len(problem), 2))
+    return ChainProblem(int(problem[0]), ops)
+
+
+_MARKER_CACHE: dict = {}
+
+
+def _marker_probs(model, tok, prefixes: list[list[int]], marker: str) -> tuple[float, float]:
+    """Mean P(first token of ``marker``) and mean P(all of ``marker``) right after each prefix
+    (teacher forcing; the toy tokenizer spells ``wait`` in 4 tokens)."""
+    import torch
+
+    ids = tok(marker, add_special_tokens=False)["input_ids"]
+    first, whole = [], []
+    for start in range(0, len(prefixes), 128):
+        chunk = [list(p) + ids for p in prefixes[start:start + 128]]
+        length = max(len(c) for c in chunk)
+        ids_BL = torch.full((len(chunk), length), tok.pad_token_id, dtype=torch.long)
+        mask_BL = torch.zeros((len(chunk), length), dtype=torch.long)
+        for i, c in enumerate(chunk):
+            ids_BL[i, :len(c)] = torch.tensor(c)
+            mask_BL[i, :len(c)] = 1
+        with torch.no_grad():
+            logp_BLV = torch.log_softmax(
+                model(input_ids=ids_BL, attention_mask=mask_BL).logits.float(), -1)
+        for i, c in enumerate(chunk):
+            steps = [float(logp_BLV[i, t, c[t + 1]]) for t in range(len(c) - len(ids) - 1, len(c) - 1)]
+            first.append(math.exp(steps[0]))
+            whole.append(math.exp(sum(steps)))
+    return float(np.mean(first)), float(np.mean(whole))
+
+
+def marker_probabilities(bench: Path, adapter: Path | None) -> dict[str, float]:
+    """The chain student's mean P(``wait``) right after an injected wrong line and after a
+    right line (one step per test problem, chosen by a fixed seed), with ``adapter`` on it or
+    without: the teacher's own targets (>= 0.5 and <= 0.05), asked of the trained student.
+    Added after the first runs, as a measurement only: no condition or setting changed."""
+    import random
+
+    import torch
+
+    from renio_core.data.prompts import render_ids, student_messages
+    from renio_core.modeling import models
+    from renio_core.modeling.toy import chain
+
+    key = (str(bench), str(adapter))
+    if key in _MARKER_CACHE:
+        return _MARKER_CACHE[key]
+    torch.set_num_threads(1)
+    tok = models.load_tokenizer(chain.resolve_chain_model("toy-chain:tokenizer"))
+    model = models.load_model(chain.resolve_chain_model("toy-chain:student"),
+                              adapter=str(adapter) if adapter else None, dtype="float32",
+                              device="cpu")
+    rng = random.Random("replicate-marker-probability")
+    wrong, right = [], []
+    for line in bench.read_text().splitlines():
+        p = parse_chain(json.loads(line)["problem"])
+        prompt = render_ids(tok, student_messages(p.problem, chain.TASK))
+        j = rng.randrange(p.k)
+        lines = chain.step_lines(p)
+        before = "".join(x + "\n" for x in lines[:j])
+        wrong.append(prompt + tok(before + chain.wrong_line(p, j, rng) + "\n",
+                                  add_special_tokens=False)["input_ids"])
+        right.append(prompt + tok(before + lines[j] + "\n", add_special_tokens=False)["input_ids"])
+    out = {}
+    for name, prefixes in (("wrong", wrong), ("right", right)):
+        out[f"p_w_{name}"], out[f"p_wait_{name}"] = _marker_probs(model, tok, prefixes, chain.MARKER)
+    _MARKER_CACHE[key] = out
+    return out
+
+
 def collect(run_dir: Path, world: str) -> dict:
     """Accuracy after every evaluation, the weights of every rollout (pooled), the final and
     base evaluations' behaviour, and how many rows were sampled per row trained on."""
@@ -252,13 +327,18 @@ def collect(run_dir: Path, world: str) -> dict:
         raw.extend(t.column("raw_weight").to_pylist())
         weight.extend(t.column("weight").to_pylist())
         correct.extend(t.column("correct").to_pylist())
+    base, final = eval_behaviour(run_dir / "eval-base", world), eval_behaviour(last_eval, world)
+    if world == "chain":
+        bench = Path(json.loads((last_eval / "eval.json").read_text())["bench"])
+        base.update(marker_probabilities(bench, None))
+        final.update(marker_probabilities(
+            bench, run_dir / f"iter-{records[-1]['iteration']:05d}" / "ckpt"))
     sampled = sum(r.get("fill_sampled") or 0 for r in records)
     kept = sum(r.get("fill_kept") or 0 for r in records)
     return {"steps": steps, "acc": accs, "raw": raw, "weight": weight, "correct": correct,
             "auroc": [r["auroc_incorrect"] for r in records],
             "rollout_acc": [r["rollout_accuracy"] for r in records],
-            "base": eval_behaviour(run_dir / "eval-base", world),
-            "final": eval_behaviour(last_eval, world),
+            "base": base, "final": final,
             "sampled_per_kept": sampled / kept if kept else 1.0,
             "seconds": sum(r["seconds"] for r in records)}
 
@@ -505,16 +585,36 @@ def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
                      f"{np.mean([x['length'] for x in f]):.1f} | "
                      f"{np.mean([x['reflection_per_1k'] for x in f]):.2f} | "
                      f"{np.mean([x['wait_share'] for x in f]):.1%} |")
+    if w == "chain":
+        lines += ["", "The student's probability of the marker `wait` (4 tokens here) and of its "
+                  "first token `w`, right after an injected wrong line and after a right line "
+                  "(teacher forcing, one step of each of the 256 test problems; the teacher's "
+                  "P(wait) are 0.9997 and 0.00002). Measured on each run's final adapter; this "
+                  "measurement was added after the first runs, with no condition or setting "
+                  "changed:", "",
+                  "| condition | P(wait \\| wrong line) | P(wait \\| right line) | "
+                  "P(w \\| wrong line) | P(w \\| right line) |",
+                  "| --- | --- | --- | --- | --- |"]
+        cols = ("p_wait_wrong", "p_wait_right", "p_w_wrong", "p_w_right")
+        lines.append("| before training | " + " | ".join(
+            f"{all_runs[0]['base'][c]:.2e}" for c in cols) + " |")
+        for name, runs in runs_by.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{np.mean([r['final'][c] for r in runs]):.2e}" for c in cols) + " |")
     if "opd-correct-only" in runs_by and "opd-incorrect-only" in runs_by:
         lines += ["", "Incorrect-only against correct-only training (paired by replicate):", ""]
-        for key, label in (("length", "mean completion length (tokens)"),
-                           ("reflection_per_1k", "reflection markers per 1k tokens")):
+        keys = [("length", "mean completion length (tokens)", "{:+.2f}"),
+                ("reflection_per_1k", "reflection markers per 1k tokens", "{:+.2f}")]
+        if w == "chain":
+            keys.append(("p_wait_wrong", "P(wait | injected wrong line)", "{:+.2e}"))
+        for key, label, fmt in keys:
             a = [r["final"][key] for r in runs_by["opd-correct-only"]]
             b = [r["final"][key] for r in runs_by["opd-incorrect-only"]]
             r = paired_test(a, b, better="higher after incorrect-only",
                             worse="higher after correct-only")
-            lines.append(f"- {label}: correct-only {np.mean(a):.2f}, incorrect-only "
-                         f"{np.mean(b):.2f}; difference {describe_test(r, fmt='{:+.2f}')}.")
+            lines.append(f"- {label}: correct-only {fmt.format(np.mean(a)).lstrip('+')}, "
+                         f"incorrect-only {fmt.format(np.mean(b)).lstrip('+')}; difference "
+                         f"{describe_test(r, fmt=fmt)}.")
     if w == "chain":
         ks = sorted(all_runs[0]["base"]["by_k"], key=int)
         lines += ["", "Accuracy by chain length K at the final evaluation (mean over "
