@@ -140,3 +140,9 @@ def test_stamp_tracks_seed_config_and_code(rep, tmp_path):
     assert rep.run_stamp("addition", "opd-correct-only", 0, code)["overrides"] != a["overrides"]
     # The code version changes when a file under renio_core changes.
     assert len(code) == 16 and code == rep.code_version()
+
+
+def test_parse_chain_round_trips(rep):
+    p = rep.parse_chain("7+5*3+9")
+    assert (p.start, p.ops, p.answer) == (7, (("+", 5), ("*", 3), ("+", 9)), "5")  # 2, 6, 5
+    assert p.problem == "7+5*3+9" and p.k == rep.chain_length("7+5*3+9")
