@@ -178,13 +178,14 @@ def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False) -> 
 
 
 def run_one(world: str, name: str, replicate: int, out: Path, code: str, *,
-            rerun_stale: bool = False, threads: int = 1) -> Path:
+            rerun_stale: bool = False, threads: int = 1) -> tuple[Path, bool]:
+    """The run's directory, and whether it was run now (False: reused)."""
     config, _ = CONDITIONS[name]
     run_dir = out / world / name / f"rep{replicate}"
     stamp = run_stamp(world, name, replicate, code)
     try:
         if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale) == "reuse":
-            return run_dir
+            return run_dir, False
     except StaleRun as exc:
         raise SystemExit(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +201,7 @@ def run_one(world: str, name: str, replicate: int, out: Path, code: str, *,
                          f"failed:\n{proc.stderr[-3000:]}")
     print(f"{world:>8} {name:>20} replicate {replicate}: {time.perf_counter() - t0:6.1f}s",
           flush=True)
-    return run_dir
+    return run_dir, True
 
 
 def eval_accuracy(path: Path) -> float:
@@ -437,16 +438,33 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     # Replicate-major, so a cut-short experiment still has every condition.
     tasks = [(w, name, rep) for rep in args.seeds for w in args.worlds for name in args.conditions]
+    fresh: list[tuple] = []
+
+    def one(t: tuple) -> Path:
+        run_dir, ran = run_one(*t, args.out, code, rerun_stale=args.rerun_stale, threads=threads)
+        if ran:
+            fresh.append(t)
+        return run_dir
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {t: pool.submit(run_one, *t, args.out, code, rerun_stale=args.rerun_stale,
-                                  threads=threads) for t in tasks}
+        futures = {t: pool.submit(one, t) for t in tasks}
         dirs = {t: f.result() for t, f in futures.items()}
     results: dict[str, dict[str, list[dict]]] = {}
     for (w, name, rep) in tasks:
         results.setdefault(w, {}).setdefault(name, []).append(collect(dirs[(w, name, rep)], w))
     wall = time.perf_counter() - t0
-    run = {"seeds": args.seeds, "jobs": args.jobs, "threads": threads, "wall_s": wall,
-           "code_version": code, "load_before": load0, "load_after": os.getloadavg()[0]}
+    run = {"seeds": args.seeds, "worlds": args.worlds, "conditions": args.conditions,
+           "jobs": args.jobs, "threads": threads, "wall_s": wall, "code_version": code,
+           "load_before": load0, "load_after": os.getloadavg()[0]}
+    previous = args.out / "results.json"
+    if not fresh and previous.is_file():
+        # Every run reused: the report keeps the wall time of the invocation that made them.
+        old = json.loads(previous.read_text())["run"]
+        if all(old.get(k) == run[k] for k in ("seeds", "code_version")) and \
+                set(old.get("worlds", WORLDS)) == set(run["worlds"]) and \
+                set(old.get("conditions", CONDITIONS)) == set(run["conditions"]):
+            run = {**run, **{k: old[k] for k in ("wall_s", "jobs", "threads", "load_before",
+                                                 "load_after")}, "reported_from_reuse": True}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"run": run, "results": results}))
     args.docs.mkdir(parents=True, exist_ok=True)
