@@ -30,7 +30,9 @@ unless ``--rerun-stale`` is given. Every (world, condition, replicate) gets its 
 spaced so that no seed derived from it inside ``renio run`` equals one of another run
 (``run_seed``). Differences are paired by replicate and judged with a two-sided t test at 95%
 (t quantile for n - 1 degrees of freedom, computed exactly); with fewer than ``MIN_SEEDS``
-replicates the verdict is "undetermined".
+replicates the verdict is "undetermined". After ``--seeds``, every comparison whose paired
+standard error is larger than its effect gets ``--more-seeds`` (5) further replicates of both
+its conditions, once.
 
 Results: ``docs/replication.md`` (tables per world, paired tests, the behaviour analysis:
 completion length and reflection-marker rate after correct-only and incorrect-only training,
@@ -413,6 +415,27 @@ def paired_test(a: list[float], b: list[float], *, better: str, worse: str) -> d
     return out
 
 
+def paired_finals(runs_by: dict[str, list[dict]], plain: str, treated: str):
+    """Final accuracies of two conditions over the replicates both have (paired by index)."""
+    n = min(len(runs_by[plain]), len(runs_by[treated]))
+    return ([r["final"]["acc"] for r in runs_by[plain][:n]],
+            [r["final"]["acc"] for r in runs_by[treated][:n]])
+
+
+def pairs_needing_more(results: dict[str, dict[str, list[dict]]]) -> list[tuple[str, str, str]]:
+    """(world, baseline, treatment) of every comparison in PAIRS whose paired standard error
+    is larger than its mean difference (the issue's rule for adding replicates)."""
+    out = []
+    for w, runs_by in results.items():
+        for plain, treated, _, _ in PAIRS:
+            if plain in runs_by and treated in runs_by:
+                a, b = paired_finals(runs_by, plain, treated)
+                r = paired_test(a, b, better="", worse="")
+                if r["n"] >= MIN_SEEDS and r["se"] > abs(r["mean"]):
+                    out.append((w, plain, treated))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
@@ -423,6 +446,9 @@ def main() -> None:
     ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
     ap.add_argument("--jobs", type=int, default=2,
                     help="runs at once, each with (CPU cores / jobs) threads")
+    ap.add_argument("--more-seeds", type=int, default=5,
+                    help="further replicates for each comparison whose paired standard error "
+                         "exceeds its effect after --seeds (0: none)")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="delete and rerun run directories made with another config or code")
     args = ap.parse_args()
@@ -440,31 +466,47 @@ def main() -> None:
     tasks = [(w, name, rep) for rep in args.seeds for w in args.worlds for name in args.conditions]
     fresh: list[tuple] = []
 
-    def one(t: tuple) -> Path:
-        run_dir, ran = run_one(*t, args.out, code, rerun_stale=args.rerun_stale, threads=threads)
-        if ran:
-            fresh.append(t)
-        return run_dir
+    def run_all(batch: list[tuple]) -> dict[tuple, Path]:
+        def one(t: tuple) -> Path:
+            run_dir, ran = run_one(*t, args.out, code, rerun_stale=args.rerun_stale,
+                                   threads=threads)
+            if ran:
+                fresh.append(t)
+            return run_dir
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {t: pool.submit(one, t) for t in tasks}
-        dirs = {t: f.result() for t, f in futures.items()}
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {t: pool.submit(one, t) for t in batch}
+            return {t: f.result() for t, f in futures.items()}
+
+    dirs = run_all(tasks)
     results: dict[str, dict[str, list[dict]]] = {}
     for (w, name, rep) in tasks:
         results.setdefault(w, {}).setdefault(name, []).append(collect(dirs[(w, name, rep)], w))
+    # One more round, fixed before any run: a comparison whose paired standard error exceeds
+    # its effect gets args.more_seeds further replicates of both its conditions.
+    need = pairs_needing_more(results) if args.more_seeds else []
+    more = range(max(args.seeds) + 1, max(args.seeds) + 1 + args.more_seeds)
+    extra = sorted({(w, name, rep) for w, a, b in need for name in (a, b) for rep in more},
+                   key=lambda t: (t[2], t[0], t[1]))
+    dirs = run_all(extra)
+    for (w, name, rep) in extra:
+        results[w][name].append(collect(dirs[(w, name, rep)], w))
     wall = time.perf_counter() - t0
-    run = {"seeds": args.seeds, "worlds": args.worlds, "conditions": args.conditions,
-           "jobs": args.jobs, "threads": threads, "wall_s": wall, "code_version": code,
-           "load_before": load0, "load_after": os.getloadavg()[0]}
+    run = {"seeds": args.seeds, "more_seeds": [list(x) for x in need],
+           "more_replicates": list(more) if need else [], "worlds": args.worlds,
+           "conditions": args.conditions, "jobs": args.jobs, "threads": threads,
+           "wall_s": wall, "code_version": code, "load_before": load0,
+           "load_after": os.getloadavg()[0]}
     previous = args.out / "results.json"
-    if not fresh and previous.is_file():
-        # Every run reused: the report keeps the wall time of the invocation that made them.
+    if previous.is_file():
         old = json.loads(previous.read_text())["run"]
-        if all(old.get(k) == run[k] for k in ("seeds", "code_version")) and \
-                set(old.get("worlds", WORLDS)) == set(run["worlds"]) and \
-                set(old.get("conditions", CONDITIONS)) == set(run["conditions"]):
-            run = {**run, **{k: old[k] for k in ("wall_s", "jobs", "threads", "load_before",
-                                                 "load_after")}, "reported_from_reuse": True}
+        if old.get("code_version") == code:
+            # Wall time spent making this directory's runs with this code: earlier
+            # invocations' plus this one's, if it ran anything.
+            run.update(wall_s=old["wall_s"] + (wall if fresh else 0.0),
+                       load_before=old["load_before"])
+            if not fresh:
+                run.update(jobs=old["jobs"], threads=old["threads"], load_after=old["load_after"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"run": run, "results": results}))
     args.docs.mkdir(parents=True, exist_ok=True)
@@ -566,16 +608,16 @@ def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
     lines = [f"## The {w} world", "",
              f"Student before training: {np.mean(base):.1%} (mean of every run's own base "
              f"evaluation; {len(base)} evaluations).", "",
-             "| condition | final accuracy (mean ± s.e.) | gain over its base | AUROC of raw weight "
-             "for incorrect rollouts | rows sampled per row trained |",
-             "| --- | --- | --- | --- | --- |"]
+             "| condition | replicates | final accuracy (mean ± s.e.) | gain over its base | "
+             "AUROC of raw weight for incorrect rollouts | rows sampled per row trained |",
+             "| --- | --- | --- | --- | --- | --- |"]
     finals = {name: [r["final"]["acc"] for r in runs] for name, runs in runs_by.items()}
     for name, runs in runs_by.items():
         m, sd = mean_std(finals[name])
         se = sd / math.sqrt(len(runs)) if len(runs) > 1 else float("nan")
         gain = np.mean([r["final"]["acc"] - r["base"]["acc"] for r in runs])
         a = auroc_of(runs) if "renio" in name else None
-        lines.append(f"| {name} | {m:.1%} ± {se:.1%} | {gain:+.1%} | "
+        lines.append(f"| {name} | {len(runs)} | {m:.1%} ± {se:.1%} | {gain:+.1%} | "
                      f"{'-' if a is None else f'{a:.3f}'} | "
                      f"{np.mean([r['sampled_per_kept'] for r in runs]):.2f} |")
     lines += ["", "Final accuracy of each replicate:", ""]
@@ -585,7 +627,7 @@ def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
               "t test at 95%):", ""]
     for plain, treated, better, worse in PAIRS:
         if plain in finals and treated in finals:
-            r = paired_test(finals[plain], finals[treated], better=better, worse=worse)
+            r = paired_test(*paired_finals(runs_by, plain, treated), better=better, worse=worse)
             lines.append(f"- {treated} - {plain}: {describe_test(r)}.")
     lines += ["", "Behaviour of the student at the final evaluation (mean over replicates; "
               "length in tokens; reflection markers per 1,000 tokens; share of completions "
@@ -626,8 +668,9 @@ def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
         if w == "chain":
             keys.append(("p_wait_wrong", "P(wait | injected wrong line)", "{:+.2e}"))
         for key, label, fmt in keys:
-            a = [r["final"][key] for r in runs_by["opd-correct-only"]]
-            b = [r["final"][key] for r in runs_by["opd-incorrect-only"]]
+            n = min(len(runs_by["opd-correct-only"]), len(runs_by["opd-incorrect-only"]))
+            a = [r["final"][key] for r in runs_by["opd-correct-only"][:n]]
+            b = [r["final"][key] for r in runs_by["opd-incorrect-only"][:n]]
             r = paired_test(a, b, better="higher after incorrect-only",
                             worse="higher after correct-only")
             lines.append(f"- {label}: correct-only {fmt.format(np.mean(a)).lstrip('+')}, "
@@ -645,6 +688,17 @@ def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
             lines.append(f"| {name} | " + " | ".join(
                 pct(np.mean([r["final"]["by_k"][k] for r in runs])) for k in ks) + " |")
     return lines + [""]
+
+
+def more_text(run: dict) -> str:
+    """How the comparisons that got further replicates are described in the report."""
+    if not run.get("more_seeds"):
+        return ""
+    reps = run["more_replicates"]
+    which = "; ".join(f"{w}: {b} - {a}" for w, a, b in run["more_seeds"])
+    return (f"; where the paired standard error after them exceeded the effect, both "
+            f"conditions got replicates {reps[0]}-{reps[-1]} too, as the script fixes in "
+            f"advance: {which}")
 
 
 def write_report(docs: Path, run: dict, results: dict) -> None:
@@ -666,7 +720,8 @@ def write_report(docs: Path, run: dict, results: dict) -> None:
         "all 256). Conditions are in the script's docstring; the filtered runs sample until "
         "each step has 32 rows of their kind, so every condition takes 64 steps of 32 rows. "
         "Every (world, condition, replicate) has its own seed, so each run's base evaluation "
-        f"differs a little. Differences are paired by replicate ({n} pairs) and tested with a "
+        f"differs a little. Differences are paired by replicate ({n} pairs{more_text(run)}) "
+        "and tested with a "
         "two-sided t test at 95% (t quantile for n - 1 degrees of freedom); fewer than "
         f"{MIN_SEEDS} replicates give \"undetermined\". s.e. = standard error of the mean.",
         "",

@@ -146,3 +146,24 @@ def test_parse_chain_round_trips(rep):
     p = rep.parse_chain("7+5*3+9")
     assert (p.start, p.ops, p.answer) == (7, (("+", 5), ("*", 3), ("+", 9)), "5")  # 2, 6, 5
     assert p.problem == "7+5*3+9" and p.k == rep.chain_length("7+5*3+9")
+
+
+def _runs(finals):
+    return [{"final": {"acc": v}} for v in finals]
+
+
+def test_more_replicates_only_where_the_standard_error_exceeds_the_effect(rep):
+    # opd-renio - opd: diffs -0.04, -0.03, -0.05 -> mean -0.04, se 0.00577: effect larger.
+    # opsd-renio - opsd: diffs +0.01, -0.02, +0.02 -> mean 0.00333, se 0.0120: more needed.
+    results = {"addition": {
+        "opd": _runs([0.90, 0.91, 0.92]), "opd-renio": _runs([0.86, 0.88, 0.87]),
+        "opsd": _runs([0.80, 0.82, 0.84]), "opsd-renio": _runs([0.81, 0.80, 0.86]),
+    }}
+    assert rep.pairs_needing_more(results) == [("addition", "opsd", "opsd-renio")]
+    # Pairs are compared over the replicates both conditions have.
+    results["addition"]["opsd"] += _runs([0.5, 0.5])
+    a, b = rep.paired_finals(results["addition"], "opsd", "opsd-renio")
+    assert len(a) == len(b) == 3
+    # Fewer than MIN_SEEDS pairs never ask for more: the verdict is undetermined anyway.
+    assert rep.pairs_needing_more({"chain": {"opd": _runs([0.5, 0.6]),
+                                             "opd-renio": _runs([0.6, 0.5])}}) == []
