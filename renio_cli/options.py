@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any
 
 import typer
+from rich.markup import escape
 from typer.models import OptionInfo
 
 
@@ -31,5 +32,7 @@ def field_option(config_cls: type, name: str, *flags: str, **overrides: Any) -> 
         if "help" not in field.metadata:
             raise KeyError(f"{config_cls.__name__}.{name} has no metadata['help']")
         overrides["help"] = field.metadata["help"]
+    # Help is shown through rich, which would read "renio[wandb]" as markup and drop "[wandb]".
+    overrides["help"] = escape(overrides["help"])
     default = overrides.pop("default")
     return typer.Option(default, *flags, **overrides)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import click
 import pytest
 import typer.main
+from rich.markup import escape
 
 from renio_cli import (
     eval_cmd,
@@ -172,7 +173,7 @@ def test_option_help_is_the_fields(command: str, param: str) -> None:
     option = next(p for p in _command(command).params if p.name == param)
     field = _fields(command)[_field_name(command, param)]
     assert "help" in field.metadata, f"{field.name} has no metadata['help']"
-    assert option.help == field.metadata["help"]
+    assert option.help == escape(field.metadata["help"])  # escaped for rich, shown as written
 
 
 def test_inspect_falls_back_to_the_weight_stages_defaults() -> None:
@@ -249,3 +250,11 @@ def test_tensor_parallel_above_one_is_refused_with_the_hf_backend(command, tmp_p
     assert "--tensor-parallel-size 2: needs --backend vllm" in line
     line = _refused([*args, "--out", str(out), "--tensor-parallel-size", "0"], out)
     assert "--tensor-parallel-size: must be an integer >= 1, got 0" in line
+
+
+def test_help_text_with_brackets_is_shown_as_written() -> None:
+    # rich reads "[wandb]" as a markup tag; the option's help must still show it.
+    out = subprocess.run([sys.executable, "-m", "renio_cli.main", "train", "--help"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"},
+                         check=True).stdout
+    assert "pip install 'renio[wandb]'" in out
