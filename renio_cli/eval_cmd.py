@@ -104,7 +104,7 @@ def eval_cmd(
     batch_size: int = field_option(EvalConfig, "batch_size"),
     device: str = field_option(EvalConfig, "device"),
     dtype: str = field_option(EvalConfig, "dtype"),
-    code_timeout: float = field_option(EvalConfig, "code_timeout_s"),
+    code_timeout_s: float = field_option(EvalConfig, "code_timeout_s", "--code-timeout"),
     code_memory_mb: int = field_option(EvalConfig, "code_memory_mb"),
     workers: int = field_option(EvalConfig, "workers"),
     unsafe_inprocess_sandbox: bool = field_option(EvalConfig, "unsafe_inprocess_sandbox",
@@ -132,7 +132,7 @@ def eval_cmd(
         max_new_tokens=max_new_tokens, seed=seed, backend=backend, vllm_memory=vllm_memory,
         tensor_parallel_size=tensor_parallel_size, device_map=device_map, limit=limit,
         batch_size=batch_size, device=device, dtype=dtype,
-        summary=str(summary) if summary else None, code_timeout_s=code_timeout,
+        summary=str(summary) if summary else None, code_timeout_s=code_timeout_s,
         code_memory_mb=code_memory_mb, workers=workers,
         unsafe_inprocess_sandbox=unsafe_inprocess_sandbox, overwrite=overwrite,
     )

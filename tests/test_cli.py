@@ -74,8 +74,7 @@ SPECS: dict[str, Spec] = {
         eval_cmd.EvalConfig, frozenset({"runs", "compare_", "config"}), frozenset(),
         dict.fromkeys(("bench", "out"),
                       "None, not required: --compare takes neither; the command passes '' on "
-                      "to the config, which rejects it"),
-        renamed={"code_timeout": "code_timeout_s"}),
+                      "to the config, which rejects it")),
     # No config dataclass: every option is the command's own.
     "inspect": Spec(
         None,
@@ -258,3 +257,17 @@ def test_help_text_with_brackets_is_shown_as_written() -> None:
                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"},
                          check=True).stdout
     assert "pip install 'renio[wandb]'" in out
+
+
+@pytest.mark.parametrize("command", [c for c in SPECS if SPECS[c].config is not None])
+def test_yaml_config_accepts_every_field_name(command: str, tmp_path) -> None:
+    # --config keys are the config dataclass's field names (or the flags): every field that is
+    # an option of the command is accepted under its field name.
+    from renio_cli.common import load_yaml_defaults
+
+    names = sorted(set(_fields(command)) - SPECS[command].field_only)
+    path = tmp_path / "c.yaml"
+    path.write_text("".join(f"{name}: null\n" for name in names))
+    ctx = click.Context(_command(command))
+    load_yaml_defaults(ctx, None, path)  # an unknown key would exit with "unknown key"
+    assert len(ctx.default_map) == len(names)
