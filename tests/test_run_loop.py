@@ -359,3 +359,25 @@ def test_chain_configs_differ_from_the_addition_ones_only_in_the_world(tmp_path,
     assert b["eval"].pop("max_new_tokens") == 128 and b["eval"].pop("limit") == 256
     a["eval"].pop("limit")
     assert a == b
+
+
+@pytest.mark.integration
+def test_code_prompts_run_ungraded_and_refuse_filters(tmp_path, toy_world):
+    """Code prompts are graded by running them (renio eval's sandbox), not at rollout: the
+    loop samples them ungraded, and refuses a filter that needs grades before any work."""
+    from tiny_models import write_prompts
+
+    prompts = write_prompts(tmp_path / "code.jsonl", 8, task="code")
+    run_dir = tmp_path / "run"
+    _cli("run", "--config", CONFIG, f"run_dir={run_dir}", f"prompts={prompts}", "eval_every=0",
+         "iterations=1", "prompts_per_iteration=8", "rollout.n=1", "rollout.max_new_tokens=16")
+    rows = pq.read_table(run_dir / "iter-00000" / "rollouts.parquet").to_pylist()
+    assert len(rows) == 8 and all(r["correct"] is None and r["task"] == "code" for r in rows)
+    assert pq.read_metadata(run_dir / "iter-00000" / "weights.parquet").num_rows == 8
+    for extra in (["weight.filter=correct"], ["weight.filter=incorrect", "fill_filtered=true"]):
+        other = tmp_path / f"refused-{len(extra)}"
+        proc = subprocess.run([*RENIO, "run", "--config", str(CONFIG), f"run_dir={other}",
+                               f"prompts={prompts}", *extra], capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert "needs graded rollouts" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not other.exists()

@@ -56,6 +56,7 @@ import pyarrow.compute as pc
 import yaml
 
 from renio_core.backends.hf import HFScorer
+from renio_core.backends.rows import prompt_task
 from renio_core.backends.vllm import VllmSampler
 from renio_core.data import shards
 from renio_core.data.prompt_io import PromptSet, load_prompts
@@ -202,7 +203,7 @@ class RunConfig:
         return int(self.train.get("epochs", 1)) * int(self.train.get("steps_per_batch", 1))
 
     def stage_configs(self, it_dir: Path, *, adapter: str | None, policy_step: int,
-                      iteration: int = 0) -> dict[str, Any]:
+                      iteration: int = 0, grade: bool = True) -> dict[str, Any]:
         """The four stage configs of one iteration (validated by their own ``__post_init__``).
 
         ``adapter`` is the previous iteration's checkpoint (None in the first): a LoRA adapter
@@ -228,7 +229,7 @@ class RunConfig:
         return {
             "rollout": build(RolloutConfig, "rollout", model=student, prompts=self.prompts,
                              out=rollouts, adapter=lora_adapter, policy_step=policy_step,
-                             seed=self.seed * 100003 + iteration, grade=True, task=self.task),
+                             seed=self.seed * 100003 + iteration, grade=grade, task=self.task),
             "score": build(ScoreConfig, "score", input=rollouts, teacher=self.teacher, out=scores,
                            student=student, adapter=lora_adapter),
             "weight": build(WeightConfig, "weight", input=scores, out=weights),
@@ -299,6 +300,24 @@ def _resolve_prompts(spec: str, which: str) -> str:
             return str(world.test_prompts)
         raise RenioInputError(f"{which}: unknown toy prompt set {spec!r} (toy:train or toy:test)")
     return spec
+
+
+def graded_at_rollout(cfg: RunConfig, prompts: PromptSet) -> bool:
+    """Whether the loop's rollouts are graded: yes for math, not where any prompt is code
+    (code is graded by running it, which ``renio eval`` does in its sandbox, not rollout)."""
+    return not any(prompt_task(p, cfg.task) == "code" for p in prompts.prompts)
+
+
+def _check_grading_needs(cfg: RunConfig, prompts: PromptSet) -> None:
+    if graded_at_rollout(cfg, prompts):
+        return
+    for key, value in (("weight.filter", cfg.weight.get("filter", "all")),
+                       ("fill_filtered", cfg.fill_filtered)):
+        if value not in ("all", False):
+            raise RenioInputError(
+                f"{key}: needs graded rollouts, and code prompts are not graded at rollout "
+                "(renio eval grades code in its sandbox); remove it for code prompts",
+                file=prompts.source)
 
 
 def _iteration_prompts(prompts: PromptSet, cfg: RunConfig, iteration: int) -> PromptSet:
@@ -440,12 +459,13 @@ def run_loop(
     def bar(desc: str, total: int | None):
         return progress_factory(desc, total) if progress_factory else nullcontext(None)
 
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     train_prompts = load_prompts(_resolve_prompts(cfg.prompts, "prompts"))
     eval_spec = _resolve_prompts(cfg.eval_prompts, "eval_prompts") if cfg.eval_prompts else None
     eval_prompts = load_prompts(eval_spec) if eval_spec else None
+    _check_grading_needs(cfg, train_prompts)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     tracker = Tracker(wandb_project=cfg.wandb_project, run_name=run_dir.name,
                       config=dataclasses.asdict(cfg))
     resident = _Resident(cfg, cfg.rollout)
@@ -514,7 +534,8 @@ class _Loop:
         t: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
         t0 = time.perf_counter()
         it_dir = self.run_dir / f"iter-{i:05d}"
-        c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i)
+        c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i,
+                              grade=graded_at_rollout(cfg, self.train_prompts))
         resident.use_checkpoint(prev_ckpt)
         prompt_set = _iteration_prompts(self.train_prompts, cfg, i)
 
