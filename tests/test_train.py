@@ -1018,3 +1018,38 @@ def test_seeds_beyond_32_bits_train(world, weights_file, tmp_path):
                    seed=big % 2**32))
     b = load_file(str(tmp_path / "ckpt2" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+DEAD_PID = 4194305  # above Linux's largest pid_max: never a live process
+
+
+def test_resume_after_a_kill_between_the_saves_two_renames(world, weights_file, tmp_path):
+    """A kill between swap_dir's renames leaves the old checkpoint as .NAME.old-PID and the
+    complete new one as .NAME.tmp-PID, with no NAME: --resume puts the new one back."""
+    import shutil
+
+    out = tmp_path / "ckpt"
+    run_train(_cfg(world, weights_file, out, max_steps=1, epochs=1))
+    new = tmp_path / f".ckpt.tmp-{DEAD_PID}"
+    shutil.copytree(out, new)
+    os.replace(out, tmp_path / f".ckpt.old-{DEAD_PID}")
+    (tmp_path / f".ckpt.tmp-{DEAD_PID - 1}").mkdir()  # a save killed while being written
+    run_train(_cfg(world, weights_file, out, max_steps=2, epochs=1, resume=True))
+    state = torch.load(out / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no leftovers
+
+
+def test_recover_interrupted_save_by_hand(tmp_path):
+    from renio_core.stages.train_checkpoint import recover_interrupted_save
+
+    out = tmp_path / "ckpt"
+    # Only the old one survived: better than no checkpoint.
+    (tmp_path / f".ckpt.old-{DEAD_PID}").mkdir()
+    (tmp_path / f".ckpt.old-{DEAD_PID}" / "marker").write_text("old")
+    assert recover_interrupted_save(out) and (out / "marker").read_text() == "old"
+    # A live process's save in progress is left alone; out in place means nothing to restore.
+    live = tmp_path / f".ckpt.tmp-{os.getpid()}"
+    live.mkdir()
+    assert not recover_interrupted_save(out) and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-%d" % os.getpid(), "ckpt"]

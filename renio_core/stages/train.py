@@ -72,6 +72,7 @@ from renio_core.stages.train_checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     load_optimizer,
+    recover_interrupted_save,
     save_checkpoint,
     schedule_position,
     set_rng_state,
@@ -402,6 +403,7 @@ def live_weight_spec(cfg: TrainConfig, meta: dict[str, Any] | None, file: Path) 
 
 def _check_out(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
+    recover_interrupted_save(out)  # a kill between a save's two renames left no ``out``
     if out.exists() and not out.is_dir():
         raise RenioInputError("--out must be a directory (the checkpoint)", file=out)
     if cfg.resume:

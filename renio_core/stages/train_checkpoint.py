@@ -60,6 +60,55 @@ def _optim_by_name(sd: dict[str, Any], names: list[str]) -> dict[str, Any]:
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we can judge: leave it alone
+    return True
+
+
+def recover_interrupted_save(out: Path) -> bool:
+    """Finish or clean up a save that a kill interrupted, before anything reads ``out``.
+
+    ``swap_dir`` renames ``out`` to ``.NAME.old-PID`` and then the complete
+    ``.NAME.tmp-PID`` to ``out``. Killed between the two, ``out`` is missing and both exist:
+    the tmp is the newer complete checkpoint, and it is put in place. Leftovers of dead
+    processes (a tmp killed while being written, an old one not yet removed) are deleted.
+    Safe when several ranks call it at once. Returns whether a checkpoint was put back."""
+    parent = out.parent
+    if not parent.is_dir():
+        return False
+    dead: dict[str, list[Path]] = {"tmp": [], "old": []}
+    for kind in dead:
+        for path in parent.glob(f".{out.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                dead[kind].append(path)
+    restored = False
+    if not out.exists():
+        for old in dead["old"]:
+            tmp = parent / f".{out.name}.tmp-{old.name.rsplit('-', 1)[-1]}"
+            try:
+                os.replace(tmp, out)
+                restored = True
+                break
+            except FileNotFoundError:  # no tmp of that save, or another rank was first
+                continue
+        if not restored and not out.exists() and dead["old"]:
+            # The new checkpoint is gone: the previous one is better than none.
+            try:
+                os.replace(dead["old"][0], out)
+                restored = True
+            except FileNotFoundError:
+                pass
+    for path in dead["tmp"] + dead["old"]:
+        shutil.rmtree(path, ignore_errors=True)
+    return restored
+
+
 def swap_dir(tmp: Path, out: Path) -> None:
     """Put a complete checkpoint directory in place: rename, never a half-copied ``out``."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
