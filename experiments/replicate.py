@@ -497,16 +497,22 @@ def main() -> None:
            "conditions": args.conditions, "jobs": args.jobs, "threads": threads,
            "wall_s": wall, "code_version": code, "load_before": load0,
            "load_after": os.getloadavg()[0]}
+    # The invocations that ran something with this code, each with its own wall time: a
+    # rerun that only reuses adds none.
+    phase = {"runs": len(fresh), "jobs": args.jobs, "threads": threads, "wall_s": wall,
+             "load_before": load0, "load_after": run["load_after"]}
+    phases = [phase] if fresh else []
     previous = args.out / "results.json"
     if previous.is_file():
         old = json.loads(previous.read_text())["run"]
         if old.get("code_version") == code:
-            # Wall time spent making this directory's runs with this code: earlier
-            # invocations' plus this one's, if it ran anything.
-            run.update(wall_s=old["wall_s"] + (wall if fresh else 0.0),
-                       load_before=old["load_before"])
-            if not fresh:
-                run.update(jobs=old["jobs"], threads=old["threads"], load_after=old["load_after"])
+            earlier = old.get("phases") or [{  # written before phases were recorded
+                "runs": len(old["seeds"]) * len(old.get("worlds", WORLDS))
+                * len(old.get("conditions", CONDITIONS)),
+                **{k: old[k] for k in ("jobs", "threads", "wall_s", "load_before", "load_after")}}]
+            phases = earlier + phases
+    run["phases"] = phases
+    run["wall_s"] = sum(ph["wall_s"] for ph in phases)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"run": run, "results": results}))
     args.docs.mkdir(parents=True, exist_ok=True)
@@ -707,9 +713,12 @@ def write_report(docs: Path, run: dict, results: dict) -> None:
         "# Toy replication of ReNIO's comparisons",
         "",
         f"Made by `python experiments/replicate.py` (replicates {', '.join(map(str, run['seeds']))}; "
-        f"{run['wall_s'] / 60:.1f} min on this {os.cpu_count()}-core CPU, {run['jobs']} runs at a "
-        f"time with {run['threads']} thread(s) each; load average {run['load_before']:.1f} before, "
-        f"{run['load_after']:.1f} after; code version {run['code_version']}). Run directories are "
+        f"{run['wall_s'] / 60:.1f} min of wall time on this {os.cpu_count()}-core CPU in all: "
+        + "; then ".join(
+            f"{ph['runs']} runs {ph['jobs']} at a time with {ph['threads']} thread(s) each in "
+            f"{ph['wall_s'] / 60:.1f} min (load average {ph['load_before']:.1f} before, "
+            f"{ph['load_after']:.1f} after)" for ph in run["phases"])
+        + f"; code version {run['code_version']}). Run directories are "
         "reused only when their config and code version match.",
         "",
         "Every run is `renio run` with the faithful loop (`sample_configs/toy-*.yaml`): 64 "
