@@ -249,29 +249,14 @@ def parse_chain(problem: str):
 _MARKER_CACHE: dict = {}
 
 
-def _marker_probs(model, tok, prefixes: list[list[int]], marker: str) -> tuple[float, float]:
-    """Mean P(first token of ``marker``) and mean P(all of ``marker``) right after each prefix
+def _marker_probs(model, tok, prefixes: list[list[int]]) -> tuple[float, float]:
+    """Mean P(first token of ``wait``) and mean P(all of ``wait``) right after each prefix
     (teacher forcing; the toy tokenizer spells ``wait`` in 4 tokens)."""
-    import torch
+    from renio_core.modeling.toy import chain
 
-    ids = tok(marker, add_special_tokens=False)["input_ids"]
-    first, whole = [], []
-    for start in range(0, len(prefixes), 128):
-        chunk = [list(p) + ids for p in prefixes[start:start + 128]]
-        length = max(len(c) for c in chunk)
-        ids_BL = torch.full((len(chunk), length), tok.pad_token_id, dtype=torch.long)
-        mask_BL = torch.zeros((len(chunk), length), dtype=torch.long)
-        for i, c in enumerate(chunk):
-            ids_BL[i, :len(c)] = torch.tensor(c)
-            mask_BL[i, :len(c)] = 1
-        with torch.no_grad():
-            logp_BLV = torch.log_softmax(
-                model(input_ids=ids_BL, attention_mask=mask_BL).logits.float(), -1)
-        for i, c in enumerate(chunk):
-            steps = [float(logp_BLV[i, t, c[t + 1]]) for t in range(len(c) - len(ids) - 1, len(c) - 1)]
-            first.append(math.exp(steps[0]))
-            whole.append(math.exp(sum(steps)))
-    return float(np.mean(first)), float(np.mean(whole))
+    steps = chain.marker_logprobs(model, tok, prefixes)
+    return (float(np.mean([math.exp(lp[0]) for lp in steps])),
+            float(np.mean([math.exp(sum(lp)) for lp in steps])))
 
 
 def marker_probabilities(bench: Path, adapter: Path | None) -> dict[str, float]:
@@ -283,7 +268,6 @@ def marker_probabilities(bench: Path, adapter: Path | None) -> dict[str, float]:
 
     import torch
 
-    from renio_core.data.prompts import render_ids, student_messages
     from renio_core.modeling import models
     from renio_core.modeling.toy import chain
 
@@ -295,20 +279,12 @@ def marker_probabilities(bench: Path, adapter: Path | None) -> dict[str, float]:
     model = models.load_model(chain.resolve_chain_model("toy-chain:student"),
                               adapter=str(adapter) if adapter else None, dtype="float32",
                               device="cpu")
-    rng = random.Random("replicate-marker-probability")
-    wrong, right = [], []
-    for line in bench.read_text().splitlines():
-        p = parse_chain(json.loads(line)["problem"])
-        prompt = render_ids(tok, student_messages(p.problem, chain.TASK))
-        j = rng.randrange(p.k)
-        lines = chain.step_lines(p)
-        before = "".join(x + "\n" for x in lines[:j])
-        wrong.append(prompt + tok(before + chain.wrong_line(p, j, rng) + "\n",
-                                  add_special_tokens=False)["input_ids"])
-        right.append(prompt + tok(before + lines[j] + "\n", add_special_tokens=False)["input_ids"])
+    problems = [parse_chain(json.loads(line)["problem"]) for line in bench.read_text().splitlines()]
+    wrong, right = chain.marker_prefixes(tok, problems,
+                                         random.Random("replicate-marker-probability"))
     out = {}
     for name, prefixes in (("wrong", wrong), ("right", right)):
-        out[f"p_w_{name}"], out[f"p_wait_{name}"] = _marker_probs(model, tok, prefixes, chain.MARKER)
+        out[f"p_w_{name}"], out[f"p_wait_{name}"] = _marker_probs(model, tok, prefixes)
     _MARKER_CACHE[key] = out
     return out
 

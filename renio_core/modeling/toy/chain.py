@@ -223,12 +223,13 @@ def _chain_batches(tok: Any, spec: ChainTrainSpec, steps: int, seed: int, name: 
 # ----------------------------------------------------------------------------- measurement
 
 
-def marker_probability(model: Any, tok: Any, prefixes: Sequence[list[int]]) -> list[float]:
-    """P(the next tokens spell ``wait``) after each token-id prefix (teacher forcing)."""
+def marker_logprobs(model: Any, tok: Any, prefixes: Sequence[list[int]]) -> list[list[float]]:
+    """After each token-id prefix, the log-probability of each token of ``wait`` in turn
+    (teacher forcing: the marker's earlier tokens are given)."""
     import torch
 
     marker = tok(MARKER, add_special_tokens=False)["input_ids"]
-    out: list[float] = []
+    out: list[list[float]] = []
     for start in range(0, len(prefixes), 128):
         chunk = [list(p) + marker for p in prefixes[start:start + 128]]
         length = max(len(c) for c in chunk)
@@ -241,10 +242,30 @@ def marker_probability(model: Any, tok: Any, prefixes: Sequence[list[int]]) -> l
             logp_BLV = torch.log_softmax(model(input_ids=ids_BL, attention_mask=mask_BL).logits.float(), -1)
         for i, c in enumerate(chunk):
             n = len(c)
-            pos = range(n - len(marker) - 1, n - 1)
-            total = sum(float(logp_BLV[i, t, c[t + 1]]) for t in pos)
-            out.append(math.exp(total))
+            out.append([float(logp_BLV[i, t, c[t + 1]]) for t in range(n - len(marker) - 1, n - 1)])
     return out
+
+
+def marker_probability(model: Any, tok: Any, prefixes: Sequence[list[int]]) -> list[float]:
+    """P(the next tokens spell ``wait``) after each token-id prefix (teacher forcing)."""
+    return [math.exp(sum(steps)) for steps in marker_logprobs(model, tok, prefixes)]
+
+
+def marker_prefixes(tok: Any, problems: Sequence[ChainProblem],
+                    rng: random.Random) -> tuple[list[list[int]], list[list[int]]]:
+    """For each problem, one step chosen by ``rng``: the student prompt and the lines before it,
+    then that step written wrong (first list) or right (second list), each ending its line."""
+    wrong_prefixes, right_prefixes = [], []
+    for p in problems:
+        prompt = render_ids(tok, student_messages(p.problem, TASK))
+        j = rng.randrange(p.k)
+        lines = step_lines(p)
+        before = "".join(line + "\n" for line in lines[:j])
+        wrong = before + wrong_line(p, j, rng) + "\n"
+        right = before + lines[j] + "\n"
+        wrong_prefixes.append(prompt + tok(wrong, add_special_tokens=False)["input_ids"])
+        right_prefixes.append(prompt + tok(right, add_special_tokens=False)["input_ids"])
+    return wrong_prefixes, right_prefixes
 
 
 def measure_chain(teacher: Any, student: Any, tok: Any, problems: Sequence[ChainProblem], *,
@@ -272,16 +293,8 @@ def measure_chain(teacher: Any, student: Any, tok: Any, problems: Sequence[Chain
             out["teacher_marker_rate"] = sum(MARKER in t for t in texts) / len(texts)
         if progress is not None:
             progress("measure chain world", i + 1, 3)
-    rng = random.Random(f"renio-chain-measure-{seed}")
-    wrong_prefixes, right_prefixes = [], []
-    for p, prompt in zip(problems, prompts):
-        j = rng.randrange(p.k)
-        lines = step_lines(p)
-        before = "".join(line + "\n" for line in lines[:j])
-        wrong = before + wrong_line(p, j, rng) + "\n"
-        right = before + lines[j] + "\n"
-        wrong_prefixes.append(prompt + tok(wrong, add_special_tokens=False)["input_ids"])
-        right_prefixes.append(prompt + tok(right, add_special_tokens=False)["input_ids"])
+    wrong_prefixes, right_prefixes = marker_prefixes(
+        tok, problems, random.Random(f"renio-chain-measure-{seed}"))
     pw = marker_probability(teacher, tok, wrong_prefixes)
     pr = marker_probability(teacher, tok, right_prefixes)
     out["marker_after_wrong"] = sum(pw) / len(pw)
