@@ -320,11 +320,16 @@ def _check_grading_needs(cfg: RunConfig, prompts: PromptSet) -> None:
                 file=prompts.source)
 
 
-def _iteration_prompts(prompts: PromptSet, cfg: RunConfig, iteration: int) -> PromptSet:
+def _prompt_window(prompts: PromptSet, start: int, count: int) -> PromptSet:
+    """``count`` prompts from position ``start`` on, in file order, cycling."""
     n = len(prompts.prompts)
-    start = (iteration * cfg.prompts_per_iteration) % n
-    picked = [prompts.prompts[(start + j) % n] for j in range(min(cfg.prompts_per_iteration, n))]
-    return dataclasses.replace(prompts, prompts=picked)
+    return dataclasses.replace(prompts, prompts=[prompts.prompts[(start + j) % n]
+                                                 for j in range(count)])
+
+
+def _iteration_prompts(prompts: PromptSet, cfg: RunConfig, iteration: int) -> PromptSet:
+    return _prompt_window(prompts, iteration * cfg.prompts_per_iteration,
+                          min(cfg.prompts_per_iteration, len(prompts.prompts)))
 
 
 @dataclasses.dataclass
@@ -490,6 +495,7 @@ class _Loop:
         self.say, self.bar = say, bar
         self.tracker = Tracker()  # run_loop sets the run's own (W&B), else logs nowhere
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.graded = graded_at_rollout(cfg, train_prompts)
         self.lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
                                            policy_step=0)["train"].lora_r
 
@@ -535,16 +541,16 @@ class _Loop:
         t0 = time.perf_counter()
         it_dir = self.run_dir / f"iter-{i:05d}"
         c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i,
-                              grade=graded_at_rollout(cfg, self.train_prompts))
+                              grade=self.graded)
         resident.use_checkpoint(prev_ckpt)
-        prompt_set = _iteration_prompts(self.train_prompts, cfg, i)
 
         fill: tuple[int, int] | None = None
         with _timed(t, "sample"):
             if cfg.fill_filtered:
                 r, fill = self.sample_filled(c, i, label)
             else:
-                r = self.sample(c["rollout"], prompt_set, f"{label}: rollout")
+                r = self.sample(c["rollout"], _iteration_prompts(self.train_prompts, cfg, i),
+                                f"{label}: rollout")
         t["sample_work"] = r.seconds
         rollout_acc = r.correct / r.graded if r.graded else None
 
@@ -609,20 +615,18 @@ class _Loop:
         under ``fill/``; rows depend only on (seed, prompt, sample), not on the rounds."""
         cfg, rollout_cfg = self.cfg, c["rollout"]
         keep = c["weight"].filter == "correct"
-        target = min(cfg.prompts_per_iteration, len(self.train_prompts.prompts)) * rollout_cfg.n
         n_prompts = len(self.train_prompts.prompts)
+        target = min(cfg.prompts_per_iteration, n_prompts) * rollout_cfg.n
         fill_dir = Path(rollout_cfg.out).parent / "fill"
         fill_dir.mkdir(parents=True, exist_ok=True)
         tables, kept, sampled, seconds, meta = [], 0, 0, 0.0, None
         graded = correct = 0
         start = i * cfg.prompts_per_iteration
         for j, first in enumerate(range(0, n_prompts, cfg.prompts_per_iteration)):
-            count = min(cfg.prompts_per_iteration, n_prompts - first)
-            picked = [self.train_prompts.prompts[(start + first + k) % n_prompts]
-                      for k in range(count)]
+            window = _prompt_window(self.train_prompts, start + first,
+                                    min(cfg.prompts_per_iteration, n_prompts - first))
             round_cfg = dataclasses.replace(rollout_cfg, out=str(fill_dir / f"rollouts-{j:03d}.parquet"))
-            r = self.sample(round_cfg, dataclasses.replace(self.train_prompts, prompts=picked),
-                            f"{label}: rollout (fill round {j})")
+            r = self.sample(round_cfg, window, f"{label}: rollout (fill round {j})")
             seconds += r.seconds
             graded, correct = graded + r.graded, correct + r.correct
             table = shards.read_table(round_cfg.out)
