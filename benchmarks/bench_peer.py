@@ -134,7 +134,7 @@ def child_renio(a: argparse.Namespace) -> dict:
         f"prompts_per_iteration={PROMPTS_PER_STEP}", "rollout.n=1",
         f"rollout.max_new_tokens={a.new_tokens}", f"rollout.batch_size={PROMPTS_PER_STEP}",
         f"weight.group_size={PROMPTS_PER_STEP}", "train.steps_per_batch=1",
-        "train.weights_from=live", "train.token_clip=0.0", f"train.lora_r={LORA_R}",
+        "fuse_score=true", "train.weights_from=live", "train.token_clip=0.0", f"train.lora_r={LORA_R}",
         f"train.lora_alpha={LORA_ALPHA}", f"train.lr={LR}", "train.lr_schedule=constant",
         "train.dtype=float32"])
     run_loop(cfg)

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -381,3 +382,81 @@ def test_code_prompts_run_ungraded_and_refuse_filters(tmp_path, toy_world):
         assert proc.returncode == 2, proc.stderr
         assert "needs graded rollouts" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert not other.exists()
+
+
+FUSED = ["train.weights_from=live", "fuse_score=true"]
+
+
+def test_fuse_score_refuses_what_it_cannot_do():
+    with pytest.raises(RenioInputError, match="fuse_score: needs train.weights_from: live"):
+        load_run_config(CONFIG, ["fuse_score=true"])
+    for extra, what in (("train.steps_per_batch=2", "one optimizer step per iteration"),
+                        ("train.epochs=2", "one optimizer step per iteration"),
+                        ("train.loss=rkl", "train.loss jsd"),
+                        ("weight.filter=correct", "weight.filter all"),
+                        ("weight.norm=ema", "weight.norm batch_mean"),
+                        ("score.topk=4", "score.topk 0")):
+        with pytest.raises(RenioInputError, match=f"fuse_score: needs {what}"):
+            load_run_config(CONFIG, [*FUSED, extra])
+    load_run_config(CONFIG, FUSED)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("teacher", ["toy:teacher", "self"])
+def test_fuse_score_writes_the_shards_the_unfused_loop_writes(tmp_path, toy_world, teacher):
+    """fuse_score: the train step scores its rollouts. Its scores shard holds the log-probs
+    the separate score pass gives (float rounding apart), the weights shard the weights the
+    step trained with, and the adapter is the unfused loop's. OPSD ('self') scores the
+    privileged prompt with the adapter switched off."""
+    from safetensors.torch import load_file
+
+    from renio_core.stages.run_loop import run_loop
+
+    common = [f"teacher={teacher}", "iterations=2", *ONE_STEP, "rollout.n=4",
+              "train.weights_from=live"]
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    run_loop(load_run_config(CONFIG, [f"run_dir={plain}", *common]))
+    run_loop(load_run_config(CONFIG, [f"run_dir={fused}", *common, "fuse_score=true"]))
+    a_it, b_it = plain / "iter-00000", fused / "iter-00000"
+    assert pq.read_table(a_it / "rollouts.parquet").equals(pq.read_table(b_it / "rollouts.parquet"))
+    a, b = pq.read_table(a_it / "scores.parquet"), pq.read_table(b_it / "scores.parquet")
+    assert a.schema.names == b.schema.names and a.num_rows == b.num_rows == 32
+    assert a.column("teacher_prompt_ids").equals(b.column("teacher_prompt_ids"))
+    for col in ("student_logprobs", "teacher_logprobs"):
+        x = [v for row in a.column(col).to_pylist() for v in row]
+        y = [v for row in b.column(col).to_pylist() for v in row]
+        assert len(x) == len(y) > 0 and max(abs(p - q) for p, q in zip(x, y)) < 1e-4, col
+    meta = json.loads(pq.read_schema(b_it / "scores.parquet").metadata[b"renio"])
+    assert meta.get("scored_in_train_step") is True
+    for it in (fused / "iter-00000", fused / "iter-00001"):
+        stage = pq.read_table(it / "weights.parquet").column("weight").to_pylist()
+        (step,) = [json.loads(x) for x in (it / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+        assert stage == [float(np.float32(w)) for w in step["live_weights"]]
+        assert max(stage) > 1.5 * min(stage)  # the weights are not all alike
+    x = load_file(str(a_it / "ckpt" / "adapter_model.safetensors"))
+    y = load_file(str(b_it / "ckpt" / "adapter_model.safetensors"))
+    assert x.keys() == y.keys() and max((x[k] - y[k]).abs().max().item() for k in x) < 1e-5
+    rec = [json.loads(x) for x in (fused / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["time"]["score_work"] == 0.0 and r["time"]["train_steps"] > 0 for r in rec)
+    assert [r["pivotal_share"] for r in _records(fused)][0] == pytest.approx(
+        _records(plain)[0]["pivotal_share"], abs=1e-3)
+
+
+@pytest.mark.integration
+def test_fuse_score_killed_after_its_shards_reruns_exactly(tmp_path, toy_world):
+    """Fused, the shards are written inside the train call, before the checkpoint: a run
+    killed once iteration 1's scores exist retrains that iteration and ends as an unkilled
+    run."""
+    common = ["iterations=3", *ONE_STEP, "rollout.n=4", *FUSED]
+    whole = tmp_path / "whole"
+    _cli("run", "--config", CONFIG, f"run_dir={whole}", *common)
+    cut = tmp_path / "cut"
+    args = [*RENIO, "run", "--config", str(CONFIG), f"run_dir={cut}", *common]
+    _run_killed_when(args, lambda: (cut / "iter-00001" / "scores.parquet").exists())
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for i in range(3):
+        a, b = whole / f"iter-{i:05d}", cut / f"iter-{i:05d}"
+        assert _adapter_bytes(a / "ckpt") == _adapter_bytes(b / "ckpt"), i
+        assert pq.read_table(a / "weights.parquet").equals(pq.read_table(b / "weights.parquet")), i
+    assert _records(whole) == _records(cut)

@@ -63,12 +63,14 @@ from renio_core.data.prompt_io import PromptSet, load_prompts
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
 from renio_core.modeling.toy import chain, ensure_toy_world
+from renio_core.stages import score_in_step
 from renio_core.stages.evaluate import EvalConfig, run_eval
 from renio_core.stages.rollout import RolloutConfig, RolloutSummary, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
 from renio_core.stages.train_checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE
+from renio_core.stages.train_data import ScoredInStep
 from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig, run_weight
 
@@ -104,6 +106,10 @@ class RunConfig:
     # the kept kind exist, and train on exactly that many, so a filtered run takes as many
     # rows per optimizer step as an unfiltered one. Off: filter what was sampled.
     fill_filtered: bool = False
+    # Score the rollouts inside the train step, as the official trainer does: one forward of
+    # student and teacher instead of two. Needs train.weights_from: live, one optimizer step
+    # per iteration and the jsd loss; the scores and weights shards are still written.
+    fuse_score: bool = False
     seed: int = 0
     task: str = "math"
     wandb_project: str | None = None  # log steps and iterations to W&B (renio[wandb]); None = off
@@ -183,6 +189,8 @@ class RunConfig:
             raise RenioInputError(
                 "fill_filtered: needs weight.filter correct or incorrect (it fills the "
                 "iteration with rows of the kept kind)")
+        if self.fuse_score:
+            self._check_fuse_score()
         unknown = sorted(set(self.eval) - {*EVAL_SAMPLING, "limit"})
         if unknown:
             raise RenioInputError(
@@ -191,6 +199,25 @@ class RunConfig:
         check_available(wandb_project=self.wandb_project)  # before any work
         # Build every stage config once now, so a typo fails before any work.
         self.stage_configs(Path(self.run_dir) / "iter-00000", adapter=None, policy_step=0)
+
+    def _check_fuse_score(self) -> None:
+        loss = self.train.get("loss", "jsd")
+        needs = [
+            (self.train.get("weights_from", "shard") == "live",
+             "train.weights_from: live (the step computes the weights from its own log-probs)"),
+            (self.steps_per_iteration() == 1,
+             "one optimizer step per iteration (train.steps_per_batch 1, epochs 1, no max_steps)"),
+            (LOSS_TABLE[loss].needs_teacher_model if loss in LOSS_TABLE else True,
+             "train.loss jsd (the step reads the teacher's logits)"),
+            (self.weight.get("filter", "all") == "all" and not self.fill_filtered,
+             "weight.filter all and no fill_filtered"),
+            (self.weight.get("norm", "batch_mean") != "ema",
+             "weight.norm batch_mean, clamp or none (live weights normalize per micro-batch)"),
+            (not self.score.get("topk", 0), "score.topk 0"),
+        ]
+        for ok, what in needs:
+            if not ok:
+                raise RenioInputError(f"fuse_score: needs {what}")
 
     @property
     def lora(self) -> bool:
@@ -438,12 +465,14 @@ class _Resident:
         self.student.eval()
         self.checkpoint = ckpt
 
-    def train(self, train_cfg: Any, out: str, on_step: Any) -> Any:
+    def train(self, train_cfg: Any, out: str, on_step: Any,
+              scored_in_step: ScoredInStep | None = None) -> Any:
         """Train the resident student in place (continuing its adapter) and record that it
         now equals the checkpoint written to ``out``."""
         self.student = attach_lora(self.student, train_cfg)
         try:
-            summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher)
+            summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher,
+                                scored_in_step=scored_in_step)
         finally:
             self.student.eval()
         self.checkpoint = out
@@ -554,34 +583,15 @@ class _Loop:
         t["sample_work"] = r.seconds
         rollout_acc = r.correct / r.graded if r.graded else None
 
-        with _timed(t, "score"):
-            inputs = shards.open_inputs(c["score"].input, [])
-            scorer = HFScorer(c["score"], resolve(c["score"], inputs), resident.student,
-                            resident.tokenizer, resident.teacher, resident.teacher_tok)
-            if c["score"].self_distill and not cfg.lora:
-                scorer.teacher_model = resident.teacher  # the frozen base
-            with self.bar(f"{label}: score", inputs.total_rows) as advance:
-                t["score_work"] = run_score(c["score"], advance, scorer=scorer).seconds
-        with _timed(t, "weight"):
-            w = run_weight(c["weight"])
-        self.say(f"{label}: {w.rows} rollouts, accuracy "
-                 f"{'-' if rollout_acc is None else f'{rollout_acc:.3f}'}, pivotal share "
-                 f"{w.pivotal_share:.2%}, AUROC "
-                 f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
-
         ckpt = it_dir / "ckpt"
-        with _timed(t, "train"):
-            if _checkpoint_finished(ckpt):
-                self.say(f"{label}: checkpoint already complete, not retrained")
-                resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
-            else:
-                with self.bar(f"{label}: train", c["train"].max_steps) as advance:
-                    def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
-                        self.tracker.log("train", {k: metrics[k] for k in TRACKED},
-                                         metrics.get("global_step", policy_step + step))
-                        if advance is not None:
-                            advance(1)
-                    resident.train(c["train"], str(ckpt), on_step)
+        if cfg.fuse_score:
+            w = self.train_scoring_in_step(c, ckpt, label, policy_step, t)
+            self.say_weights(label, w, rollout_acc)
+        else:
+            w = self.score_and_weight(c, label, t)
+            self.say_weights(label, w, rollout_acc)
+            with _timed(t, "train"):
+                self.train(c, ckpt, label, policy_step)
         steps = _checkpoint_metrics(ckpt)
         t["train_steps"] = sum(s.get("step_seconds", 0.0) for s in steps)
         policy_step = max((s.get("global_step", policy_step + s.get("step", 0)) for s in steps),
@@ -601,6 +611,78 @@ class _Loop:
             fill_sampled=fill[0] if fill else None, fill_kept=fill[1] if fill else None,
             time={k: round(v, 4) for k, v in t.items()},
         )
+
+    def scorer(self, score_cfg: ScoreConfig) -> HFScorer:
+        resident = self.resident
+        inputs = shards.open_inputs(score_cfg.input, [])
+        scorer = HFScorer(score_cfg, resolve(score_cfg, inputs), resident.student,
+                          resident.tokenizer, resident.teacher, resident.teacher_tok)
+        if score_cfg.self_distill and not self.cfg.lora:
+            scorer.teacher_model = resident.teacher  # the frozen base
+        return scorer
+
+    def score_and_weight(self, c: dict[str, Any], label: str, t: dict[str, float]) -> Any:
+        with _timed(t, "score"):
+            scorer = self.scorer(c["score"])
+            rows = shards.open_inputs(c["score"].input, []).total_rows
+            with self.bar(f"{label}: score", rows) as advance:
+                t["score_work"] = run_score(c["score"], advance, scorer=scorer).seconds
+        with _timed(t, "weight"):
+            return run_weight(c["weight"])
+
+    def say_weights(self, label: str, w: Any, rollout_acc: float | None) -> None:
+        self.say(f"{label}: {w.rows} rollouts, accuracy "
+                 f"{'-' if rollout_acc is None else f'{rollout_acc:.3f}'}, pivotal share "
+                 f"{w.pivotal_share:.2%}, AUROC "
+                 f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
+
+    def train(self, c: dict[str, Any], ckpt: Path, label: str, policy_step: int,
+              scored_in_step: ScoredInStep | None = None) -> None:
+        if _checkpoint_finished(ckpt):
+            self.say(f"{label}: checkpoint already complete, not retrained")
+            self.resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
+            return
+        with self.bar(f"{label}: train", c["train"].max_steps) as advance:
+            def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
+                self.tracker.log("train", {k: metrics[k] for k in TRACKED},
+                                 metrics.get("global_step", policy_step + step))
+                if advance is not None:
+                    advance(1)
+            self.resident.train(c["train"], str(ckpt), on_step, scored_in_step=scored_in_step)
+
+    def train_scoring_in_step(self, c: dict[str, Any], ckpt: Path, label: str,
+                              policy_step: int, t: dict[str, float]) -> Any:
+        """``fuse_score``: train on the rollouts, the step scoring them; the scores and
+        weights shards are written from the step's log-probs before the checkpoint
+        (renio_core/stages/score_in_step.py). A checkpoint already complete had its shards
+        written first, so only the weight summary is read again."""
+        score_cfg = c["score"]
+        scorer = self.scorer(score_cfg)
+        table = shards.read_table(score_cfg.input)
+        keys = score_in_step.row_keys(table)
+        done: dict[str, Any] = {}
+
+        def write_shards(logprobs: dict[int, tuple[list[float], list[float]]]) -> None:
+            by_key = {keys[row]: pair for row, pair in logprobs.items()}
+            step_scorer = score_in_step.StepScorer(by_key, scorer.teacher_prompts,
+                                                   scorer.student_model, scorer.teacher_model)
+            with _timed(t, "score"):
+                run_score(score_cfg, scorer=step_scorer, extra_meta={"scored_in_train_step": True})
+            with _timed(t, "weight"):
+                done["weight"] = run_weight(c["weight"])
+
+        fused = ScoredInStep(
+            inputs=shards.open_inputs(score_cfg.input, []),
+            micro=score_in_step.micro_batches(table, scorer.teacher_prompts(table), c["weight"]),
+            temperature=scorer.resolved.temperature, teacher=c["train"].teacher,
+            live=score_in_step.live_spec(c["weight"]), before_save=write_shards)
+        with _timed(t, "train"):
+            self.train(c, ckpt, label, policy_step, scored_in_step=fused)
+        t["train"] -= t["score"] + t["weight"]  # the shards were written inside the train call
+        if "weight" not in done:  # the checkpoint was complete: its shards exist
+            with _timed(t, "weight"):
+                done["weight"] = run_weight(c["weight"])
+        return done["weight"]
 
     def sample(self, rollout_cfg: RolloutConfig, prompt_set: PromptSet, desc: str) -> Any:
         with self.bar(desc, len(prompt_set.prompts) * rollout_cfg.n) as advance:

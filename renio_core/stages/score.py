@@ -390,11 +390,13 @@ def run_score(
     progress: Callable[[int], None] | None = None,
     *,
     scorer: Scorer | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> ScoreSummary:
     """Score this shard's chunks of ``cfg.input`` and write them to ``cfg.out``.
 
     ``scorer`` may be passed with preloaded models (the ``renio run`` loop). ``progress(n)``
     is called with the number of rows scored (or found complete) since the last call.
+    ``extra_meta`` adds keys to the shard's metadata (where the log-probs came from).
     """
     busy = [0.0]  # seconds spent scoring (model loading excluded), for tokens/s
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
@@ -423,7 +425,8 @@ def run_score(
         },
         tokenizer_fingerprint=resolved.tokenizer_fingerprint,
         extra={"scoring_temperature": resolved.temperature,
-               "teacher_prompt": "privileged" if cfg.privileged else "plain"},
+               "teacher_prompt": "privileged" if cfg.privileged else "plain",
+               **(extra_meta or {})},
     )
     summary = ScoreSummary(out=Path(cfg.out), temperature=resolved.temperature,
                            student=resolved.student,

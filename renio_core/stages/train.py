@@ -80,6 +80,7 @@ from renio_core.stages.train_checkpoint import (
 from renio_core.stages.train_data import (
     LiveWeightSpec,
     MicroBatch,
+    ScoredInStep,
     check_token_ids,
     columns,
     pack,
@@ -473,14 +474,18 @@ def _load_teacher(name: str, dtype: str, device: torch.device, student_tok: Any,
 
 
 def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
-              student: Any = None, teacher: Any = None) -> TrainSummary:
+              student: Any = None, teacher: Any = None,
+              scored_in_step: ScoredInStep | None = None) -> TrainSummary:
     """Train the student on ``cfg.weights`` and write the checkpoint to ``cfg.out``.
 
     ``student``/``teacher`` may be passed already loaded (the ``renio run`` loop keeps them
     across iterations): the student is trained in place and must come from
     :func:`attach_lora` (or be a full model with ``--no-lora``); ``teacher`` replaces loading
-    ``--teacher``. Not combined with ``--resume`` or torchrun.
+    ``--teacher``. Not combined with ``--resume`` or torchrun. ``scored_in_step`` (the loop's
+    ``fuse_score``) trains on rollouts the step scores itself, instead of ``cfg.weights``.
     """
+    if scored_in_step is not None:
+        return _run_train_scored_in_step(cfg, progress, student, teacher, scored_in_step)
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
     if cfg.teacher_device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -509,6 +514,22 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     finally:
         if d.initialized_here:
             dist.destroy_process_group()
+
+
+def _run_train_scored_in_step(cfg: TrainConfig, progress: Progress | None, student: Any,
+                              teacher: Any, fused: ScoredInStep) -> TrainSummary:
+    if student is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.resume:
+        raise RenioInputError("scoring in the train step needs the loop's resident student, "
+                              "one process and no --resume")
+    t_start = time.perf_counter()
+    shards.refuse_overwriting_inputs(cfg.out, *fused.inputs.files, cfg.model, cfg.adapter,
+                                     cfg.init_from, fused.teacher if fused.teacher != "self" else None)
+    out = _check_out(cfg)
+    d = init_distributed(cfg.device)
+    trainer = Trainer(cfg, fused.inputs, list(fused.micro), fused.temperature, fused.teacher,
+                      out, d, scored_in_step=fused)
+    trainer.setup(student, teacher)
+    return trainer.train(progress, t_start)
 
 
 @dataclasses.dataclass
@@ -540,9 +561,13 @@ class Trainer:
     micro-batch."""
 
     def __init__(self, cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | None],
-                 temperature: float, teacher_name: str | None, out: Path, d: Dist):
+                 temperature: float, teacher_name: str | None, out: Path, d: Dist,
+                 scored_in_step: ScoredInStep | None = None):
         self.cfg, self.inputs, self.micro, self.out, self.d = cfg, inputs, micro, out, d
         self.temperature, self.teacher_name = temperature, teacher_name
+        self.scored_in_step = scored_in_step
+        # {row: (student log-probs, teacher log-probs)} from the step (scored_in_step).
+        self.step_logprobs: dict[int, tuple[list[float], list[float]]] = {}
         self.state: dict[str, Any] | None = None  # the checkpoint's trainer state (--resume)
         self.step = 0
 
@@ -648,7 +673,8 @@ class Trainer:
         self.module = DistillModule(
             model, LossSpec(cfg.loss, cfg.beta, cfg.token_clip, self.temperature, cfg.topk_tail),
             chunk, teacher=teacher, self_teacher=self_teacher,
-            live=live_weight_spec(cfg, self.inputs.metadata, self.inputs.files[0]))
+            live=(self.scored_in_step.live if self.scored_in_step is not None else
+                  live_weight_spec(cfg, self.inputs.metadata, self.inputs.files[0])))
         self.wrapped = wrap(self.module, self.d, device, fsdp=cfg.fsdp, autocast=self.autocast)
 
     def _teacher(self, preloaded: Any) -> tuple[Any, bool]:
@@ -737,6 +763,12 @@ class Trainer:
             weights, pivotal = (self.module.last_live[0].tolist(),
                                 self.module.last_live[1].tolist())
             step_weights.extend(weights)
+        if self.scored_in_step is not None and mb.rows is not None:
+            student_N, teacher_N = self.module.last_logprobs
+            ends = np.cumsum([len(c) for c in mb.completion_ids])
+            for row, s_lp, t_lp in zip(mb.rows, np.split(student_N, ends[:-1]),
+                                       np.split(teacher_N, ends[:-1])):
+                self.step_logprobs[row] = (s_lp.tolist(), t_lp.tolist())
         totals.add(float(loss.detach()), weights, pivotal, [len(c) for c in mb.completion_ids])
 
     def _optimizer_step(self) -> tuple[dict[str, Any], StepTotals]:
@@ -808,6 +840,8 @@ class Trainer:
                 self._save(self.step)
             if progress is not None and d.main:
                 progress(self.step, total, record)
+        if self.scored_in_step is not None:
+            self.scored_in_step.before_save(self.step_logprobs)  # the shards, then the checkpoint
         self._save(self.step)
         if self.tracker is not None:
             self.tracker.close()

@@ -8,6 +8,7 @@ A micro-batch is one ``batch_id`` group of the weight stage, in file order (docs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,12 @@ class MicroBatch:
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     teacher_prompt_ids: list[list[int]]
-    teacher_logprobs: list[list[float]]
+    teacher_logprobs: list[list[float]] | None  # None: scored inside the train step
     weights: list[float]
     pivotal_count: list[int]
     topk_ids: list[list[list[int]]] | None = None
     topk_logprobs: list[list[list[float]]] | None = None
+    rows: list[int] | None = None  # the rows' positions in the input table (fused scoring)
 
     @property
     def tokens(self) -> int:
@@ -175,6 +177,21 @@ class LiveWeightSpec:
     scheme: str
 
 
+@dataclasses.dataclass
+class ScoredInStep:
+    """Rollouts that the train step scores itself (``renio run``'s ``fuse_score``): its one
+    forward of student and teacher gives the sampled-token log-probs, the live ReNIO weights
+    and the loss; ``before_save(logprobs)`` gets ``{row: (student, teacher)}`` before the
+    checkpoint is written, so the loop can write the scores and weights shards first."""
+
+    inputs: shards.InputSet  # the rollouts shard: the checkpoint's input identity
+    micro: list[MicroBatch]  # teacher_logprobs None, rows set
+    temperature: float
+    teacher: str
+    live: LiveWeightSpec
+    before_save: Callable[[dict[int, tuple[list[float], list[float]]]], None]
+
+
 def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
                  teacher_logprobs_N: np.ndarray, lengths_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ReNIO weights of one micro-batch (one normalization group), the weight stage's formula
@@ -218,7 +235,8 @@ def pack(mb: MicroBatch, pad_id: int, device: torch.device) -> PackedBatch:
         coef_N=coef_B[torch.as_tensor(rows, dtype=torch.long)].to(device),
         teacher_input_ids_BL=t_ids_BL.to(device), teacher_attention_BL=t_attn_BL.to(device),
         teacher_cols_N=torch.as_tensor(t_cols, dtype=torch.long).to(device),
-        teacher_logprobs_N=torch.tensor(flat(mb.teacher_logprobs), dtype=torch.float32).to(device),
+        teacher_logprobs_N=(None if mb.teacher_logprobs is None else
+                            torch.tensor(flat(mb.teacher_logprobs), dtype=torch.float32).to(device)),
         topk_ids_NK=topk_ids, topk_logprobs_NK=topk_lp,
         weights_B=weights_B.to(device), lengths_B=lengths_B.to(device),
     )

@@ -107,6 +107,8 @@ class DistillModule(torch.nn.Module):
         self.live = live
         # (weights_B, pivotal_count_B) of the last forward, when the weights are live.
         self.last_live: tuple[np.ndarray, np.ndarray] | None = None
+        # (student_N, teacher_N) sampled-token log-probs of the last forward (live weights).
+        self.last_logprobs: tuple[np.ndarray, np.ndarray] | None = None
         # A plain attribute, not a submodule: DDP/FSDP must not wrap or sync the frozen teacher.
         self.__dict__["teacher"] = teacher
         self.self_teacher = self_teacher
@@ -121,7 +123,7 @@ class DistillModule(torch.nn.Module):
         chunk_fn = entry.chunk_fn(self.spec, p, teacher)
         coef_N = p.coef_N
         if self.live is not None:
-            coef_N = self._live_coef(p, hidden_NH, lm)
+            coef_N = self._live_coef(p, hidden_NH, lm, teacher)
         if hidden_NH.shape[0] == 0:
             # Nothing to learn from, but every parameter must still take part (DDP).
             zero = hidden_BLH.sum() * 0.0 + head.weight.sum() * 0.0
@@ -145,26 +147,45 @@ class DistillModule(torch.nn.Module):
         return TeacherHead(t_hidden.to(device)[p.rows_N, p.teacher_cols_N],
                            lm_head(t_lm).weight.detach().to(device), t_lm.config)
 
-    def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any) -> torch.Tensor:
+    def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any,
+                   teacher: TeacherHead | None) -> torch.Tensor:
         """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
-        micro-batch's ReNIO weights -> the per-token loss coefficients."""
-        n_total = hidden_NH.shape[0]
-        lp_N = torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
-        with torch.no_grad():
-            for lo in range(0, n_total, self.chunk):
-                hi = min(n_total, lo + self.chunk)
-                logits_CV = models.head_logits(lm, hidden_NH[lo:hi].detach()).float()
-                logits_CV = logits_CV / self.spec.temperature
-                lp_N[lo:hi] = (logits_CV.gather(1, p.targets_N[lo:hi, None])[:, 0]
-                               - torch.logsumexp(logits_CV, dim=-1))
+        micro-batch's ReNIO weights -> the per-token loss coefficients. Without stored teacher
+        log-probs (``renio run``'s fused scoring) the teacher's come from this forward too."""
+        lp_N = self._sampled_logprobs(hidden_NH, lm_head(lm).weight, lm.config, p.targets_N)
+        if p.teacher_logprobs_N is not None:
+            t_lp_N = p.teacher_logprobs_N
+        elif teacher is not None:
+            t_lp_N = self._sampled_logprobs(teacher.hidden_NH, teacher.weight_VH, teacher.config,
+                                            p.targets_N)
+        else:
+            raise RenioInputError("scoring in the train step needs the teacher's logits "
+                                  "(loss jsd)")
         lengths_B = p.lengths_B.cpu().numpy()
-        weights_B, pivotal_B = live_weights(self.live, lp_N.cpu().numpy(),
-                                            p.teacher_logprobs_N.cpu().numpy(), lengths_B)
+        student_N, teacher_N = lp_N.cpu().numpy(), t_lp_N.cpu().numpy()
+        weights_B, pivotal_B = live_weights(self.live, student_N, teacher_N, lengths_B)
         self.last_live = (weights_B, pivotal_B)
+        self.last_logprobs = (student_N, teacher_N)
         B = len(lengths_B)
         coef_B = torch.as_tensor(weights_B, dtype=torch.float32) / (
             torch.as_tensor(lengths_B).clamp(min=1).float() * B)
         return coef_B.to(hidden_NH.device)[p.rows_N]
+
+    @torch.no_grad()
+    def _sampled_logprobs(self, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, config: Any,
+                          targets_N: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(logits / T)`` at each sampled token, ``chunk`` positions at a time:
+        the arithmetic of ``models.sequence_logprobs`` (the score stage's)."""
+        n_total = hidden_NH.shape[0]
+        lp_N = torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
+        for lo in range(0, n_total, self.chunk):
+            hi = min(n_total, lo + self.chunk)
+            logits_CV = models.postprocess_logits(
+                config, F.linear(hidden_NH[lo:hi].detach(), weight_VH)).float()
+            logits_CV = logits_CV / self.spec.temperature
+            lp_N[lo:hi] = (logits_CV.gather(1, targets_N[lo:hi, None])[:, 0]
+                           - torch.logsumexp(logits_CV, dim=-1))
+        return lp_N
 
 
 def naive_loss(module: DistillModule, p: PackedBatch) -> torch.Tensor:

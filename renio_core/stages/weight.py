@@ -223,13 +223,19 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
     )
 
 
+def group_ids(cfg: WeightConfig, prompt_ids_K: np.ndarray | None, rows: int) -> np.ndarray:
+    """The ``batch_id`` of each kept row: its normalization group and training micro-batch
+    (``renio run``'s fused scoring groups its rollouts with the same function)."""
+    if cfg.grouping == "distinct":
+        return weighting.distinct_prompt_groups(prompt_ids_K, cfg.group_size)
+    return np.arange(rows, dtype=np.int64) // cfg.group_size
+
+
 def _new_columns(stats: _RowStats, keep_R: np.ndarray, cfg: WeightConfig) -> dict[str, np.ndarray]:
     """Groups and normalized weights of the kept rows, in order."""
     raw_K = stats.raw[keep_R]
-    if cfg.grouping == "distinct":
-        group_ids_K = weighting.distinct_prompt_groups(stats.prompt_ids[keep_R], cfg.group_size)
-    else:
-        group_ids_K = np.arange(len(raw_K), dtype=np.int64) // cfg.group_size
+    group_ids_K = group_ids(cfg, stats.prompt_ids[keep_R] if stats.prompt_ids is not None
+                            else None, len(raw_K))
     if cfg.scheme == "uniform":
         weights_K = np.ones(len(raw_K), dtype=np.float64)
     else:

@@ -1,0 +1,105 @@
+"""``renio run``'s ``fuse_score``: the train step scores the rollouts it trains on.
+
+The official trainer (BDML-lab/ReNIO ``opsd_trainer.py``) computes the student's and the
+teacher's log-probs of the sampled tokens in its training step and the ReNIO weight from them
+(arXiv 2606.23104, Alg. 1); it runs no separate scoring pass. With one optimizer step per
+rollout batch the loop can do the same: the step's single forward of the student (with
+gradients) and of the teacher gives the loss, the log-probs and the live weights, where the
+unfused loop runs both models once more in ``renio score`` beforehand.
+
+The shards are still written, before the checkpoint: ``scores.parquet`` through
+``run_score`` with :class:`StepScorer` (the step's log-probs instead of a forward pass; same
+columns and metadata, plus ``scored_in_train_step``), then ``weights.parquet`` by
+``run_weight`` as usual. Its weights are the ones the step trained with (the same formula on
+the same float32 log-probs, grouped by :func:`weight.group_ids`), which tests/test_run_loop.py
+checks.
+
+What differs from the unfused loop: the student's log-probs come from the training forward
+(train mode; LoRA dropout is 0) on right-padded micro-batches, the scorer's from an
+inference forward on its own token-budget batches, so they agree to float rounding, not bit
+for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from renio_core.backends.rows import with_scores
+from renio_core.errors import RenioInputError
+from renio_core.modeling import models
+from renio_core.stages.train_data import LiveWeightSpec, MicroBatch
+from renio_core.stages.weight import WeightConfig, group_ids
+
+
+def live_spec(cfg: WeightConfig) -> LiveWeightSpec:
+    return LiveWeightSpec(cfg.clip, cfg.threshold, cfg.tem, cfg.norm, cfg.scheme)
+
+
+def row_keys(table: pa.Table) -> list[tuple[str, int]]:
+    """(prompt_id, sample_index) of each row: how the step's log-probs find their row again."""
+    keys = list(zip(table.column("prompt_id").to_pylist(),
+                    table.column("sample_index").to_pylist()))
+    if len(set(keys)) != len(keys):
+        raise RenioInputError("fuse_score: the rollouts repeat a (prompt_id, sample_index) pair; "
+                              "the step's log-probs could not find their rows")
+    return keys
+
+
+def micro_batches(table: pa.Table, teacher_prompts: Sequence[Sequence[int]],
+                  cfg: WeightConfig) -> list[MicroBatch]:
+    """The rollout rows as the weight stage would group them (``batch_id`` order of first
+    appearance), with no log-probs yet: the train step computes them."""
+    pids = np.asarray(table.column("prompt_id").to_pylist(), dtype=object)
+    batch_B = group_ids(cfg, pids, table.num_rows)
+    prompts = table.column("prompt_ids").to_pylist()
+    completions = table.column("completion_ids").to_pylist()
+    groups: dict[int, MicroBatch] = {}
+    for row, bid in enumerate(batch_B.tolist()):
+        mb = groups.get(bid)
+        if mb is None:
+            mb = groups[bid] = MicroBatch(bid, [], [], [], None, [], [], rows=[])
+        mb.prompt_ids.append(prompts[row])
+        mb.completion_ids.append(completions[row])
+        mb.teacher_prompt_ids.append(list(teacher_prompts[row]))
+        mb.weights.append(1.0)  # replaced by the step's live weight
+        mb.pivotal_count.append(0)
+        mb.rows.append(row)
+    return list(groups.values())
+
+
+class StepScorer:
+    """A scorer for ``run_score`` that hands back the train step's log-probs.
+
+    ``logprobs`` maps a row's (prompt_id, sample_index) to (student, teacher) lists; the
+    teacher prompts are recomputed the way the HF scorer does (``teacher_prompts``)."""
+
+    def __init__(self, logprobs: dict[tuple[str, int], tuple[list[float], list[float]]],
+                 teacher_prompts: Callable[[pa.Table], list[list[int]]],
+                 student_model: Any, teacher_model: Any):
+        self.logprobs = logprobs
+        self.teacher_prompts = teacher_prompts
+        self._vocab = {"student": models.vocab_rows(student_model),
+                       "teacher": models.vocab_rows(teacher_model)}
+
+    def vocab_sizes(self) -> dict[str, int]:
+        return dict(self._vocab)
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    def score_table(self, table: pa.Table, progress: Callable[[int], None] | None = None
+                    ) -> pa.Table:
+        try:
+            pairs = [self.logprobs[key] for key in row_keys(table)]
+        except KeyError as exc:
+            raise RenioInputError(f"fuse_score: no log-probs from the train step for row "
+                                  f"{exc.args[0]}") from None
+        student = models.LogprobResult([np.asarray(s, np.float32) for s, _ in pairs], None, None)
+        teacher = models.LogprobResult([np.asarray(t, np.float32) for _, t in pairs], None, None)
+        if progress is not None:
+            progress(table.num_rows)
+        return with_scores(table, self.teacher_prompts(table), student, teacher, topk=0)
