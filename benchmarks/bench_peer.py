@@ -124,8 +124,8 @@ def child_renio(a: argparse.Namespace) -> dict:
 
     problems = json.loads(Path(a.problems).read_text())
     prompts = Path(a.work) / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"id": f"p{i}", "problem": p, "task": "math",
-                                           "answer": "0"}) + "\n"
+    # No answers: TRL's side grades nothing, so renio's rollouts are not graded either.
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "problem": p, "task": "math"}) + "\n"
                                for i, p in enumerate(problems[:PROMPTS_PER_STEP * a.steps])))
     run_dir = Path(a.work) / "run"
     cfg = load_run_config(ROOT / "sample_configs" / "toy-opd-renio.yaml", [

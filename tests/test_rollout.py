@@ -135,6 +135,22 @@ def test_rollout_rows_follow_the_contract(world, tmp_path):
     assert not Path(str(cfg.out) + ".parts").exists()  # staging merged and removed
 
 
+def test_one_chunk_is_written_in_place_and_equals_merged_chunks(world, tmp_path):
+    """A single-file output of one chunk is written straight to its file (no staging copy);
+    it holds what the staged-and-merged output of four chunks holds, with the same metadata
+    but for the chunking setting, and a rerun skips it."""
+    one = cfg_for(world, tmp_path / "one.parquet", chunk_prompts=12)
+    four = cfg_for(world, tmp_path / "four.parquet", chunk_prompts=3)
+    run_rollout(one), run_rollout(four)
+    assert shards.read_table(one.out).equals(shards.read_table(four.out))
+    a, b = shards.read_metadata(Path(one.out)), shards.read_metadata(Path(four.out))
+    assert "part" not in a and "part" not in b and a["stage"] == b["stage"] == "rollout"
+    assert a["config"]["chunk_prompts"] == 12 and b["config"]["chunk_prompts"] == 3
+    assert not any(p.name.endswith((".parts", ".tmp")) for p in tmp_path.iterdir())
+    again = run_rollout(one)
+    assert again.parts_skipped == 1 and again.parts_written == 0
+
+
 def test_same_seed_same_tokens_other_seed_differs(world, tmp_path):
     # A hot, unfiltered sampler: the trained toy student is near-deterministic otherwise.
     hot = dict(temperature=2.0, top_p=1.0, top_k=0)

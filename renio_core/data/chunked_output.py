@@ -108,6 +108,12 @@ class ChunkedOutput:
         return self.parts.existing_part(index, meta)
 
     def write(self, index: int, table: pa.Table, meta: dict[str, Any]) -> Path:
+        if self.staging_dir is not None and meta["part"]["num_parts"] == 1:
+            # One chunk into one file: nothing to resume part by part, so it is written in
+            # place (atomically) rather than staged and then copied (the loop's shards).
+            base = {k: v for k, v in meta.items() if k != "part"}
+            shards.write_table_atomic(self.final.out, table, base)
+            return self.final.out
         path = self.parts.part_path(index)
         shards.write_table_atomic(path, table, meta)
         return path
@@ -115,6 +121,9 @@ class ChunkedOutput:
     def finalize(self, num_parts: int, base_meta: dict[str, Any]) -> Path:
         """Merge staged parts into the single output file; a directory output needs nothing."""
         if self.staging_dir is None:
+            return self.final.out
+        if num_parts == 1 and self.final.existing_part(0, base_meta):
+            shutil.rmtree(self.staging_dir, ignore_errors=True)  # written in place
             return self.final.out
         paths = [self.parts.part_path(k) for k in range(num_parts)]
         schema = shards.open_parquet(paths[0]).schema_arrow.remove_metadata()

@@ -238,14 +238,26 @@ def _sha(obj: Any) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """Identity of the token → id mapping and the special ids (not of the chat template)."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    """Identity of the token → id mapping and the special ids (not of the chat template).
+
+    Kept on the tokenizer object with its size and special ids: ``renio run`` asks for it in
+    every stage of every iteration, and a 151k-token vocabulary takes a moment to hash."""
     special = {
         "eos": tokenizer.eos_token_id,
         "bos": tokenizer.bos_token_id,
         "pad": tokenizer.pad_token_id,
     }
-    return _sha({"vocab": vocab, "special": special})
+    key = (len(tokenizer), tuple(special.values()))
+    cached = getattr(tokenizer, "_renio_fingerprint", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    fingerprint = _sha({"vocab": vocab, "special": special})
+    try:
+        tokenizer._renio_fingerprint = (key, fingerprint)
+    except AttributeError:  # a tokenizer that takes no new attributes is hashed every time
+        pass
+    return fingerprint
 
 
 def _file_digest(path: Path, edge: int = 1 << 16) -> dict[str, Any]:

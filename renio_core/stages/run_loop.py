@@ -472,7 +472,7 @@ class _Resident:
         self.student = attach_lora(self.student, train_cfg)
         try:
             summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher,
-                                scored_in_step=scored_in_step)
+                                tokenizer=self.tokenizer, scored_in_step=scored_in_step)
         finally:
             self.student.eval()
         self.checkpoint = out

@@ -474,18 +474,20 @@ def _load_teacher(name: str, dtype: str, device: torch.device, student_tok: Any,
 
 
 def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
-              student: Any = None, teacher: Any = None,
+              student: Any = None, teacher: Any = None, tokenizer: Any = None,
               scored_in_step: ScoredInStep | None = None) -> TrainSummary:
     """Train the student on ``cfg.weights`` and write the checkpoint to ``cfg.out``.
 
     ``student``/``teacher`` may be passed already loaded (the ``renio run`` loop keeps them
     across iterations): the student is trained in place and must come from
     :func:`attach_lora` (or be a full model with ``--no-lora``); ``teacher`` replaces loading
-    ``--teacher``. Not combined with ``--resume`` or torchrun. ``scored_in_step`` (the loop's
+    ``--teacher``, ``tokenizer`` loading ``--model``'s. Not combined with ``--resume`` or
+    torchrun. ``scored_in_step`` (the loop's
     ``fuse_score``) trains on rollouts the step scores itself, instead of ``cfg.weights``.
     """
     if scored_in_step is not None:
-        return _run_train_scored_in_step(cfg, progress, student, teacher, scored_in_step)
+        return _run_train_scored_in_step(cfg, progress, student, teacher, tokenizer,
+                                         scored_in_step)
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
     if cfg.teacher_device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -509,7 +511,7 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     d = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d)
-        trainer.setup(student, teacher)
+        trainer.setup(student, teacher, tokenizer)
         return trainer.train(progress, t_start)
     finally:
         if d.initialized_here:
@@ -517,7 +519,7 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
 
 
 def _run_train_scored_in_step(cfg: TrainConfig, progress: Progress | None, student: Any,
-                              teacher: Any, fused: ScoredInStep) -> TrainSummary:
+                              teacher: Any, tokenizer: Any, fused: ScoredInStep) -> TrainSummary:
     if student is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.resume:
         raise RenioInputError("scoring in the train step needs the loop's resident student, "
                               "one process and no --resume")
@@ -528,7 +530,7 @@ def _run_train_scored_in_step(cfg: TrainConfig, progress: Progress | None, stude
     d = init_distributed(cfg.device)
     trainer = Trainer(cfg, fused.inputs, list(fused.micro), fused.temperature, fused.teacher,
                       out, d, scored_in_step=fused)
-    trainer.setup(student, teacher)
+    trainer.setup(student, teacher, tokenizer)
     return trainer.train(progress, t_start)
 
 
@@ -573,10 +575,10 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------
 
-    def setup(self, student: Any = None, teacher: Any = None) -> None:
+    def setup(self, student: Any = None, teacher: Any = None, tokenizer: Any = None) -> None:
         self._setup_device_and_precision()
         self._setup_step_plan()
-        self._setup_tokenizer()
+        self._setup_tokenizer(tokenizer)
         self._setup_resume()
         self._setup_models(student, teacher)
         self._setup_optimizer()
@@ -623,9 +625,9 @@ class Trainer:
                             else cfg.epochs * self.steps_per_epoch)
         self.dropped = n_micro - self.steps_per_epoch * self.per_step
 
-    def _setup_tokenizer(self) -> None:
+    def _setup_tokenizer(self, preloaded: Any = None) -> None:
         cfg = self.cfg
-        self.tok = models.load_tokenizer(cfg.model)
+        self.tok = preloaded if preloaded is not None else models.load_tokenizer(cfg.model)
         want_fp = shards.find_in_lineage(self.inputs.metadata, "tokenizer_fingerprint")
         if want_fp is not None and want_fp != models.tokenizer_fingerprint(self.tok):
             raise RenioInputError(

@@ -181,7 +181,10 @@ def save_adapter(model: Any, out: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    state = get_peft_model_state_dict(model)
+    # The base's embeddings are never trained or resized here, so they are not saved; peft's
+    # "auto" would read the base model's config again on every save (and, for a Hub name,
+    # ask the Hub whether it exists) to find that out.
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
     save_file({k: v.detach().contiguous() for k, v in state.items()},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.copy(model.peft_config["default"])
