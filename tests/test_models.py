@@ -67,6 +67,22 @@ def test_fingerprints(tiny):
     assert M.model_fingerprint(tiny["a"]) != M.model_fingerprint(tiny["b"])
 
 
+def test_tokenizer_fingerprint_follows_changes_to_the_same_object(tiny):
+    """The fingerprint is kept on the tokenizer object; added tokens or a new pad token make
+    it what a fresh computation gives."""
+    tok = M.load_tokenizer(tiny["a"])
+    before = M.tokenizer_fingerprint(tok)
+    assert M.tokenizer_fingerprint(tok) == before
+    tok.add_tokens(["<renio-new-token>"])
+    grown = M.tokenizer_fingerprint(tok)
+    assert grown != before
+    tok.pad_token = tok.convert_ids_to_tokens(len(tok) - 1)
+    fresh = M.load_tokenizer(tiny["a"])
+    fresh.add_tokens(["<renio-new-token>"])
+    fresh.pad_token = fresh.convert_ids_to_tokens(len(fresh) - 1)
+    assert M.tokenizer_fingerprint(tok) == M.tokenizer_fingerprint(fresh) != grown
+
+
 def test_tokenizer_compatibility(tiny):
     ta = M.load_tokenizer(tiny["a"])
     M.check_tokenizers_compatible(ta, M.load_tokenizer(tiny["b"]))
