@@ -137,9 +137,22 @@ def child_renio(a: argparse.Namespace) -> dict:
         "fuse_score=true", "train.weights_from=live", "train.token_clip=0.0", f"train.lora_r={LORA_R}",
         f"train.lora_alpha={LORA_ALPHA}", f"train.lr={LR}", "train.lr_schedule=constant",
         "train.dtype=float32"])
+    # Wall time from one iteration's end to the next (its metrics line written and older
+    # iterations pruned), as TRL's side is timed from one step's end to the next.
+    from renio_core.stages import run_loop as loop_module
+
+    ends = [time.perf_counter()]
+    prune = loop_module._Loop.prune
+
+    def timed_prune(self, newest: int) -> None:
+        prune(self, newest)
+        ends.append(time.perf_counter())
+
+    loop_module._Loop.prune = timed_prune
     run_loop(cfg)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"step_seconds": [r["seconds"] for r in records], "time": [r["time"] for r in records]}
+    return {"step_seconds": [b - a_ for a_, b in zip(ends, ends[1:])],
+            "time": [r["time"] for r in records]}
 
 
 def child(a: argparse.Namespace) -> None:

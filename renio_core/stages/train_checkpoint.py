@@ -32,6 +32,26 @@ STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 
+# The trainer state this process saved last, with the identity (path, size, mtime) of the
+# file it went to: the ``renio run`` loop's next ``--init-from`` reads that file back, and
+# unpickling it costs more than the iteration's other bookkeeping together. Used once.
+_last_saved: tuple[tuple[str, int, int], dict[str, Any]] | None = None
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A ``trainer_state.pt``: the state this process just saved there if the file is still
+    the one it wrote, else read from disk."""
+    global _last_saved
+    memo, _last_saved = _last_saved, None
+    if memo is not None and memo[0] == _file_identity(path):
+        return memo[1]
+    return torch.load(path, map_location="cpu", weights_only=False)
+
 
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
@@ -149,7 +169,7 @@ def schedule_position(cfg: Any, state: dict[str, Any] | None, total_steps: int,
     if not (src / STATE_FILE).is_file():
         raise RenioInputError(f"--init-from: no trainer state ({STATE_FILE}) in the checkpoint "
                               "(pruned, or not made by 'renio train')", file=src)
-    init = torch.load(src / STATE_FILE, map_location="cpu", weights_only=False)
+    init = load_state(src / STATE_FILE)
     saved = init.get("data") or {}
     offset = int(init.get("global_step", init.get("step", 0)))
     total = cfg.schedule_steps or int(init.get("schedule_total") or 0) or offset + total_steps
@@ -260,6 +280,11 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
         # Moved, not copied: the open event file keeps writing into it after the swap.
         os.replace(out / "tensorboard", tmp / "tensorboard")
     swap_dir(tmp, out)
+    global _last_saved
+    # A finished run's optimizer steps no more, so its state tensors can be handed on as they
+    # are; a mid-run save's would change under the memo.
+    _last_saved = ((_file_identity(out / STATE_FILE), state) if info["finished"] and d.main
+                   else None)
     if d.on:
         dist.barrier()
 
