@@ -142,6 +142,20 @@ def test_stamp_tracks_seed_config_and_code(rep, tmp_path):
     assert len(code) == 16 and code == rep.code_version()
 
 
+def test_code_version_follows_the_code_not_other_config_files(rep, tmp_path, monkeypatch):
+    (tmp_path / "renio_core").mkdir()
+    (tmp_path / "renio_cli").mkdir()
+    (tmp_path / "sample_configs").mkdir()
+    (tmp_path / "renio_core" / "a.py").write_text("x = 1\n")
+    (tmp_path / "sample_configs" / "toy-opd.yaml").write_text("iterations: 64\n")
+    monkeypatch.setattr(rep, "ROOT", tmp_path)
+    before = rep.code_version()
+    (tmp_path / "sample_configs" / "new-recipe.yaml").write_text("iterations: 2\n")
+    assert rep.code_version() == before
+    (tmp_path / "renio_core" / "a.py").write_text("x = 2\n")
+    assert rep.code_version() != before
+
+
 def test_parse_chain_round_trips(rep):
     p = rep.parse_chain("7+5*3+9")
     assert (p.start, p.ops, p.answer) == (7, (("+", 5), ("*", 3), ("+", 9)), "5")  # 2, 6, 5
