@@ -20,6 +20,11 @@ outputs (complete parts are skipped; a checkpoint is reused only when it recorde
 its training, never a mid-training ``save_every`` save), so the same command after a kill
 continues exactly from the last complete stage.
 
+Scoring inside the train step (``fuse_score``): as the official trainer, one forward of
+student and teacher per iteration gives the loss, the sampled-token log-probs and the live
+weights; the scores and weights shards are written from them before the checkpoint
+(``renio_core.stages.score_in_step``).
+
 Filtered runs (``fill_filtered``): the paper's correct-only and incorrect-only comparison is
 fair only at equal data, so the loop can sample further prompts until the iteration has
 ``prompts_per_iteration x n`` rows of the kind ``weight.filter`` keeps (``sample_filled``).
