@@ -523,6 +523,7 @@ def _run_train_scored_in_step(cfg: TrainConfig, progress: Progress | None, stude
     if student is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.resume:
         raise RenioInputError("scoring in the train step needs the loop's resident student, "
                               "one process and no --resume")
+    tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
     shards.refuse_overwriting_inputs(cfg.out, *fused.inputs.files, cfg.model, cfg.adapter,
                                      cfg.init_from, fused.teacher if fused.teacher != "self" else None)
