@@ -16,8 +16,9 @@ checks.
 
 What differs from the unfused loop: the student's log-probs come from the training forward
 (train mode; LoRA dropout is 0) on right-padded micro-batches, the scorer's from an
-inference forward on its own token-budget batches, so they agree to float rounding, not bit
-for bit.
+inference forward on its own token-budget batches, so they may differ by float rounding
+(the tests allow 1e-4; a 32-row iteration of the toy sample config, OPD and OPSD, gave
+identical bits).
 """
 
 from __future__ import annotations
