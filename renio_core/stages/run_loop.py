@@ -617,9 +617,8 @@ class _Loop:
             time={k: round(v, 4) for k, v in t.items()},
         )
 
-    def scorer(self, score_cfg: ScoreConfig) -> HFScorer:
+    def scorer(self, score_cfg: ScoreConfig, inputs: shards.InputSet) -> HFScorer:
         resident = self.resident
-        inputs = shards.open_inputs(score_cfg.input, [])
         scorer = HFScorer(score_cfg, resolve(score_cfg, inputs), resident.student,
                           resident.tokenizer, resident.teacher, resident.teacher_tok)
         if score_cfg.self_distill and not self.cfg.lora:
@@ -628,9 +627,9 @@ class _Loop:
 
     def score_and_weight(self, c: dict[str, Any], label: str, t: dict[str, float]) -> Any:
         with _timed(t, "score"):
-            scorer = self.scorer(c["score"])
-            rows = shards.open_inputs(c["score"].input, []).total_rows
-            with self.bar(f"{label}: score", rows) as advance:
+            inputs = shards.open_inputs(c["score"].input, [])
+            scorer = self.scorer(c["score"], inputs)
+            with self.bar(f"{label}: score", inputs.total_rows) as advance:
                 t["score_work"] = run_score(c["score"], advance, scorer=scorer).seconds
         with _timed(t, "weight"):
             return run_weight(c["weight"])
@@ -662,23 +661,24 @@ class _Loop:
         (renio_core/stages/score_in_step.py). A checkpoint already complete had its shards
         written first, so only the weight summary is read again."""
         score_cfg = c["score"]
-        scorer = self.scorer(score_cfg)
+        inputs = shards.open_inputs(score_cfg.input, [])
+        scorer = self.scorer(score_cfg, inputs)
         table = shards.read_table(score_cfg.input)
         keys = score_in_step.row_keys(table)
+        teacher_prompts = scorer.teacher_prompts(table)
         done: dict[str, Any] = {}
 
         def write_shards(logprobs: dict[int, tuple[list[float], list[float]]]) -> None:
-            by_key = {keys[row]: pair for row, pair in logprobs.items()}
-            step_scorer = score_in_step.StepScorer(by_key, scorer.teacher_prompts,
-                                                   scorer.student_model, scorer.teacher_model)
+            rows = {keys[row]: (teacher_prompts[row], *pair) for row, pair in logprobs.items()}
+            step_scorer = score_in_step.StepScorer(rows, scorer.student_model,
+                                                   scorer.teacher_model)
             with _timed(t, "score"):
                 run_score(score_cfg, scorer=step_scorer, extra_meta={"scored_in_train_step": True})
             with _timed(t, "weight"):
                 done["weight"] = run_weight(c["weight"])
 
         fused = ScoredInStep(
-            inputs=shards.open_inputs(score_cfg.input, []),
-            micro=score_in_step.micro_batches(table, scorer.teacher_prompts(table), c["weight"]),
+            inputs=inputs, micro=score_in_step.micro_batches(table, teacher_prompts, c["weight"]),
             temperature=scorer.resolved.temperature, teacher=c["train"].teacher,
             live=score_in_step.live_spec(c["weight"]), before_save=write_shards)
         with _timed(t, "train"):

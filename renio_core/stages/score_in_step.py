@@ -75,14 +75,13 @@ def micro_batches(table: pa.Table, teacher_prompts: Sequence[Sequence[int]],
 class StepScorer:
     """A scorer for ``run_score`` that hands back the train step's log-probs.
 
-    ``logprobs`` maps a row's (prompt_id, sample_index) to (student, teacher) lists; the
-    teacher prompts are recomputed the way the HF scorer does (``teacher_prompts``)."""
+    ``rows`` maps a row's (prompt_id, sample_index) to (teacher prompt ids, student
+    log-probs, teacher log-probs): the teacher prompts the step was given, not rendered
+    again."""
 
-    def __init__(self, logprobs: dict[tuple[str, int], tuple[list[float], list[float]]],
-                 teacher_prompts: Callable[[pa.Table], list[list[int]]],
+    def __init__(self, rows: dict[tuple[str, int], tuple[list[int], list[float], list[float]]],
                  student_model: Any, teacher_model: Any):
-        self.logprobs = logprobs
-        self.teacher_prompts = teacher_prompts
+        self.rows = rows
         self._vocab = {"student": models.vocab_rows(student_model),
                        "teacher": models.vocab_rows(teacher_model)}
 
@@ -95,12 +94,12 @@ class StepScorer:
     def score_table(self, table: pa.Table, progress: Callable[[int], None] | None = None
                     ) -> pa.Table:
         try:
-            pairs = [self.logprobs[key] for key in row_keys(table)]
+            found = [self.rows[key] for key in row_keys(table)]
         except KeyError as exc:
             raise RenioInputError(f"fuse_score: no log-probs from the train step for row "
                                   f"{exc.args[0]}") from None
-        student = models.LogprobResult([np.asarray(s, np.float32) for s, _ in pairs], None, None)
-        teacher = models.LogprobResult([np.asarray(t, np.float32) for _, t in pairs], None, None)
+        student = models.LogprobResult([np.asarray(s, np.float32) for _, s, _ in found], None, None)
+        teacher = models.LogprobResult([np.asarray(t, np.float32) for _, _, t in found], None, None)
         if progress is not None:
             progress(table.num_rows)
-        return with_scores(table, self.teacher_prompts(table), student, teacher, topk=0)
+        return with_scores(table, [list(p) for p, _, _ in found], student, teacher, topk=0)
