@@ -482,12 +482,11 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     across iterations): the student is trained in place and must come from
     :func:`attach_lora` (or be a full model with ``--no-lora``); ``teacher`` replaces loading
     ``--teacher``, ``tokenizer`` loading ``--model``'s. Not combined with ``--resume`` or
-    torchrun. ``scored_in_step`` (the loop's
-    ``fuse_score``) trains on rollouts the step scores itself, instead of ``cfg.weights``.
+    torchrun. ``scored_in_step`` (the loop's ``fuse_score``) trains on rollouts the step
+    scores itself, instead of ``cfg.weights``.
     """
-    if scored_in_step is not None:
-        return _run_train_scored_in_step(cfg, progress, student, teacher, tokenizer,
-                                         scored_in_step)
+    if scored_in_step is not None and student is None:
+        raise RenioInputError("scoring in the train step needs the loop's resident student")
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
     if cfg.teacher_device_map == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -495,44 +494,34 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
                               "over every GPU in every process; leave it unset there")
     tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
-    inputs = shards.open_inputs(cfg.weights, columns(cfg.loss))
-    first_file = inputs.files[0]
-    meta = inputs.metadata
-    temperature = resolve_temperature(cfg, meta, first_file)
-    teacher_name = resolve_teacher(cfg, meta, first_file)
-    shards.refuse_overwriting_inputs(cfg.out, cfg.weights, *inputs.files, cfg.model,
+    if scored_in_step is None:
+        inputs = shards.open_inputs(cfg.weights, columns(cfg.loss))
+        first_file = inputs.files[0]
+        temperature = resolve_temperature(cfg, inputs.metadata, first_file)
+        teacher_name = resolve_teacher(cfg, inputs.metadata, first_file)
+        input_paths = [cfg.weights, *inputs.files]
+    else:  # the rollouts, with what the loop's stage configs say
+        inputs = scored_in_step.inputs
+        temperature, teacher_name = scored_in_step.temperature, scored_in_step.teacher
+        input_paths = list(inputs.files)
+    shards.refuse_overwriting_inputs(cfg.out, *input_paths, cfg.model,
                                      None if cfg.resume else cfg.adapter, cfg.init_from,
                                      teacher_name if teacher_name != "self" else None)
     out = _check_out(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
-    micro = read_micro_batches(inputs, cfg.loss, rank=rank, world=world)
+    micro = (read_micro_batches(inputs, cfg.loss, rank=rank, world=world)
+             if scored_in_step is None else list(scored_in_step.micro))
 
     d = init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d)
+        trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d,
+                          scored_in_step=scored_in_step)
         trainer.setup(student, teacher, tokenizer)
         return trainer.train(progress, t_start)
     finally:
         if d.initialized_here:
             dist.destroy_process_group()
-
-
-def _run_train_scored_in_step(cfg: TrainConfig, progress: Progress | None, student: Any,
-                              teacher: Any, tokenizer: Any, fused: ScoredInStep) -> TrainSummary:
-    if student is None or int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.resume:
-        raise RenioInputError("scoring in the train step needs the loop's resident student, "
-                              "one process and no --resume")
-    tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
-    t_start = time.perf_counter()
-    shards.refuse_overwriting_inputs(cfg.out, *fused.inputs.files, cfg.model, cfg.adapter,
-                                     cfg.init_from, fused.teacher if fused.teacher != "self" else None)
-    out = _check_out(cfg)
-    d = init_distributed(cfg.device)
-    trainer = Trainer(cfg, fused.inputs, list(fused.micro), fused.temperature, fused.teacher,
-                      out, d, scored_in_step=fused)
-    trainer.setup(student, teacher, tokenizer)
-    return trainer.train(progress, t_start)
 
 
 @dataclasses.dataclass
