@@ -1,6 +1,6 @@
 """The chain toy world: task, recovering traces, deterministic quick build, loading, and the
 measurement of the numbers the world promises (mechanics only; the full build's numbers are in
-the README)."""
+docs/toy-worlds.md)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def test_paired_test_hand_computed(rep):
 
 
 def test_paired_test_verdicts(rep):
-    # The README's old "ReNIO hurts" case: t = -2.13 with 5 seeds is not significant (cut 2.776).
+    # "ReNIO hurts" does not hold here: t = -2.13 with 5 seeds is not significant (cut 2.776).
     a = [0.90, 0.88, 0.91, 0.89, 0.92]
     b = [0.80, 0.88, 0.85, 0.89, 0.82]  # diffs -0.10, 0, -0.06, 0, -0.10
     r = rep.paired_test(a, b, better="helps", worse="hurts")

@@ -191,7 +191,7 @@ def _run_killed_when(args: list[str], ready) -> None:
 def test_sigkill_mid_iteration_then_rerun_is_exact(tmp_path, toy_world, moment):
     """A run killed inside an iteration and rerun ends with the bytes and metrics of a run that
     was never killed. 'mid-train-save': killed after a save_every checkpoint of an unfinished
-    train stage, which must not count as finished (issue: 133 steps instead of 160)."""
+    train stage, which must not count as finished: the rerun would skip the rest of its steps."""
     common = ["iterations=3", *ONE_STEP, "train.steps_per_batch=4", "train.save_every=1",
               "rollout.n=4", "weight.group_size=8"]
     whole = tmp_path / "whole"

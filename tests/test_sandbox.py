@@ -165,7 +165,7 @@ ADD_TESTS = "assert add(2, 3) == 5\nassert add(0, 0) == 0\n"
 
 
 @pytest.mark.parametrize("forgery", [
-    # the old harness's success marker, then a clean exit before any test
+    # a script-style success marker, then a clean exit before any test
     "print('passed')\nimport sys\nsys.stdout.flush()\nimport os\nos._exit(0)\n",
     "import sys\nsys.exit(0)\n",
     "raise SystemExit(0)\n",

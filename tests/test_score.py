@@ -310,7 +310,7 @@ def test_opsd_teacher_prefers_the_reference_solution(toy_world, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,atol", [("float32", 1e-4), ("bfloat16", 0.25)])
 def test_cuda_scores_match_the_cpu_direct_forward(world, tmp_path, dtype, atol):
-    """Written for GPU machines, not yet run on one (the README says so). bf16 is loose: its
+    """Written for GPU machines (docs/cluster.md says which have run on one). bf16 is loose: its
     log-probs differ from float32 by about its precision times the logit scale."""
     cfg = ScoreConfig(input=world["rollout"], teacher=world["teacher"],
                       out=str(tmp_path / "s.parquet"), topk=3, dtype=dtype, device="cuda")

@@ -872,8 +872,8 @@ def test_temperature_from_score_metadata(world, rollouts, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# CUDA: skipped where there is none (this project's CI included; written for GPU machines and
-# not yet run on one, see the README)
+# CUDA: skipped where there is none (this project's CI included; written for GPU machines,
+# docs/cluster.md says which have run on one)
 # --------------------------------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

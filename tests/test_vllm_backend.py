@@ -8,7 +8,7 @@ RENIO_REQUIRE_VLLM=1 (CI's own step, ``.ci/vllm-tests.sh``), where it is an erro
 
 The toy world's models have head_dim 24, which vLLM's CPU attention does not support, so these
 tests build tiny random Qwen3 models with head_dim 32 (``tiny_models.make_model``). Everything
-is compared in float32, within the README's 2e-5.
+is compared in float32, within the 2e-5 docs/cluster.md states.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ if not _vllm_usable():
 
 MEMORY = "0.2"  # of the GPU, or of the machine's memory on vLLM's CPU build
 FP32 = ("--dtype", "float32")  # both backends, on any device (auto is bfloat16 on a GPU)
-TOL = 2e-5  # the README's stated agreement
+TOL = 2e-5  # the agreement docs/cluster.md states
 # With an adapter, HF applies it as its own product (W x + B A x) while vLLM scores a merged
 # copy ((W + B A) x); float32 rounds the two differently. Measured: 2.1e-5 at most (CI, 2
-# cores); the README states this bound for that case.
+# cores); docs/cluster.md states this bound for that case.
 TOL_MERGED = 5e-5
 ROW_COLS = ["prompt_id", "sample_index", "completion_ids", "finish_reason"]
 

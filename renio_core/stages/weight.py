@@ -42,7 +42,7 @@ INPUT_COLUMNS = [
 
 @dataclasses.dataclass
 class WeightConfig:
-    """Settings of ``renio weight``; defaults are the official OPSD-math README values."""
+    """Settings of ``renio weight``; defaults are the official (BDML-lab/ReNIO) OPSD-math values."""
 
     input: str = dataclasses.field(
         default="", metadata={"help": "Scores: a .parquet file, a directory of parts, or a "
@@ -318,9 +318,7 @@ def run_weight(
 
     Pass 1 reads the three columns the formula needs, validates every row and computes every
     weight, so bad input is reported before anything is written. Pass 2 decodes the input
-    again and writes the kept rows with the new columns. (A path that copied the input's
-    column chunks byte for byte and appended the new ones was removed: on a 20.9M-token file
-    the whole command was only 1.5x faster with it, and in-process equally fast; issue 17.)
+    again and writes the kept rows with the new columns.
     ``progress(n)`` is called with the number of input rows weighed in pass 1.
     """
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
