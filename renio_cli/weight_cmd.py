@@ -31,6 +31,10 @@ def summary_table(summary: WeightSummary, cfg: WeightConfig) -> Table:
         table.add_row("mean weight, correct rows", fmt(summary.mean_weight_correct))
         table.add_row("mean weight, incorrect rows", fmt(summary.mean_weight_incorrect))
         table.add_row("AUROC of raw_weight for incorrect", fmt(summary.auroc_incorrect, ".3f"))
+        if summary.weight_share_incorrect is not None:
+            table.add_row("share of the weight on incorrect rows",
+                          f"{summary.weight_share_incorrect:.1%} "
+                          f"({summary.row_share_incorrect:.1%} of the graded rows)")
     if summary.group_prompts_mean is not None:
         table.add_row(f"distinct prompts per group ({cfg.grouping})",
                       f"{summary.group_prompts_mean:.2f} mean, {summary.group_prompts_min} min")

@@ -84,6 +84,26 @@ def test_weight_end_to_end_by_hand(hand_scores, tmp_path):
     # raw weights of incorrect rows (a, d) are above both correct rows (1, 1): AUROC 1.
     assert lines["AUROC of raw_weight for incorrect"] == "1.000"
     assert lines["mean weight, correct rows"] == f"{(2 / (a + 1) + 2 / (1 + d)) / 2:.4f}"
+    # Each group's weights sum to 2, so the 4 graded rows carry 4; the incorrect rows 0 and 3
+    # carry 2a/(a+1) + 2d/(1+d) = 1.7039 + 1.4863 = 3.1903 of it (79.76%). The ungraded row
+    # 4 counts in neither. Uniform weights would give the row share, 2 of 4.
+    assert lines["share of the weight on incorrect rows"] == "79.8% (50.0% of the graded rows)"
+
+
+def test_weight_share_on_incorrect_rows_uniform_and_filtered(hand_scores, tmp_path):
+    lines = {}
+    for name, flags in (("uniform", ["--scheme", "uniform"]), ("correct", ["--filter", "correct"]),
+                        ("incorrect", ["--filter", "incorrect"])):
+        proc = run("weight", "--in", hand_scores, "--out", tmp_path / f"{name}.parquet",
+                   "--group-size", 2, *flags)
+        lines[name] = {ln.split("│")[1].strip(): ln.split("│")[2].strip()
+                       for ln in proc.stdout.splitlines() if ln.count("│") == 3}
+    key = "share of the weight on incorrect rows"
+    # Weight 1 each: the weight share is the row share, 2 incorrect of 4 graded rows.
+    assert lines["uniform"][key] == "50.0% (50.0% of the graded rows)"
+    # The filters keep one kind: nothing, then everything, on incorrect rows.
+    assert lines["correct"][key] == "0.0% (0.0% of the graded rows)"
+    assert lines["incorrect"][key] == "100.0% (100.0% of the graded rows)"
 
 
 def test_weight_types_match_design(hand_scores, tmp_path):

@@ -136,6 +136,11 @@ class WeightSummary:
     # Distinct prompts per normalization group: mean and minimum (None without prompt_id).
     group_prompts_mean: float | None = None
     group_prompts_min: int | None = None
+    # Of the graded rows: the share of their total weight on incorrect rows, and the share of
+    # the rows that are incorrect (what uniform weights would give), so a user sees how far
+    # the weights push toward training on incorrect samples only (share 1).
+    weight_share_incorrect: float | None = None
+    row_share_incorrect: float | None = None
 
     @property
     def pivotal_share(self) -> float:
@@ -361,7 +366,7 @@ def run_weight(
     parts_written, parts_skipped = sum(todo), len(todo) - sum(todo)
 
     weights = cols["weight"]
-    mean_correct = mean_incorrect = auroc = None
+    mean_correct = mean_incorrect = auroc = share_incorrect = rows_incorrect = None
     if stats.correct is not None:
         correct = stats.correct[keep_R]
         graded = correct >= 0
@@ -371,6 +376,10 @@ def run_weight(
             mean_incorrect = float(weights[is_incorrect].mean()) if is_incorrect.any() else None
             value = weighting.auroc(cols["raw_weight"][graded], is_incorrect[graded])
             auroc = None if np.isnan(value) else value
+            graded_total = float(weights[graded].sum(dtype=np.float64))
+            if graded_total > 0:
+                share_incorrect = float(weights[is_incorrect].sum(dtype=np.float64)) / graded_total
+            rows_incorrect = float(is_incorrect.sum()) / float(graded.sum())
     group_mean = group_min = None
     if stats.prompt_ids is not None and total:
         per_group: dict[int, set] = {}
@@ -392,6 +401,8 @@ def run_weight(
         mean_weight_correct=mean_correct,
         mean_weight_incorrect=mean_incorrect,
         auroc_incorrect=auroc,
+        weight_share_incorrect=share_incorrect,
+        row_share_incorrect=rows_incorrect,
         parts_written=parts_written,
         parts_skipped=parts_skipped,
     )
