@@ -604,6 +604,44 @@ def _train_args(world, weights, out, **kw) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("lora", [True, False])
+def test_two_processes_with_one_seed_write_the_same_checkpoint_bytes(world, weights_file,
+                                                                      tmp_path, lora):
+    """Every file of the checkpoint is byte-identical between two ``renio train`` processes
+    with the same seed, but for the measured times in metrics.jsonl. The processes hash
+    strings differently (PYTHONHASHSEED), as two ordinary runs do; both write ``--out ckpt``
+    from their own folder so that the recorded config is the same."""
+    args = _train_args(world, weights_file, Path("ckpt"), loss="jsd", max_steps=2,
+                       save_every=1, lora=lora, lr=1e-3 if lora else 1e-4)
+    outs = []
+    for hash_seed in ("1", "2"):
+        cwd = tmp_path / f"run-{hash_seed}"
+        cwd.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+               "PYTHONHASHSEED": hash_seed}
+        res = subprocess.run([sys.executable, "-m", "renio_cli.main", "train", *args], cwd=cwd,
+                             env=env, capture_output=True, text=True, timeout=240)
+        assert res.returncode == 0, res.stderr[-3000:]
+        outs.append(cwd / "ckpt")
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file()}
+
+    a, b = files(outs[0]), files(outs[1])
+    assert a.keys() == b.keys()
+    assert "adapter_config.json" in a if lora else "model.safetensors" in a
+    timed = ("tokens_per_s", "step_seconds")
+    for name in a:
+        if name == "metrics.jsonl":
+            rows = [[{k: v for k, v in json.loads(line).items() if k not in timed}
+                     for line in text.decode().splitlines()] for text in (a[name], b[name])]
+            assert rows[0] == rows[1] and len(rows[0]) == 2
+        else:
+            assert a[name] == b[name], name
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("mode", ["lora", "full", "lora-bf16"])
 def test_torchrun_fsdp_matches_one_process(world, weights_file, tmp_path, mode):
     """FSDP2 (fully_shard) on CPU with gloo: 2 processes x 1 micro-batch give the same

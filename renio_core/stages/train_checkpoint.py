@@ -209,6 +209,11 @@ def save_adapter(model: Any, out: Path) -> None:
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = copy.copy(model.peft_config["default"])
     config.inference_mode = True
+    # peft keeps target_modules as a set, whose order changes with each process's string
+    # hashing; sorted, two runs with one seed write the same bytes.
+    for key, value in vars(config).items():
+        if isinstance(value, (set, frozenset)):
+            setattr(config, key, sorted(value))
     config.save_pretrained(str(out))
 
 
