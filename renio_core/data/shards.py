@@ -247,14 +247,36 @@ class InputSet:
         return all(name in pf.schema_arrow.names for pf in self.parquet_files)
 
     def fingerprint(self) -> list[dict[str, Any]]:
-        """Identity of the inputs, cheap to compute: path, size and modification time."""
-        out = []
-        for path in self.files:
-            st = path.stat()
-            out.append(
-                {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-            )
-        return out
+        """The inputs as recorded in an output's metadata: each file's path as given (for
+        people), size and content hash (what identifies it: :func:`input_fingerprint`)."""
+        return [{"path": str(path), **file_content(path)} for path in self.files]
+
+
+def input_fingerprint(files: list[dict[str, Any]]) -> str:
+    """The identity of :meth:`InputSet.fingerprint`'s files by content only, so that a run
+    directory copied, moved or restored from an archive (new paths, new mtimes) is still
+    recognized as made from the same inputs."""
+    return fingerprint_of([{k: f.get(k) for k in ("size", "sha256")} for f in files])
+
+
+# (device, inode, size, mtime_ns) -> content hash: a stage fingerprints its inputs several
+# times (metadata, checkpoints), and a file that kept its inode, size and mtime was not
+# rewritten by this process.
+_content_memo: dict[tuple[int, int, int, int], str] = {}
+
+
+def file_content(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file's bytes."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _content_memo.get(key)
+    if digest is None:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        digest = _content_memo[key] = h.hexdigest()
+    return {"size": st.st_size, "sha256": digest}
 
 
 def open_inputs(
@@ -508,6 +530,51 @@ def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+# Config keys whose values name input files or folders (models, adapters, shards, prompt
+# files). Their paths are not part of an output's identity, their content is: see
+# :func:`portable_config`.
+PATH_KEYS = frozenset({"input", "inputs", "prompts", "model", "adapter", "student", "teacher",
+                       "weights", "init_from", "bench", "completions"})
+_EDGE = 1 << 16
+
+
+def _folder_content(path: Path) -> list[dict[str, Any]]:
+    """Each file of a model or checkpoint folder: name, size and a hash of its first and last
+    64 KiB (a safetensors header lists every tensor's shape and offset, and training changes
+    the last tensors' bytes), without reading gigabytes of weights."""
+    out = []
+    for p in sorted(path.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        size = p.stat().st_size
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(_EDGE, size - _EDGE))
+                h.update(fh.read(_EDGE))
+        out.append({"name": p.name, "size": size, "sha256": h.hexdigest()})
+    return out
+
+
+def portable_config(value: Any, key: str | None = None) -> Any:
+    """``value`` with every local path under a :data:`PATH_KEYS` key replaced by what it
+    holds, so that a run directory that was moved, copied or restored from an archive (new
+    paths, new modification times) still recognizes its complete outputs. Names that are no
+    local path (hub names, ``toy:`` names) stay as they are."""
+    if isinstance(value, dict):
+        return {k: portable_config(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_config(v, key) for v in value]
+    if key in PATH_KEYS and isinstance(value, str) and value:
+        path = Path(value)
+        if path.is_file():
+            return {"file": file_content(path)}
+        if path.is_dir():
+            return {"folder": _folder_content(path)}
+    return value
+
+
 def build_metadata(
     *,
     stage: str,
@@ -520,7 +587,8 @@ def build_metadata(
 ) -> dict[str, Any]:
     """The ``renio`` metadata block of docs/design.md, plus the fingerprints used for resuming."""
     config_json = _jsonable(config)
-    fp_source = config_for_fingerprint if config_for_fingerprint is not None else config_json
+    fp_source = portable_config(_jsonable(config_for_fingerprint) if config_for_fingerprint
+                                is not None else config_json)
     input_files = inputs.fingerprint() if inputs is not None else []
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -532,7 +600,7 @@ def build_metadata(
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "inputs": input_files,
         "config_fingerprint": fingerprint_of(fp_source),
-        "input_fingerprint": fingerprint_of(input_files),
+        "input_fingerprint": input_fingerprint(input_files),
         "upstream": inputs.metadata if inputs is not None else None,
     }
     if extra:

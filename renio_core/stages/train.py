@@ -642,7 +642,7 @@ class Trainer:
                 "--resume: the checkpoint was made with other settings: " + "; ".join(changed)
                 + "; use the same flags or another --out", file=out,
             )
-        if state.get("input_fingerprint") != shards.fingerprint_of(self.inputs.fingerprint()):
+        if state.get("input_fingerprint") != shards.input_fingerprint(self.inputs.fingerprint()):
             raise RenioInputError("--resume: the checkpoint was trained on other --weights", file=out)
         self.state = state
 

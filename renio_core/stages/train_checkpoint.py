@@ -267,7 +267,7 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
         "data": cfg.data_fields(),
-        "input_fingerprint": shards.fingerprint_of(inputs.fingerprint()),
+        "input_fingerprint": shards.input_fingerprint(inputs.fingerprint()),
         "world_size": d.world,
         **(schedule or {}),
         "global_step": (schedule or {}).get("global_offset", 0) + step,
