@@ -1,42 +1,89 @@
-"""The toy replication of the paper's comparisons, on both toy worlds, in one command.
+"""The toy replication of the paper's comparisons (arXiv 2606.23104), pre-registered.
 
-    python experiments/replicate.py [--seeds 0 1 2 3 4] [--jobs 2] [--out runs/replication]
+    python experiments/replicate.py [--worlds reflect chain addition] [--jobs 2]
+                                    [--out runs/replication] [--docs docs]
 
-Worlds: ``addition`` (3-digit column addition, ``toy:*``; every error is a dropped carry and
-the teacher offers no way back) and ``chain`` (K dependent mod-10 steps, ``toy-chain:*``; the
-teacher checks each line and, after a wrong one, writes ``wait`` and the redo). Every run is
-the real CLI (``renio run``) with the faithful loop of ``sample_configs/toy-*.yaml``: 64
-iterations, each one optimizer step on a fresh batch of 32 prompts x 1 sample, one AdamW and
-a linear schedule over the run, evaluated every ``EVAL_EVERY`` iterations. Conditions:
+Everything below is fixed before the first run; the script's constants say the same and
+``tests/test_replicate.py`` checks them. A rerun after a stop reuses finished runs and continues
+unfinished ones.
 
-    opd                 plain OPD (every sample weighs 1)             toy-opd.yaml
-    opd-renio           OPD + ReNIO weights                           toy-opd-renio.yaml
-    opsd                plain OPSD (teacher: self + privileged)       toy-opsd.yaml
-    opsd-renio          OPSD + ReNIO weights                          toy-opsd-renio.yaml
-    opd-correct-only    OPD on correct samples only, at equal rows    weight.filter=correct
-    opd-incorrect-only  OPD on incorrect samples only, at equal rows  weight.filter=incorrect
-    opd-tclip0.05       opd with the official token clip 0.05         train.token_clip=0.05
-    opd-renio-tclip0.05 opd-renio with the official token clip 0.05   train.token_clip=0.05
+Worlds, in run order (replicate-major inside each world, so a run cut short has complete
+replicates of the first world):
 
-(The sample configs use token clip 0, so ``opd`` and ``opd-renio`` are the clip-0 runs.) The
-filtered runs use ``fill_filtered``: each iteration samples further prompts until it has 32
-rows of the kept kind, so they take as many rows and optimizer steps as the others.
+    reflect   the chain task with a student that already reflects sometimes and can tell
+              when (``toy-reflect:*``; ``wait`` is one token). The world of the primary tests.
+    chain     the chain world (``toy-chain:*``; ``wait`` is four tokens; the student never
+              reflects)
+    addition  the addition world (``toy:*``; every error a dropped carry)
 
-Conditions, seeds and hyperparameters are fixed here before the first run. A run directory
-carries ``replicate-stamp.json``: the run's full config (YAML file, overrides, seed) and a
-digest of the code that made it; a finished run is reused only when both match, and a
-directory made with another config or code version is refused, naming the difference,
-unless ``--rerun-stale`` is given. Every (world, condition, replicate) gets its own run seed,
-spaced so that no seed derived from it inside ``renio run`` equals one of another run
-(``run_seed``). Differences are paired by replicate and judged with a two-sided t test at 95%
-(t quantile for n - 1 degrees of freedom, computed exactly); with fewer than ``MIN_SEEDS``
-replicates the verdict is "undetermined". After ``--seeds``, every comparison whose paired
-standard error is larger than its effect gets ``--more-seeds`` (5) further replicates of both
-its conditions, once.
+Every run is the real CLI (``renio run``) with the faithful loop of ``sample_configs/toy-*.yaml``
+at token clip 0: 64 iterations, each one AdamW step on a fresh batch of 32 prompts x 1 sample,
+one linear schedule over the run. The reflect and chain worlds sample up to 128 new tokens
+(their own setting), in rollouts and evaluations. Conditions:
 
-Results: ``docs/replication.md`` (tables per world, paired tests, the behaviour analysis:
-completion length and reflection-marker rate after correct-only and incorrect-only training,
-accuracy by chain length K) and its plots; raw numbers in ``OUT/results.json``.
+    opd                 plain OPD (every sample weighs 1)                toy-opd.yaml
+    opd-renio           OPD + ReNIO weights                              toy-opd-renio.yaml
+    opsd                plain OPSD (teacher: the student + privileged)   toy-opsd.yaml
+    opsd-renio          OPSD + ReNIO weights                             toy-opsd-renio.yaml
+    opd-correct-only    OPD on correct samples only, equal rows/steps    weight.filter=correct
+    opd-incorrect-only  OPD on incorrect samples only, equal rows/steps  weight.filter=incorrect
+    opd-renio-tem4      opd-renio with weight.tem 4 (secondary ablation) weight.tem=4
+
+The reflect world runs all seven; chain and addition the first four. The filtered runs use
+``fill_filtered``: each iteration samples further prompts until it has 32 rows of the kept
+kind, so every condition takes 64 steps of 32 rows.
+
+Common random numbers: inside replicate r every condition of every world gets the same run
+seed ``run_seed(r)``, so within a world they share the base evaluation, the first rollouts
+and the evaluation seeds. No seed that one replicate derives inside ``renio run`` is one of
+another replicate's (``derived_seeds``). The base student is evaluated once per (world,
+replicate): by the world's first condition (``opd``, ``eval_before=true``); the others run
+with ``eval_before=false`` and use that evaluation.
+
+Replicates 0-9, fixed; no replicate is added after looking. Evaluation: every test prompt
+(256 in each world), 4 samples each at T 1.1 (avg@4 and its standard error), after
+iterations 16, 32, 48 and 64.
+
+Primary outcomes (reflect world, final evaluation), paired by replicate, ``PRIMARY``:
+
+    (a)      accuracy, opd-incorrect-only minus opd-correct-only
+    (b)      share of completions with a reflection marker (a line that is exactly ``wait``,
+             ``reflect.analyse``), opd-incorrect-only minus opd-correct-only
+    (c-opd)  accuracy, opd-renio minus opd
+    (c-opsd) accuracy, opsd-renio minus opsd
+
+Each is a paired two-sided t test (``scipy.stats.ttest_rel``) with a 95% confidence interval
+(``scipy.stats.t.ppf``); Holm's correction over these four at 0.05. A test whose differences
+are all zero (zero mean, zero variance: both conditions at the same constant, as both at zero)
+is "not measurable (floor)" and counts in Holm's family with p = 1. Verdict: significant after
+Holm -> which condition is better; otherwise "no benefit" where the interval's upper end is
+below +1.5 points (``MARGIN``), else "inconclusive". A world with fewer than 10 complete
+replicates (every condition of the world finished) is reported as "incomplete: N of 10
+replicates" with no verdict.
+
+Secondary, labelled so and not corrected: completion length; accuracy by chain length K;
+the final students' P(``wait`` | wrong line) and P(``wait`` | right line) by teacher forcing
+(``reflect.teacher_forced_marker`` with a fixed rng in the reflect world; the four-token
+measurement of ``chain.marker_prefixes`` in the chain world); the reflection rate of the
+rollouts over training (the share of sampled rows, fill rounds included, whose completion
+carries the marker, per iteration); the tem-4 ablation; the same paired tests in the chain and
+addition worlds. What ReNIO does to the batch, per ReNIO run: the share of the loss weight on
+incorrect rows and on recovered rows (a wrong line, ``wait``, the right redo, and a correct
+answer), the effective batch size (sum w)^2 / sum w^2 per iteration, averaged; and the
+accuracy that mixing plain OPD and incorrect-only at that share would give,
+``acc(opd) + (s - f0) / (1 - f0) * (acc(incorrect-only) - acc(opd))`` with ``f0`` the
+incorrect share of plain OPD's rows, against ReNIO's own.
+
+Provenance: each run directory carries ``.replicate-stamp.json`` (its config file's text, its
+overrides, its seed, the digest of ``renio_core`` and ``renio_cli``, and the git commit); a
+finished run is reused only when all but the commit match, and a directory made otherwise is
+refused unless ``--rerun-stale``. The child ``renio run`` imports renio from this script's
+checkout (``PYTHONPATH``). ``results.json`` and the report name the commit ("+dirty" when
+``renio_core`` or ``renio_cli`` differ from it) and the digest.
+
+Results: ``DOCS/replication.md`` and its plots, raw numbers in ``OUT/results.json``.
+``--trial`` runs the same machinery for 2 iterations on a few prompts (a check of the
+script, never the experiment; it needs its own --out and --docs).
 """
 
 from __future__ import annotations
@@ -46,17 +93,35 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
+# renio is imported from this checkout (a frozen worktree when the experiment runs), never
+# from wherever the virtual environment's editable install points.
+sys.path.insert(0, str(ROOT))
+
+N_REPLICATES = 10
+REPLICATES = tuple(range(N_REPLICATES))
+ITERATIONS = 64
+EVAL_EVERY = 16
+EVAL_N = 4
+EVAL_LIMIT = 256  # every test prompt: each world's test split has 256
+LONG_MAX_NEW = 128  # the chain and reflect worlds' own max_new_tokens
+ALPHA = 0.05
+CONFIDENCE = 0.95
+MARGIN = 0.015  # +1.5 points: the largest benefit "no benefit" may leave inside its interval
+MARKER_RNG = "replicate-marker-probability"
+
 CONDITIONS = {
     "opd": ("toy-opd.yaml", []),
     "opd-renio": ("toy-opd-renio.yaml", []),
@@ -64,91 +129,156 @@ CONDITIONS = {
     "opsd-renio": ("toy-opsd-renio.yaml", []),
     "opd-correct-only": ("toy-opd.yaml", ["weight.filter=correct", "fill_filtered=true"]),
     "opd-incorrect-only": ("toy-opd.yaml", ["weight.filter=incorrect", "fill_filtered=true"]),
-    "opd-tclip0.05": ("toy-opd.yaml", ["train.token_clip=0.05"]),
-    "opd-renio-tclip0.05": ("toy-opd-renio.yaml", ["train.token_clip=0.05"]),
+    "opd-renio-tem4": ("toy-opd-renio.yaml", ["weight.tem=4"]),
 }
-EVAL_EVERY = 8
-COMMON = [f"eval_every={EVAL_EVERY}"]
-CHAIN_MAX_NEW = 128  # renio_core.modeling.toy.chain.MAX_NEW_TOKENS: the world's own setting
-WORLDS = {
-    # The sample configs are the addition world's; nothing to change.
-    "addition": {"models": [], "prompts": []},
-    "chain": {"models": ["student=toy-chain:student", "teacher=toy-chain:teacher"],
-              "prompts": ["prompts=toy-chain:train", "eval_prompts=toy-chain:test",
-                          f"rollout.max_new_tokens={CHAIN_MAX_NEW}",
-                          f"eval.max_new_tokens={CHAIN_MAX_NEW}", "eval.limit=256"]},
+MAIN = ("opd", "opd-renio", "opsd", "opsd-renio")
+RENIO_RUNS = ("opd-renio", "opsd-renio", "opd-renio-tem4")
+MIXED = ("opd-renio", "opd-renio-tem4")  # OPD runs: plain OPD and incorrect-only bracket them
+BASE_CONDITION = "opd"  # the first condition of every world: it evaluates the base student
+COMMON = [f"iterations={ITERATIONS}", f"eval_every={EVAL_EVERY}", f"eval.n={EVAL_N}",
+          f"eval.limit={EVAL_LIMIT}", "train.token_clip=0.0"]
+LONG = [f"rollout.max_new_tokens={LONG_MAX_NEW}", f"eval.max_new_tokens={LONG_MAX_NEW}"]
+WORLDS = {  # in run order
+    "reflect": {"prefix": "toy-reflect", "extra": LONG, "conditions": tuple(CONDITIONS)},
+    "chain": {"prefix": "toy-chain", "extra": LONG, "conditions": MAIN},
+    "addition": {"prefix": "toy", "extra": [], "conditions": MAIN},
 }
-# Fixed slot per (world, condition) for seed derivation; append new ones, never reorder.
-WORLD_SLOT = {name: i for i, name in enumerate(WORLDS)}
-CONDITION_SLOT = {name: i for i, name in enumerate(CONDITIONS)}
-SLOTS_PER_WORLD = 16
-MAX_SLOTS = 64
-# renio run derives, from its seed s: rollout s * 100003 + it, train s * 100003 + it, eval
-# s + 7919 (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations keeps the
-# ranges of different runs apart (tests/test_replicate.py checks it, modulo 2**32 where a
-# generator truncates).
-SEED_STRIDE = 10_000
-MIN_SEEDS = 3
-STAMP = "replicate-stamp.json"
-PAIRS = (  # (baseline, treatment, what a positive difference means, negative)
-    ("opd", "opd-renio", "ReNIO helps", "ReNIO hurts"),
-    ("opsd", "opsd-renio", "ReNIO helps", "ReNIO hurts"),
-    ("opd-tclip0.05", "opd-renio-tclip0.05", "ReNIO helps", "ReNIO hurts"),
-    ("opd", "opd-tclip0.05", "token clip 0.05 helps", "token clip 0.05 hurts"),
-    ("opd-correct-only", "opd-incorrect-only", "incorrect-only is better",
-     "correct-only is better"),
+# A check of the machinery, never the experiment: later keys override COMMON's.
+TRIAL = ["iterations=2", "eval_every=1", "eval.limit=16", "prompts_per_iteration=16"]
+
+PRIMARY_WORLD = "reflect"
+# (key, metric, baseline, treatment, what a positive difference means, a negative one)
+PRIMARY = (
+    ("a", "acc", "opd-correct-only", "opd-incorrect-only",
+     "incorrect-only is better", "correct-only is better"),
+    ("b", "marker_share", "opd-correct-only", "opd-incorrect-only",
+     "incorrect-only reflects more", "correct-only reflects more"),
+    ("c-opd", "acc", "opd", "opd-renio", "ReNIO is better", "plain OPD is better"),
+    ("c-opsd", "acc", "opsd", "opsd-renio", "ReNIO is better", "plain OPSD is better"),
 )
+# Secondary paired tests, uncorrected: (worlds, metric, baseline, treatment, positive,
+# negative, margin or None). The old worlds get the accuracy tests (c); in the reflect world
+# they are primary and not repeated here.
+OLD_WORLDS = ("chain", "addition")
+SECONDARY = (
+    (OLD_WORLDS, "acc", "opd", "opd-renio", "ReNIO is better", "plain OPD is better", MARGIN),
+    (OLD_WORLDS, "acc", "opsd", "opsd-renio", "ReNIO is better", "plain OPSD is better", MARGIN),
+    (tuple(WORLDS), "marker_share", "opd", "opd-renio", "more reflection with ReNIO",
+     "less reflection with ReNIO", None),
+    (("reflect",), "acc", "opd-renio", "opd-renio-tem4", "tem 4 is better", "tem 1 is better",
+     None),
+    (("reflect",), "length", "opd-correct-only", "opd-incorrect-only",
+     "longer after incorrect-only", "longer after correct-only", None),
+    (("reflect",), "p_wait_wrong", "opd-correct-only", "opd-incorrect-only",
+     "higher after incorrect-only", "higher after correct-only", None),
+)
+METRIC_NAMES = {"acc": "accuracy", "marker_share": "completions with a marker",
+                "length": "mean completion length (tokens)",
+                "p_wait_wrong": "P(wait \\| wrong line)"}
+POINTS = ("acc", "marker_share")  # metrics shown in percentage points
+
+# renio run derives, from its seed s: rollout seeds s * 100003 + it, train seeds the same,
+# eval seed s + 7919 (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations
+# keeps different replicates' ranges apart (tests/test_replicate.py checks it, modulo 2**32
+# where a generator truncates).
+SEED_STRIDE = 10_000
+STAMP = ".replicate-stamp.json"  # hidden: renio run refuses a run_dir holding other files
+NOT_COMPARED = ("commit",)  # recorded in the stamp, not part of the reuse rule
 
 
-def run_seed(world: str, name: str, replicate: int) -> int:
-    """The ``seed`` given to ``renio run`` for one (world, condition, replicate): unique."""
+# ----------------------------------------------------------------------------- design
+
+
+def run_seed(replicate: int) -> int:
+    """The ``seed`` of every ``renio run`` of one replicate (all conditions, all worlds)."""
     if replicate < 0:
         raise ValueError(f"replicate must be >= 0, got {replicate}")
-    slot = WORLD_SLOT[world] * SLOTS_PER_WORLD + CONDITION_SLOT[name]
-    return (replicate * MAX_SLOTS + slot + 1) * SEED_STRIDE
+    return (replicate + 1) * SEED_STRIDE
 
 
 def derived_seeds(seed: int, iterations: int) -> set[tuple[str, int]]:
     """The seeds ``renio run`` derives from ``seed``, as the generators see them: rollout rows
-    hash the full rollout seed (``formulas.sampling.row_seed``); torch's and numpy's generators
-    (train, and the eval's seed) keep only its low 32 bits."""
-    out = {("torch", (seed + 7919) % 2**32)}
+    (training and evaluation) hash the full seed (``formulas.sampling.row_seed``); torch's and
+    numpy's generators keep only its low 32 bits."""
+    out = {("rollout", seed + 7919), ("torch", (seed + 7919) % 2**32)}
     for it in range(iterations):
         out.add(("rollout", seed * 100003 + it))
         out.add(("torch", (seed * 100003 + it) % 2**32))
     return out
 
 
-def code_version() -> str:
+def world_conditions(world: str, only: list[str] | None = None) -> tuple[str, ...]:
+    names = WORLDS[world]["conditions"]
+    return tuple(n for n in names if only is None or n in only)
+
+
+def world_files(world: str, files: Path | None) -> dict[str, str]:
+    """The models and prompt sets of a world: its cached ``prefix:*`` names, or the files of a
+    world built into ``files`` (``--world-dir``, for trials on a quick build)."""
+    if files is not None:
+        return {"student": str(files / "student"), "teacher": str(files / "teacher"),
+                "tokenizer": str(files / "tokenizer"), "prompts": str(files / "train.jsonl"),
+                "eval_prompts": str(files / "test.jsonl")}
+    p = WORLDS[world]["prefix"]
+    return {"student": f"{p}:student", "teacher": f"{p}:teacher", "tokenizer": f"{p}:tokenizer",
+            "prompts": f"{p}:train", "eval_prompts": f"{p}:test"}
+
+
+def run_overrides(world: str, name: str, *, files: Path | None = None,
+                  trial: bool = False) -> list[str]:
+    """The ``key=value`` overrides of one run (besides run_dir and seed)."""
+    config, extra = CONDITIONS[name]
+    f = world_files(world, files)
+    keys = ["student", "prompts", "eval_prompts"]
+    if "opsd" not in config:  # OPSD's teacher is the student itself (teacher: self)
+        keys.insert(1, "teacher")
+    models = [] if world == "addition" and files is None else [f"{k}={f[k]}" for k in keys]
+    eval_before = "true" if name == BASE_CONDITION else "false"
+    return [*models, *COMMON, *WORLDS[world]["extra"], f"eval_before={eval_before}", *extra,
+            *(TRIAL if trial else [])]
+
+
+def run_dir_of(out: Path, world: str, name: str, replicate: int) -> Path:
+    return out / world / name / f"rep{replicate}"
+
+
+def code_digest(root: Path | None = None) -> str:
     """Digest of the code that decides a run's outcome: renio_core and renio_cli. The run's
-    config file is in its stamp as text (``config_text``), so another YAML file added to
-    ``sample_configs`` leaves every run current."""
+    config file is in its stamp as text, so another YAML file leaves every run current."""
+    root = root or ROOT
     h = hashlib.sha256()
     for sub in ("renio_core", "renio_cli"):
-        for path in sorted((ROOT / sub).rglob("*")):
+        for path in sorted((root / sub).rglob("*")):
             if path.suffix in (".py", ".yaml", ".jinja") and path.is_file():
-                h.update(str(path.relative_to(ROOT)).encode() + b"\0")
+                h.update(str(path.relative_to(root)).encode() + b"\0")
                 h.update(path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
-def run_overrides(world: str, name: str) -> list[str]:
-    """The ``key=value`` overrides of one run (besides run_dir and seed)."""
-    config, extra = CONDITIONS[name]
-    w = WORLDS[world]
-    models = w["models"]
-    if "opsd" in config:  # OPSD's teacher is the student itself: only the student changes
-        models = [m for m in models if not m.startswith("teacher=")]
-    return [*models, *w["prompts"], *COMMON, *extra]
+def git_commit(root: Path | None = None) -> str:
+    """The checkout's commit, "+dirty" when renio_core or renio_cli differ from it (untracked
+    files included); "unknown" outside git."""
+    root = root or ROOT
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], check=True,
+                              capture_output=True, text=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                 "renio_core", "renio_cli"], check=True, capture_output=True,
+                                text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if status else "")
 
 
-def run_stamp(world: str, name: str, replicate: int, code: str) -> dict:
+def run_stamp(world: str, name: str, replicate: int, digest: str, commit: str, *,
+              files: Path | None = None, trial: bool = False) -> dict:
     """What a run directory must have been made with to be reused."""
     config, _ = CONDITIONS[name]
     return {"world": world, "condition": name, "replicate": replicate,
-            "seed": run_seed(world, name, replicate), "config_file": config,
+            "seed": run_seed(replicate), "config_file": config,
             "config_text": (ROOT / "sample_configs" / config).read_text(),
-            "overrides": run_overrides(world, name), "code_version": code}
+            "overrides": run_overrides(world, name, files=files, trial=trial),
+            "code_digest": digest, "commit": commit}
 
 
 class StaleRun(Exception):
@@ -156,88 +286,136 @@ class StaleRun(Exception):
 
 
 def stamp_differences(found: dict, wanted: dict) -> list[str]:
+    keys = sorted((set(found) | set(wanted)) - set(NOT_COMPARED))
     return [f"{key}: on disk {found.get(key)!r}, now {wanted.get(key)!r}"
-            for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key)]
+            for key in keys if found.get(key) != wanted.get(key)]
 
 
-def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False) -> str:
-    """"reuse" (finished, same stamp), "run" (absent, or unfinished with the same stamp), or
-    raise StaleRun naming the difference; with ``rerun_stale`` a stale directory is deleted
-    and "run" returned."""
+def run_state(run_dir: Path, stamp: dict) -> tuple[str, list[str]]:
+    """("absent" | "finished" | "unfinished" | "stale", the differences of a stale one)."""
     if not run_dir.exists():
-        return "run"
+        return "absent", []
     stamp_path = run_dir / STAMP
     if stamp_path.is_file():
         problems = stamp_differences(json.loads(stamp_path.read_text()), stamp)
     else:
         problems = [f"no {STAMP} (made by an older replicate.py or another tool)"]
     if problems:
+        return "stale", problems
+    finished = (run_dir / "eval-final.json").is_file() and (run_dir / "metrics.jsonl").is_file()
+    return ("finished" if finished else "unfinished"), []
+
+
+def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False) -> str:
+    """"reuse" (finished, same stamp), "run" (absent, or unfinished with the same stamp: renio
+    run resumes it), or raise StaleRun naming the difference; with ``rerun_stale`` a stale
+    directory is deleted and "run" returned."""
+    state, problems = run_state(run_dir, stamp)
+    if state == "stale":
         if not rerun_stale:
             raise StaleRun(f"{run_dir} was made differently ({'; '.join(problems)}); "
                            "delete it or pass --rerun-stale")
         shutil.rmtree(run_dir)
         return "run"
-    finished = (run_dir / "eval-final.json").is_file() and (run_dir / "metrics.jsonl").is_file()
-    return "reuse" if finished else "run"
+    return "reuse" if state == "finished" else "run"
 
 
-def run_one(world: str, name: str, replicate: int, out: Path, code: str, *,
-            rerun_stale: bool = False, threads: int = 1) -> tuple[Path, bool]:
-    """The run's directory, and whether it was run now (False: reused)."""
+def plan(worlds: list[str], replicates: list[int], only: list[str] | None = None
+         ) -> list[tuple[str, str, int]]:
+    """(world, condition, replicate) in run order: world by world in WORLDS' order, replicate
+    by replicate, the base condition first."""
+    return [(w, name, rep) for w in WORLDS if w in worlds for rep in replicates
+            for name in world_conditions(w, only)]
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def child_env(threads: int) -> dict[str, str]:
+    """The child's environment: renio from ROOT first, and its thread counts."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
+                                        if p)
+    return env
+
+
+def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
+            files: dict[str, Path], trial: bool, rerun_stale: bool, threads: int
+            ) -> tuple[str, float]:
+    """("reused" | "ran", seconds); raises RuntimeError naming the run when it fails."""
+    world, name, replicate = task
     config, _ = CONDITIONS[name]
-    run_dir = out / world / name / f"rep{replicate}"
-    stamp = run_stamp(world, name, replicate, code)
+    run_dir = run_dir_of(out, world, name, replicate)
+    stamp = run_stamp(world, name, replicate, digest, commit, files=files.get(world),
+                      trial=trial)
     try:
         if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale) == "reuse":
-            return run_dir, False
+            return "reused", 0.0
     except StaleRun as exc:
-        raise SystemExit(str(exc)) from None
+        raise RuntimeError(str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STAMP).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     cmd = [sys.executable, "-m", "renio_cli.main", "run", "--config",
            str(ROOT / "sample_configs" / config), f"run_dir={run_dir}",
            f"seed={stamp['seed']}", *stamp["overrides"]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=child_env(threads))
+    (run_dir / ".replicate-log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"{world}/{name} replicate {replicate} (seed {stamp['seed']}) "
-                         f"failed:\n{proc.stderr[-3000:]}")
-    print(f"{world:>8} {name:>20} replicate {replicate}: {time.perf_counter() - t0:6.1f}s",
-          flush=True)
-    return run_dir, True
+        raise RuntimeError(f"{world}/{name} replicate {replicate} (seed {stamp['seed']}) "
+                           f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return "ran", time.perf_counter() - t0
 
 
-def eval_accuracy(path: Path) -> float:
-    return json.loads(path.read_text())["metrics"]["avg_at_n"]
+class Progress:
+    """One plain line per finished run: elapsed time and an estimate of the time left."""
+
+    def __init__(self, total: int, jobs: int):
+        self.total, self.jobs, self.done, self.ran = total, jobs, 0, []
+        self.t0 = time.perf_counter()
+        self.lock = threading.Lock()
+
+    def line(self, task: tuple[str, str, int], status: str, seconds: float) -> str:
+        with self.lock:
+            self.done += 1
+            if status == "ran":
+                self.ran.append(seconds)
+            elapsed = time.perf_counter() - self.t0
+            left = self.total - self.done
+            if self.ran:
+                eta = f"about {left * float(np.mean(self.ran)) / self.jobs / 60:.0f} min left"
+            else:
+                eta = "no estimate yet"
+            what = f"{seconds:5.0f} s" if status == "ran" else status
+            return (f"[{self.done:3d}/{self.total}] {task[0]:>8} {task[1]:>18} rep {task[2]}: "
+                    f"{what}; elapsed {elapsed / 60:.1f} min, {eta}")
+
+
+def run_all(tasks: list[tuple[str, str, int]], jobs: int, runner) -> list[str]:
+    """Run ``tasks`` ``jobs`` at a time in their order; a failure is printed and the others
+    go on. Returns the failures' messages."""
+    progress = Progress(len(tasks), jobs)
+    failures = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(runner, t): t for t in tasks}
+        for fut in as_completed(futures):
+            task = futures[fut]
+            try:
+                status, seconds = fut.result()
+            except RuntimeError as exc:
+                failures.append(str(exc))
+                print(f"FAILED {exc}", flush=True)
+                status, seconds = "failed", 0.0
+            print(progress.line(task, status, seconds), flush=True)
+    return failures
+
+
+# ----------------------------------------------------------------------------- collecting
 
 
 def chain_length(problem: str) -> int:
     """K of a chain problem such as ``7+5*3+9``: its number of operations."""
     return problem.count("+") + problem.count("*")
-
-
-def eval_behaviour(eval_dir: Path, world: str) -> dict:
-    """Accuracy, completion length and reflection-marker rate of one evaluation, and for the
-    chain world the accuracy by K."""
-    summary = json.loads((eval_dir / "eval.json").read_text())
-    m = summary["metrics"]
-    out = {"acc": m["avg_at_n"], "length": m["all"]["mean_length"],
-           "reflection_per_1k": m["all"]["reflection_per_1k"] or 0.0,
-           "wait_share": None, "by_k": {}}
-    rows = pq.read_table(eval_dir / "eval.parquet",
-                         columns=["prompt_id", "correct", "reflection_markers"]).to_pylist()
-    out["wait_share"] = float(np.mean([r["reflection_markers"] > 0 for r in rows]))
-    if world == "chain":
-        ks = {}
-        for line in Path(summary["bench"]).read_text().splitlines():
-            item = json.loads(line)
-            ks[item["id"]] = chain_length(item["problem"])
-        by_k: dict[int, list[bool]] = {}
-        for r in rows:
-            by_k.setdefault(ks[r["prompt_id"]], []).append(bool(r["correct"]))
-        out["by_k"] = {k: float(np.mean(v)) for k, v in sorted(by_k.items())}
-    return out
 
 
 def parse_chain(problem: str):
@@ -248,490 +426,694 @@ def parse_chain(problem: str):
     return ChainProblem(int(problem[0]), ops)
 
 
-_MARKER_CACHE: dict = {}
+def has_marker(world: str, text: str) -> bool:
+    """Whether a completion reflects: a line that is exactly ``wait`` in the chain and
+    reflect worlds (``reflect.analyse``), any reflection word in the addition world."""
+    if world in ("reflect", "chain"):
+        from renio_core.modeling.toy import reflect
+
+        return reflect.analyse(text).markers > 0
+    from renio_core.formulas import eval_metrics
+
+    counts = eval_metrics.count_markers(text)
+    return sum(counts[m] for m in eval_metrics.REFLECTION_MARKERS) > 0
 
 
-def _marker_probs(model, tok, prefixes: list[list[int]]) -> tuple[float, float]:
-    """Mean P(first token of ``wait``) and mean P(all of ``wait``) right after each prefix
-    (teacher forcing; the toy tokenizer spells ``wait`` in 4 tokens)."""
-    from renio_core.modeling.toy import chain
+def is_recovered(text: str, correct: bool | None) -> bool:
+    """A wrong line, ``wait``, the right redo, and a correct answer."""
+    from renio_core.modeling.toy import reflect
 
-    steps = chain.marker_logprobs(model, tok, prefixes)
-    return (float(np.mean([math.exp(lp[0]) for lp in steps])),
-            float(np.mean([math.exp(sum(lp)) for lp in steps])))
+    return bool(correct) and reflect.analyse(text).redos_right > 0
 
 
-def marker_probabilities(bench: Path, adapter: Path | None) -> dict[str, float]:
-    """The chain student's mean P(``wait``) right after an injected wrong line and after a
-    right line (one step per test problem, chosen by a fixed seed), with ``adapter`` on it or
-    without: the teacher's own targets (>= 0.5 and <= 0.05), asked of the trained student.
-    Added after the first runs, as a measurement only: no condition or setting changed."""
-    import random
-
-    import torch
-
-    from renio_core.modeling import models
-    from renio_core.modeling.toy import chain
-
-    key = (str(bench), str(adapter))
-    if key in _MARKER_CACHE:
-        return _MARKER_CACHE[key]
-    torch.set_num_threads(1)
-    tok = models.load_tokenizer(chain.resolve_chain_model("toy-chain:tokenizer"))
-    model = models.load_model(chain.resolve_chain_model("toy-chain:student"),
-                              adapter=str(adapter) if adapter else None, dtype="float32",
-                              device="cpu")
-    problems = [parse_chain(json.loads(line)["problem"]) for line in bench.read_text().splitlines()]
-    wrong, right = chain.marker_prefixes(tok, problems,
-                                         random.Random("replicate-marker-probability"))
-    out = {}
-    for name, prefixes in (("wrong", wrong), ("right", right)):
-        out[f"p_w_{name}"], out[f"p_wait_{name}"] = _marker_probs(model, tok, prefixes)
-    _MARKER_CACHE[key] = out
+def eval_behaviour(eval_dir: Path, world: str) -> dict:
+    """Accuracy (avg@n and its s.e.), completion length, the share of completions with a
+    marker, and for the chain-task worlds the accuracy by K, of one evaluation."""
+    summary = json.loads((eval_dir / "eval.json").read_text())
+    m = summary["metrics"]
+    rows = pq.read_table(eval_dir / "eval.parquet",
+                         columns=["prompt_id", "correct", "completion_text"]).to_pylist()
+    bench = [json.loads(line) for line in Path(summary["bench"]).read_text().splitlines()]
+    out = {"acc": m["avg_at_n"], "acc_se": m.get("avg_at_n_se"),
+           "length": m["all"]["mean_length"],
+           "marker_share": float(np.mean([has_marker(world, r["completion_text"] or "")
+                                          for r in rows])),
+           "problems": len({r["prompt_id"] for r in rows}), "by_k": {}}
+    if world in ("reflect", "chain"):
+        ks = {item["id"]: chain_length(item["problem"]) for item in bench}
+        by_k: dict[int, list[bool]] = {}
+        for r in rows:
+            by_k.setdefault(ks[r["prompt_id"]], []).append(bool(r["correct"]))
+        out["by_k"] = {str(k): float(np.mean(v)) for k, v in sorted(by_k.items())}
     return out
 
 
-def collect(run_dir: Path, world: str) -> dict:
-    """Accuracy after every evaluation, the weights of every rollout (pooled), the final and
-    base evaluations' behaviour, and how many rows were sampled per row trained on."""
-    steps, accs = [0], [eval_accuracy(run_dir / "eval-base" / "eval.json")]
+def marker_probabilities(world: str, bench: Path, adapter: Path | None,
+                         files: Path | None) -> dict[str, float]:
+    """The student's P(``wait``) right after an injected wrong line and after a right line by
+    teacher forcing, one step per test problem chosen by a fixed rng, with ``adapter`` on it
+    or without. Reflect world: ``wait`` is one token. Chain world: P of all four tokens, and of
+    the first (``w``)."""
+    import torch
+
+    from renio_core.modeling import models
+    from renio_core.modeling.toy import chain, reflect
+
+    torch.set_num_threads(1)
+    names = world_files(world, files)
+    tok = models.load_tokenizer(names["tokenizer"])
+    model = models.load_model(names["student"], adapter=str(adapter) if adapter else None,
+                              dtype="float32", device="cpu")
+    problems = [parse_chain(json.loads(line)["problem"]) for line in bench.read_text().splitlines()]
+    if world == "reflect":
+        wrong, right = reflect.teacher_forced_marker(model, tok, problems, random.Random(MARKER_RNG))
+        return {"p_wait_wrong": float(np.mean(wrong)), "p_wait_right": float(np.mean(right))}
+    out = {}
+    for name, prefixes in zip(("wrong", "right"),
+                              chain.marker_prefixes(tok, problems, random.Random(MARKER_RNG))):
+        steps = chain.marker_logprobs(model, tok, prefixes)
+        out[f"p_w_{name}"] = float(np.mean([math.exp(lp[0]) for lp in steps]))
+        out[f"p_wait_{name}"] = float(np.mean([math.exp(sum(lp)) for lp in steps]))
+    return out
+
+
+def batch_stats(weight_B: np.ndarray, incorrect_B: np.ndarray, recovered_B: np.ndarray,
+                graded_B: np.ndarray) -> dict:
+    """One iteration's weights: their sums on incorrect, recovered and graded rows, and the
+    effective batch size (sum w)^2 / sum w^2."""
+    w = weight_B.astype(np.float64)
+    return {"incorrect": float(w[incorrect_B].sum()), "recovered": float(w[recovered_B].sum()),
+            "graded": float(w[graded_B].sum()), "rows_incorrect": int(incorrect_B.sum()),
+            "rows_graded": int(graded_B.sum()),
+            "ess": float(w.sum() ** 2 / (w ** 2).sum()) if (w ** 2).sum() > 0 else 0.0}
+
+
+def pool_batches(iters: list[dict]) -> dict:
+    """A run's weight shares, pooled over its iterations, and its mean effective batch size."""
+    graded = sum(b["graded"] for b in iters)
+    rows = sum(b["rows_graded"] for b in iters)
+    return {"share_incorrect": sum(b["incorrect"] for b in iters) / graded if graded else None,
+            "share_recovered": sum(b["recovered"] for b in iters) / graded if graded else None,
+            "rows_incorrect": sum(b["rows_incorrect"] for b in iters) / rows if rows else None,
+            "ess": float(np.mean([b["ess"] for b in iters])) if iters else None}
+
+
+def collect_run(run_dir: Path, world: str, files: Path | None, *, markers: bool = True) -> dict:
+    """One finished run: accuracy after every evaluation, the final evaluation's behaviour,
+    the weights of every trained row by kind, the batch statistics, the rollouts' reflection
+    rate per iteration, and the final student's marker probabilities."""
     records = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    raw, weight, correct = [], [], []
-    last_eval = None
+    steps, accs, ses, last_eval = [], [], [], None
+    raw, weight, kind, iters, reflect_rate = [], [], [], [], []
     for r in records:
         it = run_dir / f"iter-{r['iteration']:05d}"
         if r["eval_accuracy"] is not None:
             steps.append(r["policy_step"])
             accs.append(r["eval_accuracy"])
+            ses.append(json.loads((it / "eval.json").read_text())["metrics"].get("avg_at_n_se"))
             last_eval = it
-        t = pq.read_table(it / "weights.parquet", columns=["raw_weight", "weight", "correct"])
-        raw.extend(t.column("raw_weight").to_pylist())
-        weight.extend(t.column("weight").to_pylist())
-        correct.extend(t.column("correct").to_pylist())
-    base, final = eval_behaviour(run_dir / "eval-base", world), eval_behaviour(last_eval, world)
-    if world == "chain":
+        t = pq.read_table(it / "weights.parquet",
+                          columns=["raw_weight", "weight", "correct", "completion_text"]).to_pydict()
+        correct = t["correct"]
+        recovered = np.array([is_recovered(x or "", c) for x, c in zip(t["completion_text"], correct)])
+        incorrect = np.array([c is False for c in correct])
+        graded = np.array([c is not None for c in correct])
+        iters.append(batch_stats(np.array(t["weight"]), incorrect, recovered, graded))
+        raw.extend(t["raw_weight"])
+        weight.extend(t["weight"])
+        kind.extend("recovered" if rec else ("incorrect" if bad else ("correct" if g else "ungraded"))
+                    for rec, bad, g in zip(recovered, incorrect, graded))
+        fill = sorted((it / "fill").glob("rollouts-*.parquet")) if (it / "fill").is_dir() else []
+        texts = [x for f in (fill or [it / "rollouts.parquet"])
+                 for x in pq.read_table(f, columns=["completion_text"]).column(0).to_pylist()]
+        reflect_rate.append(float(np.mean([has_marker(world, x or "") for x in texts])))
+    final = eval_behaviour(last_eval, world)
+    if markers and world in ("reflect", "chain"):
         bench = Path(json.loads((last_eval / "eval.json").read_text())["bench"])
-        base.update(marker_probabilities(bench, None))
-        final.update(marker_probabilities(
-            bench, run_dir / f"iter-{records[-1]['iteration']:05d}" / "ckpt"))
+        final.update(marker_probabilities(world, bench, run_dir / f"iter-{records[-1]['iteration']:05d}"
+                                          / "ckpt", files))
     sampled = sum(r.get("fill_sampled") or 0 for r in records)
     kept = sum(r.get("fill_kept") or 0 for r in records)
-    return {"steps": steps, "acc": accs, "raw": raw, "weight": weight, "correct": correct,
-            "auroc": [r["auroc_incorrect"] for r in records],
+    return {"steps": steps, "acc": accs, "acc_se": ses, "final": final,
+            "raw": raw, "weight": weight, "kind": kind, "batch": pool_batches(iters),
+            "rollout_reflection": reflect_rate,
             "rollout_acc": [r["rollout_accuracy"] for r in records],
-            "base": base, "final": final,
             "sampled_per_kept": sampled / kept if kept else 1.0,
             "seconds": sum(r["seconds"] for r in records)}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample std (ddof 1); the std is NaN for one value."""
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else float("nan")
+def collect_base(run_dir: Path, world: str, files: Path | None, *, markers: bool = True) -> dict:
+    base = eval_behaviour(run_dir / "eval-base", world)
+    if markers and world in ("reflect", "chain"):
+        bench = Path(json.loads((run_dir / "eval-base" / "eval.json").read_text())["bench"])
+        base.update(marker_probabilities(world, bench, None, files))
+    return base
 
 
-def t_abs_cdf(t: float, df: int) -> float:
-    """P(|T| <= t) for Student's t with integer ``df``, exactly (closed-form finite sums)."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    if t <= 0:
-        return 0.0
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 1:
-        term, acc = math.cos(theta), 0.0
-        for k in range(1, (df - 1) // 2 + 1):  # cos + 2/3 cos^3 + (2*4)/(3*5) cos^5 + ...
-            acc += term
-            term *= c2 * (2 * k) / (2 * k + 1)
-        return 2 / math.pi * (theta + math.sin(theta) * acc)
-    term, acc = 1.0, 0.0
-    for k in range(1, df // 2 + 1):  # 1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 + ...
-        acc += term
-        term *= c2 * (2 * k - 1) / (2 * k)
-    return math.sin(theta) * acc
+def collect(out: Path, world: str, conditions: tuple[str, ...], replicates: list[int],
+            digest: str, commit: str, *, files: Path | None, trial: bool,
+            markers: bool = True) -> dict:
+    """A world's complete replicates (every condition finished with the current stamp):
+    ``{"replicates": [...], "base": [...], "runs": {condition: [...]}, "commits": [...]}``,
+    the lists in the order of ``replicates``."""
+    out_w = {"replicates": [], "base": [], "runs": {n: [] for n in conditions}, "commits": []}
+    for rep in replicates:
+        dirs = {n: run_dir_of(out, world, n, rep) for n in conditions}
+        states = [run_state(d, run_stamp(world, n, rep, digest, commit, files=files, trial=trial))[0]
+                  for n, d in dirs.items()]
+        if any(s != "finished" for s in states):
+            continue
+        out_w["replicates"].append(rep)
+        out_w["base"].append(collect_base(dirs[BASE_CONDITION], world, files, markers=markers))
+        for n, d in dirs.items():
+            out_w["runs"][n].append(collect_run(d, world, files, markers=markers))
+            found = json.loads((d / STAMP).read_text()).get("commit")
+            if found not in out_w["commits"]:
+                out_w["commits"].append(found)
+    return out_w
 
 
-def t_quantile(df: int, confidence: float = 0.95) -> float:
-    """The two-sided cut: P(|T| <= q) = confidence, for ``df`` degrees of freedom."""
-    lo, hi = 0.0, 1.0
-    while t_abs_cdf(hi, df) < confidence:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_abs_cdf(mid, df) < confidence else (lo, mid)
-    return (lo + hi) / 2
+# ----------------------------------------------------------------------------- statistics
 
 
-def paired_test(a: list[float], b: list[float], *, better: str, worse: str) -> dict:
-    """Paired t test of b - a over replicates (95%, two-sided).
+def paired_test(a: list[float], b: list[float]) -> dict:
+    """Paired two-sided t test of b - a over replicates, with its 95% interval (scipy)."""
+    from scipy import stats
 
-    Returns mean, std, se, t, df, the cut, the two-sided p value and a verdict: ``better``
-    or ``worse`` when |t| exceeds the cut, "within the noise" when it does not, and
-    "undetermined" with fewer than MIN_SEEDS pairs.
-    """
     diff = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     n = len(diff)
-    out = {"n": n, "mean": float(diff.mean()) if n else float("nan"), "std": float("nan"),
-           "se": float("nan"), "t": float("nan"), "df": n - 1, "cut": float("nan"),
-           "p": float("nan")}
-    if n < MIN_SEEDS:
-        out["verdict"] = f"undetermined ({n} seed{'s' if n != 1 else ''}; a verdict needs {MIN_SEEDS})"
+    out = {"n": n, "mean": float(diff.mean()) if n else float("nan"), "sd": float("nan"),
+           "se": float("nan"), "t": float("nan"), "df": n - 1, "p": float("nan"),
+           "ci": [float("nan"), float("nan")], "floor": False}
+    if n < 2:
         return out
-    std = float(diff.std(ddof=1))
-    se = std / math.sqrt(n)
-    cut = t_quantile(n - 1)
-    out.update(std=std, se=se, cut=cut)
-    if se == 0:
-        out["t"] = 0.0 if out["mean"] == 0 else math.copysign(math.inf, out["mean"])
-    else:
-        out["t"] = out["mean"] / se
-    out["p"] = 1.0 - t_abs_cdf(abs(out["t"]), n - 1) if math.isfinite(out["t"]) else 0.0
-    if abs(out["t"]) <= cut:
-        out["verdict"] = "within the noise"
-    else:
-        out["verdict"] = better if out["mean"] > 0 else worse
+    sd = float(diff.std(ddof=1))
+    se = sd / math.sqrt(n)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * se
+    out.update(sd=sd, se=se, ci=[out["mean"] - half, out["mean"] + half])
+    if sd == 0:
+        # Every difference equal: none at all is a floor (nothing to measure), a constant
+        # non-zero one is as certain as a paired test can be.
+        out["floor"] = out["mean"] == 0
+        out["t"] = 0.0 if out["floor"] else math.copysign(math.inf, out["mean"])
+        out["p"] = float("nan") if out["floor"] else 0.0
+        return out
+    res = stats.ttest_rel(b, a)
+    out.update(t=float(res.statistic), p=float(res.pvalue))
     return out
 
 
-def paired_finals(runs_by: dict[str, list[dict]], plain: str, treated: str):
-    """Final accuracies of two conditions over the replicates both have (paired by index)."""
-    n = min(len(runs_by[plain]), len(runs_by[treated]))
-    return ([r["final"]["acc"] for r in runs_by[plain][:n]],
-            [r["final"]["acc"] for r in runs_by[treated][:n]])
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values; a NaN (a floor) counts as p = 1 in the family."""
+    p = [1.0 if math.isnan(x) else x for x in pvalues]
+    m = len(p)
+    adjusted = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda j: p[j])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
 
 
-def pairs_needing_more(results: dict[str, dict[str, list[dict]]]) -> list[tuple[str, str, str]]:
-    """(world, baseline, treatment) of every comparison in PAIRS whose paired standard error
-    is larger than its mean difference (the issue's rule for adding replicates)."""
-    out = []
-    for w, runs_by in results.items():
-        for plain, treated, _, _ in PAIRS:
-            if plain in runs_by and treated in runs_by:
-                a, b = paired_finals(runs_by, plain, treated)
-                r = paired_test(a, b, better="", worse="")
-                if r["n"] >= MIN_SEEDS and r["se"] > abs(r["mean"]):
-                    out.append((w, plain, treated))
+def verdict(test: dict, p: float, positive: str, negative: str, margin: float | None) -> str:
+    """The pre-registered rule: a floor is "not measurable (floor)"; significant at ALPHA ->
+    which is better; else "no benefit" where the interval's upper end is below ``margin``,
+    otherwise "inconclusive" (without a margin: "no significant difference")."""
+    if test["floor"]:
+        return "not measurable (floor)"
+    if test["n"] < 2 or math.isnan(p):
+        return "not tested (fewer than 2 replicates)"
+    if p <= ALPHA:
+        return positive if test["mean"] > 0 else negative
+    if margin is None:
+        return "no significant difference"
+    return "no benefit" if test["ci"][1] < margin else "inconclusive"
+
+
+def values(world_results: dict, condition: str, metric: str) -> list[float]:
+    return [r["final"][metric] for r in world_results["runs"][condition]]
+
+
+def primary_tests(world_results: dict) -> list[dict]:
+    """The four primary tests with Holm-adjusted p-values and verdicts."""
+    tests = []
+    for key, metric, base, treated, pos, neg in PRIMARY:
+        t = paired_test(values(world_results, base, metric), values(world_results, treated, metric))
+        tests.append({"key": key, "metric": metric, "baseline": base, "treatment": treated,
+                      "positive": pos, "negative": neg, **t})
+    for t, adj in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"] = adj
+        t["verdict"] = verdict(t, adj, t["positive"], t["negative"], MARGIN)
+    return tests
+
+
+def secondary_tests(world: str, world_results: dict) -> list[dict]:
+    tests = []
+    runs = world_results["runs"]
+    for worlds, metric, base, treated, pos, neg, margin in SECONDARY:
+        if world not in worlds or base not in runs or treated not in runs:
+            continue
+        if metric not in (runs[base][0]["final"] if runs[base] else {}):
+            continue
+        t = paired_test(values(world_results, base, metric), values(world_results, treated, metric))
+        tests.append({"metric": metric, "baseline": base, "treatment": treated, "positive": pos,
+                      "negative": neg, **t, "verdict": verdict(t, t["p"], pos, neg, margin)})
+    return tests
+
+
+def mixing_prediction(world_results: dict, renio: str) -> dict | None:
+    """Per replicate: ReNIO's accuracy and the accuracy of plain OPD mixed with incorrect-only
+    at ReNIO's incorrect weight share s, acc(opd) + (s - f0)/(1 - f0) (acc(inc) - acc(opd))."""
+    runs = world_results["runs"]
+    if not all(n in runs for n in ("opd", "opd-incorrect-only", renio)):
+        return None
+    pred, obs = [], []
+    for opd, inc, ren in zip(runs["opd"], runs["opd-incorrect-only"], runs[renio]):
+        s, f0 = ren["batch"]["share_incorrect"], opd["batch"]["share_incorrect"]
+        if s is None or f0 is None or f0 >= 1:
+            continue
+        a0, a1 = opd["final"]["acc"], inc["final"]["acc"]
+        pred.append(a0 + (s - f0) / (1 - f0) * (a1 - a0))
+        obs.append(ren["final"]["acc"])
+    if not pred:
+        return None
+    return {"predicted": pred, "observed": obs, "test": paired_test(pred, obs)}
+
+
+def analyse(results: dict, required: int = N_REPLICATES) -> dict:
+    """Tests per world; a world with fewer than ``required`` complete replicates gets none."""
+    out = {}
+    for world, wr in results.items():
+        n = len(wr["replicates"])
+        entry = {"n": n, "complete": n >= required and n > 0}
+        if entry["complete"]:
+            if world == PRIMARY_WORLD and all(
+                    c in wr["runs"] for _, _, a, b, _, _ in PRIMARY for c in (a, b)):
+                entry["primary"] = primary_tests(wr)
+            entry["secondary"] = secondary_tests(world, wr)
+            entry["mixing"] = {r: m for r in MIXED if r in wr["runs"]
+                               for m in [mixing_prediction(wr, r)] if m is not None}
+        out[world] = entry
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                    help="replicate indices; each (world, condition, replicate) gets its own seed")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
-    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
-    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
-    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=list(CONDITIONS))
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="runs at once, each with (CPU cores / jobs) threads")
-    ap.add_argument("--more-seeds", type=int, default=5,
-                    help="further replicates for each comparison whose paired standard error "
-                         "exceeds its effect after --seeds (0: none)")
-    ap.add_argument("--rerun-stale", action="store_true",
-                    help="delete and rerun run directories made with another config or code")
-    args = ap.parse_args()
-
-    from renio_core.modeling.toy import chain, ensure_toy_world
-
-    ensure_toy_world()  # built once here, not by concurrent runs
-    if "chain" in args.worlds:
-        chain.ensure_chain_world()
-    code = code_version()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    t0 = time.perf_counter()
-    load0 = os.getloadavg()[0]
-    # Replicate-major, so a cut-short experiment still has every condition.
-    tasks = [(w, name, rep) for rep in args.seeds for w in args.worlds for name in args.conditions]
-    fresh: list[tuple] = []
-
-    def run_all(batch: list[tuple]) -> dict[tuple, Path]:
-        def one(t: tuple) -> Path:
-            run_dir, ran = run_one(*t, args.out, code, rerun_stale=args.rerun_stale,
-                                   threads=threads)
-            if ran:
-                fresh.append(t)
-            return run_dir
-
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = {t: pool.submit(one, t) for t in batch}
-            return {t: f.result() for t, f in futures.items()}
-
-    dirs = run_all(tasks)
-    results: dict[str, dict[str, list[dict]]] = {}
-    for (w, name, rep) in tasks:
-        results.setdefault(w, {}).setdefault(name, []).append(collect(dirs[(w, name, rep)], w))
-    # One more round, fixed before any run: a comparison whose paired standard error exceeds
-    # its effect gets args.more_seeds further replicates of both its conditions.
-    need = pairs_needing_more(results) if args.more_seeds else []
-    more = range(max(args.seeds) + 1, max(args.seeds) + 1 + args.more_seeds)
-    extra = sorted({(w, name, rep) for w, a, b in need for name in (a, b) for rep in more},
-                   key=lambda t: (t[2], t[0], t[1]))
-    dirs = run_all(extra)
-    for (w, name, rep) in extra:
-        results[w][name].append(collect(dirs[(w, name, rep)], w))
-    wall = time.perf_counter() - t0
-    run = {"seeds": args.seeds, "more_seeds": [list(x) for x in need],
-           "more_replicates": list(more) if need else [], "worlds": args.worlds,
-           "conditions": args.conditions, "jobs": args.jobs, "threads": threads,
-           "wall_s": wall, "code_version": code, "load_before": load0,
-           "load_after": os.getloadavg()[0]}
-    # The invocations that ran something with this code, each with its own wall time: a
-    # rerun that only reuses adds none.
-    phase = {"runs": len(fresh), "jobs": args.jobs, "threads": threads, "wall_s": wall,
-             "load_before": load0, "load_after": run["load_after"]}
-    phases = [phase] if fresh else []
-    previous = args.out / "results.json"
-    if previous.is_file():
-        old = json.loads(previous.read_text())["run"]
-        if old.get("code_version") == code:
-            earlier = old.get("phases") or [{  # written before phases were recorded
-                "runs": len(old["seeds"]) * len(old.get("worlds", WORLDS))
-                * len(old.get("conditions", CONDITIONS)),
-                **{k: old[k] for k in ("jobs", "threads", "wall_s", "load_before", "load_after")}}]
-            phases = earlier + phases
-    run["phases"] = phases
-    run["wall_s"] = sum(ph["wall_s"] for ph in phases)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"run": run, "results": results}))
-    args.docs.mkdir(parents=True, exist_ok=True)
-    plot(args.docs, results, len(args.seeds))
-    write_report(args.docs, run, results)
+# ----------------------------------------------------------------------------- report
 
 
-def plot(docs: Path, results: dict, n_seeds: int) -> None:
+def fmt_value(metric: str, v: float, signed: bool = True) -> str:
+    if metric in POINTS:
+        return f"{100 * v:+.1f} pts" if signed else f"{v:.1%}"
+    if metric == "length":
+        return f"{v:+.2f}" if signed else f"{v:.2f}"
+    return f"{v:+.2e}" if signed else f"{v:.2e}"
+
+
+def fmt_p(p: float) -> str:
+    return "-" if p is None or math.isnan(p) else (f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}")
+
+
+def test_row(t: dict) -> str:
+    ci = "-" if math.isnan(t["ci"][0]) else (
+        f"[{fmt_value(t['metric'], t['ci'][0])}, {fmt_value(t['metric'], t['ci'][1])}]")
+    return (f"{METRIC_NAMES[t['metric']]}: {t['treatment']} - {t['baseline']} | "
+            f"{fmt_value(t['metric'], t['mean'])} | {ci} | {t['n']} | {fmt_p(t['p'])}")
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    arr = np.asarray(xs, dtype=float)
+    se = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else float("nan")
+    return float(arr.mean()), se
+
+
+def primary_section(analysis: dict, required: int = N_REPLICATES) -> list[str]:
+    entry = analysis.get(PRIMARY_WORLD)
+    lines = [f"## Primary outcomes ({PRIMARY_WORLD} world)", ""]
+    if entry is None or not entry["complete"]:
+        n = 0 if entry is None else entry["n"]
+        return lines + [f"incomplete: {n} of {required} replicates; no verdict.", ""]
+    if "primary" not in entry:
+        return lines + ["not run: a condition of the primary tests is missing; no verdict.", ""]
+    lines += ["Paired by replicate; two-sided t tests (scipy.stats.ttest_rel), 95% confidence "
+              f"intervals, Holm's correction over the four tests at {ALPHA}. \"No benefit\": not "
+              f"significant and the interval's upper end below +{100 * MARGIN:.1f} points.", "",
+              "| test | difference | mean | 95% CI | replicates | p | p (Holm) | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in entry["primary"]:
+        lines.append(f"| ({t['key']}) | {test_row(t)} | {fmt_p(t['p_holm'])} | {t['verdict']} |")
+    return lines + [""]
+
+
+def world_section(world: str, wr: dict, entry: dict, required: int) -> list[str]:
+    n = entry["n"]
+    title = f"## The {world} world"
+    if not entry["complete"]:
+        return [title, "", f"incomplete: {n} of {required} replicates; no verdict.", ""]
+    runs, base = wr["runs"], wr["base"]
+    lines = [title, "", f"{n} replicates ({', '.join(map(str, wr['replicates']))}). Student "
+             f"before training (each replicate's one base evaluation): "
+             f"{np.mean([b['acc'] for b in base]):.1%} (s.e. within one evaluation "
+             f"{np.mean([b['acc_se'] or 0 for b in base]):.1%}; {base[0]['problems']} problems).", "",
+             "| condition | final accuracy (mean ± s.e. over replicates) | gain over the base "
+             "| s.e. within one evaluation | rows sampled per row trained |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, rs in runs.items():
+        m, se = mean_se([r["final"]["acc"] for r in rs])
+        gain = np.mean([r["final"]["acc"] - b["acc"] for r, b in zip(rs, base)])
+        lines.append(f"| {name} | {m:.1%} ± {se:.1%} | {100 * gain:+.1f} pts | "
+                     f"{np.mean([r['final']['acc_se'] or 0 for r in rs]):.1%} | "
+                     f"{np.mean([r['sampled_per_kept'] for r in rs]):.2f} |")
+    lines += ["", "Final accuracy of each replicate:", ""]
+    for name, rs in runs.items():
+        lines.append(f"- {name}: " + ", ".join(f"{r['final']['acc']:.1%}" for r in rs))
+    secondary = entry.get("secondary", [])
+    if secondary:
+        lines += ["", "Secondary paired tests (uncorrected p; " + (
+                  "not part of the primary family" if world == PRIMARY_WORLD else
+                  "this world cannot test the paper's premise") + "):", "",
+                  "| difference | mean | 95% CI | replicates | p | verdict |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {test_row(t)} | {t['verdict']} |" for t in secondary]
+    lines += ["", "Secondary: the students at the final evaluation (mean over replicates; length "
+              "in tokens; share of completions with a reflection marker):", "",
+              "| condition | accuracy | mean length | completions with a marker |",
+              "| --- | --- | --- | --- |",
+              f"| before training | {np.mean([b['acc'] for b in base]):.1%} | "
+              f"{np.mean([b['length'] for b in base]):.1f} | "
+              f"{marker_text([b['marker_share'] for b in base])} |"]
+    for name, rs in runs.items():
+        f = [r["final"] for r in rs]
+        lines.append(f"| {name} | {np.mean([x['acc'] for x in f]):.1%} | "
+                     f"{np.mean([x['length'] for x in f]):.1f} | "
+                     f"{marker_text([x['marker_share'] for x in f])} |")
+    if "p_wait_wrong" in base[0]:
+        cols = ["p_wait_wrong", "p_wait_right"] + (["p_w_wrong", "p_w_right"]
+                                                   if "p_w_wrong" in base[0] else [])
+        what = ("`wait` is one token" if world == "reflect" else
+                "`wait` is four tokens; `w` its first")
+        lines += ["", f"Secondary: the student's P(`wait`) right after an injected wrong line and "
+                  f"after a right line, by teacher forcing, one step of each test problem chosen "
+                  f"by a fixed rng ({what}); mean over replicates:", "",
+                  "| condition | " + " | ".join(c.replace("p_", "P(").replace("_wrong", " \\| wrong)")
+                                                  .replace("_right", " \\| right)") for c in cols)
+                  + " | ratio wrong / right |", "| --- |" + " --- |" * (len(cols) + 1)]
+        rows = [("before training", base)] + [(name, [r["final"] for r in rs])
+                                              for name, rs in runs.items()]
+        for label, fs in rows:
+            means = [float(np.mean([x[c] for x in fs])) for c in cols]
+            ratio = means[0] / means[1] if means[1] > 0 else float("inf")
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2e}" for v in means)
+                         + f" | {ratio:.1f} |")
+    if base[0]["by_k"]:
+        ks = list(base[0]["by_k"])
+        lines += ["", "Secondary: accuracy by chain length K at the final evaluation (mean over "
+                  "replicates):", "", "| condition | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "| --- |" + " --- |" * len(ks),
+                  "| before training | " + " | ".join(
+                      f"{np.mean([b['by_k'][k] for b in base]):.1%}" for k in ks) + " |"]
+        for name, rs in runs.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{np.mean([r['final']['by_k'][k] for r in rs]):.1%}" for k in ks) + " |")
+    if world in ("reflect", "chain"):
+        n_it = len(next(iter(runs.values()))[0]["rollout_reflection"])
+        picks = sorted({0, n_it // 4, n_it // 2, 3 * n_it // 4, n_it - 1})
+        lines += ["", "Secondary: the reflection rate of the rollouts over training (share of "
+                  "sampled rows, fill rounds included, with a marker; mean over replicates):", "",
+                  "| condition | " + " | ".join(f"iteration {i + 1}" for i in picks) + " |",
+                  "| --- |" + " --- |" * len(picks)]
+        for name, rs in runs.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{np.mean([r['rollout_reflection'][i] for r in rs]):.1%}" for i in picks) + " |")
+    renio = [r for r in RENIO_RUNS if r in runs]
+    if renio:
+        lines += ["", "Secondary: what ReNIO does to the batch (mean ± s.d. over replicates; "
+                  "shares of the loss weight, pooled over the run's iterations; effective batch "
+                  "size (sum w)^2 / sum w^2 of each 32-row batch, averaged). Plain OPD's "
+                  "incorrect share is its share of incorrect rows.", "",
+                  "| condition | weight on incorrect rows | incorrect rows | weight on "
+                  "recovered rows | effective batch size |", "| --- | --- | --- | --- | --- |"]
+        for name in (["opd"] if "opd" in runs else []) + renio:
+            b = [r["batch"] for r in runs[name]]
+            lines.append(f"| {name} | {sd_text([x['share_incorrect'] for x in b])} | "
+                         f"{sd_text([x['rows_incorrect'] for x in b])} | "
+                         f"{sd_text([x['share_recovered'] for x in b])} | "
+                         f"{np.mean([x['ess'] for x in b]):.1f} |")
+        for name, mix in entry.get("mixing", {}).items():
+            t = mix["test"]
+            lines += ["", f"Secondary: {name} against plain OPD mixed with incorrect-only at "
+                      f"{name}'s incorrect weight share: predicted {np.mean(mix['predicted']):.1%}, "
+                      f"observed {np.mean(mix['observed']):.1%}; observed - predicted "
+                      f"{100 * t['mean']:+.1f} pts (95% CI "
+                      f"[{100 * t['ci'][0]:+.1f}, {100 * t['ci'][1]:+.1f}], p = {fmt_p(t['p'])}, "
+                      f"uncorrected)."]
+    return lines + [""]
+
+
+def marker_text(xs: list[float]) -> str:
+    m = float(np.mean(xs))
+    return "0 (floor)" if all(x == 0 for x in xs) else f"{m:.1%}"
+
+
+def sd_text(xs: list[float | None]) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    sd = float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    return f"{np.mean(xs):.1%} ± {sd:.1%}"
+
+
+def code_text(run: dict, results: dict) -> str:
+    commits = sorted({c for wr in results.values() for c in wr.get("commits", []) if c})
+    made = f"commit {run['commit']}"
+    if commits and commits != [run["commit"]]:
+        made += f"; the runs were made at {', '.join(commits)}"
+    return f"{made} (renio_core + renio_cli digest {run['code_digest']})"
+
+
+def write_report(docs: Path, run: dict, results: dict, analysis: dict) -> str:
+    required = run.get("required", N_REPLICATES)
+    lines = ["# Toy replication of ReNIO's comparisons (pre-registered)", ""]
+    if run.get("trial"):
+        lines += ["**A trial of the script's machinery (2 iterations, few prompts), not the "
+                  "experiment; its numbers mean nothing.**", ""]
+    lines += [
+        f"Made by `python experiments/replicate.py` at {code_text(run, results)}; "
+        f"{run['wall_s'] / 60:.1f} min of wall time in all on a {run['cpus']}-core machine, "
+        f"{run['jobs']} runs at a time. The design, the tests and the decision rule are fixed "
+        "in the script's docstring before the first run: replicates 0-9 and no more; inside "
+        "a replicate every condition has the same seed, so all start from one base evaluation, "
+        "the same first rollouts and the same evaluation seeds; every run is `renio run` with "
+        "the faithful loop of `sample_configs/toy-*.yaml` at token clip 0 (64 iterations, each "
+        "one AdamW step on 32 fresh prompts x 1 sample); evaluation on every test prompt, "
+        f"{EVAL_N} samples each (avg@{EVAL_N}), every {EVAL_EVERY} steps. Everything but the "
+        "primary outcomes is secondary.", ""]
+    lines += primary_section(analysis, required)
+    for world, wr in results.items():
+        lines += world_section(world, wr, analysis[world], required)
+    lines += ["![accuracy against step](replication-accuracy.png)", "",
+              "![weights of correct, recovered and incorrect rollouts](replication-weights.png)",
+              ""]
+    if any(w in results and analysis[w]["complete"] for w in ("reflect", "chain")):
+        lines += ["![accuracy by K](replication-by-k.png)", "",
+                  "![reflection rate of the rollouts](replication-reflection.png)", ""]
+    text = "\n".join(lines)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "replication.md").write_text(text)
+    return text
+
+
+def plot(docs: Path, results: dict, analysis: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    worlds = list(results)
+    worlds = [w for w in results if analysis[w]["complete"]]
+    if not worlds:
+        return
+
+    def style(name: str) -> str:
+        return "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
+
     fig, axes = plt.subplots(1, len(worlds), figsize=(6.5 * len(worlds), 4.4), squeeze=False)
     for ax, w in zip(axes[0], worlds):
-        for name, runs in results[w].items():
-            steps = runs[0]["steps"]
-            accs = np.array([r["acc"] for r in runs])
-            m = accs.mean(0)
-            se = accs.std(0, ddof=1) / math.sqrt(len(runs)) if len(runs) > 1 else 0 * m
-            style = "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
-            ax.plot(steps, m, style, marker="o", ms=3, label=name)
+        wr = results[w]
+        base = np.array([b["acc"] for b in wr["base"]])
+        for name, rs in wr["runs"].items():
+            steps = [0] + rs[0]["steps"]
+            accs = np.array([[b, *r["acc"]] for b, r in zip(base, rs)])
+            m, se = accs.mean(0), accs.std(0, ddof=1) / math.sqrt(len(rs)) if len(rs) > 1 else 0
+            ax.plot(steps, m, style(name), marker="o", ms=3, label=name)
             ax.fill_between(steps, m - se, m + se, alpha=0.12)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out accuracy (avg@2)")
-        ax.set_title(f"{w} world (mean ± s.e. over {n_seeds} replicates)")
+        ax.set_ylabel(f"held-out accuracy (avg@{EVAL_N})")
+        ax.set_title(f"{w} world (mean ± s.e. over {len(base)} replicates)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(docs / "replication-accuracy.png", dpi=110)
     plt.close(fig)
 
-    # Weights of correct and incorrect rollouts, pooled over each world's ReNIO runs.
-    fig, axes = plt.subplots(len(worlds), 2, figsize=(9, 3.3 * len(worlds)), squeeze=False)
-    for row, w in zip(axes, worlds):
-        pooled = {"raw": [], "weight": [], "correct": []}
-        for name in ("opd-renio", "opsd-renio"):
-            for r in results[w].get(name, []):
-                for key in pooled:
-                    pooled[key].extend(r[key])
-        if not pooled["raw"]:
+    fig, axes = plt.subplots(1, len(worlds), figsize=(6 * len(worlds), 3.8), squeeze=False)
+    colors = {"correct": "tab:blue", "recovered": "tab:green", "incorrect": "tab:red"}
+    for ax, w in zip(axes[0], worlds):
+        pooled_w, pooled_k = [], []
+        for name in RENIO_RUNS[:2]:
+            for r in results[w]["runs"].get(name, []):
+                pooled_w.extend(r["weight"])
+                pooled_k.extend(r["kind"])
+        if not pooled_w:
             continue
-        wts, lb = np.array(pooled["weight"]), np.log(np.array(pooled["raw"]))
-        ok = np.array([c is True for c in pooled["correct"]])
-        bad = np.array([c is False for c in pooled["correct"]])
-        for ax, values, label in ((row[0], wts, "normalized weight (batch_mean)"),
-                                  (row[1], lb, "log raw weight = mean pivotal log-ratio / tem")):
-            bins = np.linspace(values.min(), values.max() + 1e-9, 40)
-            ax.hist(values[ok], bins=bins, alpha=0.7, label=f"correct ({ok.sum()})", color="tab:blue")
-            ax.hist(values[bad], bins=bins, alpha=0.7, label=f"incorrect ({bad.sum()})", color="tab:red")
-            ax.set_xlabel(label)
-            ax.set_title(f"{w} world, OPD+ReNIO and OPSD+ReNIO rollouts", fontsize=9)
-            ax.legend(fontsize=8)
+        wts, kinds = np.array(pooled_w), np.array(pooled_k)
+        bins = np.linspace(wts.min(), wts.max() + 1e-9, 40)
+        for kind, color in colors.items():
+            sel = kinds == kind
+            if sel.any():
+                ax.hist(wts[sel], bins=bins, alpha=0.6, color=color, label=f"{kind} ({sel.sum()})")
+        ax.set_xlabel("normalized weight (batch_mean)")
+        ax.set_title(f"{w} world, OPD+ReNIO and OPSD+ReNIO rollouts", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(docs / "replication-weights.png", dpi=110)
     plt.close(fig)
 
-    if "chain" in results:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        runs0 = next(iter(results["chain"].values()))
-        ks = sorted(runs0[0]["base"]["by_k"], key=int)
-        base = np.array([[r["base"]["by_k"][k] for k in ks] for rs in results["chain"].values()
-                         for r in rs])
-        ax.plot([int(k) for k in ks], base.mean(0), "k-", marker="s", label="before training")
-        for name, runs in results["chain"].items():
-            acc = np.array([[r["final"]["by_k"][k] for k in ks] for r in runs])
-            style = "-" if "renio" in name else ("--" if name in ("opd", "opsd") else ":")
-            ax.plot([int(k) for k in ks], acc.mean(0), style, marker="o", ms=3, label=name)
+    chainlike = [w for w in worlds if w in ("reflect", "chain")]
+    if not chainlike:
+        return
+    fig, axes = plt.subplots(1, len(chainlike), figsize=(6.5 * len(chainlike), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], chainlike):
+        wr = results[w]
+        ks = list(wr["base"][0]["by_k"])
+        ax.plot([int(k) for k in ks], [np.mean([b["by_k"][k] for b in wr["base"]]) for k in ks],
+                "k-", marker="s", label="before training")
+        for name, rs in wr["runs"].items():
+            ax.plot([int(k) for k in ks], [np.mean([r["final"]["by_k"][k] for r in rs]) for k in ks],
+                    style(name), marker="o", ms=3, label=name)
         ax.set_xlabel("chain length K")
         ax.set_ylabel("held-out accuracy after training")
-        ax.set_title(f"chain world: accuracy by K (mean over {n_seeds} replicates)")
+        ax.set_title(f"{w} world: accuracy by K (mean over replicates)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(docs / "replication-chain-by-k.png", dpi=110)
-        plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(docs / "replication-by-k.png", dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(chainlike), figsize=(6.5 * len(chainlike), 4.2), squeeze=False)
+    for ax, w in zip(axes[0], chainlike):
+        for name, rs in results[w]["runs"].items():
+            rate = np.array([r["rollout_reflection"] for r in rs]).mean(0)
+            ax.plot(np.arange(1, len(rate) + 1), rate, style(name), label=name)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("rollouts with a marker")
+        ax.set_title(f"{w} world: reflection rate of the rollouts (mean over replicates)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(docs / "replication-reflection.png", dpi=110)
+    plt.close(fig)
 
 
-def auroc_of(runs: list[dict]) -> float | None:
-    from renio_core.formulas.weighting import auroc
-
-    raw = np.concatenate([r["raw"] for r in runs])
-    correct = [c for r in runs for c in r["correct"]]
-    graded = np.array([c is not None for c in correct])
-    incorrect = np.array([c is False for c in correct])
-    if not graded.any():
-        return None
-    value = auroc(raw[graded], incorrect[graded])
-    return None if math.isnan(value) else value
+# ----------------------------------------------------------------------------- main
 
 
-def pct(v: float) -> str:
-    return f"{v:.1%}"
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs")
+    ap.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS),
+                    help="which worlds to run now (the report covers every world on disk)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs at once, each with (CPU cores / jobs) threads")
+    ap.add_argument("--rerun-stale", action="store_true",
+                    help="delete and rerun run directories made with another config or code")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: report the finished runs on disk")
+    ap.add_argument("--trial", action="store_true",
+                    help="check the machinery: 2 iterations on a few prompts, replicates 0-1, "
+                         "into its own --out and --docs; never the experiment")
+    ap.add_argument("--conditions", nargs="+", choices=list(CONDITIONS),
+                    help="with --trial: the conditions to run and report")
+    ap.add_argument("--world-dir", action="append", default=[], metavar="WORLD=DIR",
+                    help="with --trial: use a world built into DIR (renio toy build --quick)")
+    args = ap.parse_args(argv)
+    if not args.trial and (args.conditions or args.world_dir):
+        ap.error("--conditions and --world-dir are for --trial only: the experiment's "
+                 "conditions and worlds are fixed")
+    if args.trial and (args.out.resolve() == (ROOT / "runs" / "replication").resolve()
+                       or args.docs.resolve() == (ROOT / "docs").resolve()):
+        ap.error("--trial needs its own --out and --docs")
+    files = {}
+    for item in args.world_dir:
+        w, _, d = item.partition("=")
+        if w not in WORLDS or not d:
+            ap.error(f"--world-dir {item!r}: expected WORLD=DIR with WORLD one of {', '.join(WORLDS)}")
+        files[w] = Path(d).resolve()
+    replicates = [0, 1] if args.trial else list(REPLICATES)
+    required = len(replicates)
+    only = args.conditions if args.trial else None
 
+    from renio_core.modeling.toy import chain, ensure_toy_world, reflect
 
-def world_section(w: str, runs_by: dict[str, list[dict]]) -> list[str]:
-    base = [r["base"]["acc"] for runs in runs_by.values() for r in runs]
-    lines = [f"## The {w} world", "",
-             f"Student before training: {np.mean(base):.1%} (mean of every run's own base "
-             f"evaluation; {len(base)} evaluations).", "",
-             "| condition | replicates | final accuracy (mean ± s.e.) | gain over its base | "
-             "AUROC of raw weight for incorrect rollouts | rows sampled per row trained |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    finals = {name: [r["final"]["acc"] for r in runs] for name, runs in runs_by.items()}
-    for name, runs in runs_by.items():
-        m, sd = mean_std(finals[name])
-        se = sd / math.sqrt(len(runs)) if len(runs) > 1 else float("nan")
-        gain = np.mean([r["final"]["acc"] - r["base"]["acc"] for r in runs])
-        a = auroc_of(runs) if "renio" in name else None
-        lines.append(f"| {name} | {len(runs)} | {m:.1%} ± {se:.1%} | {gain:+.1%} | "
-                     f"{'-' if a is None else f'{a:.3f}'} | "
-                     f"{np.mean([r['sampled_per_kept'] for r in runs]):.2f} |")
-    lines += ["", "Final accuracy of each replicate:", ""]
-    for name, final in finals.items():
-        lines.append(f"- {name}: " + ", ".join(pct(v) for v in final))
-    lines += ["", "Paired differences (treatment - baseline, paired by replicate; two-sided "
-              "t test at 95%):", ""]
-    for plain, treated, better, worse in PAIRS:
-        if plain in finals and treated in finals:
-            r = paired_test(*paired_finals(runs_by, plain, treated), better=better, worse=worse)
-            lines.append(f"- {treated} - {plain}: {describe_test(r)}.")
-    lines += ["", "Behaviour of the student at the final evaluation (mean over replicates; "
-              "length in tokens; reflection markers per 1,000 tokens; share of completions "
-              "with at least one reflection marker):", "",
-              "| condition | accuracy | mean length | reflection / 1k | completions with a marker |",
-              "| --- | --- | --- | --- | --- |"]
-    all_runs = [r for runs in runs_by.values() for r in runs]
-    lines.append(f"| before training | {np.mean([r['base']['acc'] for r in all_runs]):.1%} | "
-                 f"{np.mean([r['base']['length'] for r in all_runs]):.1f} | "
-                 f"{np.mean([r['base']['reflection_per_1k'] for r in all_runs]):.2f} | "
-                 f"{np.mean([r['base']['wait_share'] for r in all_runs]):.1%} |")
-    for name, runs in runs_by.items():
-        f = [r["final"] for r in runs]
-        lines.append(f"| {name} | {np.mean([x['acc'] for x in f]):.1%} | "
-                     f"{np.mean([x['length'] for x in f]):.1f} | "
-                     f"{np.mean([x['reflection_per_1k'] for x in f]):.2f} | "
-                     f"{np.mean([x['wait_share'] for x in f]):.1%} |")
-    if w == "chain":
-        lines += ["", "The student's probability of the marker `wait` (4 tokens here) and of its "
-                  "first token `w`, right after an injected wrong line and after a right line "
-                  "(teacher forcing, one step of each of the 256 test problems; the teacher's "
-                  "P(wait) are 0.9997 and 0.00002). Measured on each run's final adapter; this "
-                  "measurement was added after the first runs, with no condition or setting "
-                  "changed:", "",
-                  "| condition | P(wait \\| wrong line) | P(wait \\| right line) | "
-                  "P(w \\| wrong line) | P(w \\| right line) |",
-                  "| --- | --- | --- | --- | --- |"]
-        cols = ("p_wait_wrong", "p_wait_right", "p_w_wrong", "p_w_right")
-        lines.append("| before training | " + " | ".join(
-            f"{all_runs[0]['base'][c]:.2e}" for c in cols) + " |")
-        for name, runs in runs_by.items():
-            lines.append(f"| {name} | " + " | ".join(
-                f"{np.mean([r['final'][c] for r in runs]):.2e}" for c in cols) + " |")
-    if "opd-correct-only" in runs_by and "opd-incorrect-only" in runs_by:
-        lines += ["", "Incorrect-only against correct-only training (paired by replicate):", ""]
-        keys = [("length", "mean completion length (tokens)", "{:+.2f}"),
-                ("reflection_per_1k", "reflection markers per 1k tokens", "{:+.2f}")]
-        if w == "chain":
-            keys.append(("p_wait_wrong", "P(wait | injected wrong line)", "{:+.2e}"))
-        for key, label, fmt in keys:
-            n = min(len(runs_by["opd-correct-only"]), len(runs_by["opd-incorrect-only"]))
-            a = [r["final"][key] for r in runs_by["opd-correct-only"][:n]]
-            b = [r["final"][key] for r in runs_by["opd-incorrect-only"][:n]]
-            r = paired_test(a, b, better="higher after incorrect-only",
-                            worse="higher after correct-only")
-            lines.append(f"- {label}: correct-only {fmt.format(np.mean(a)).lstrip('+')}, "
-                         f"incorrect-only {fmt.format(np.mean(b)).lstrip('+')}; difference "
-                         f"{describe_test(r, fmt=fmt)}.")
-    if w == "chain":
-        ks = sorted(all_runs[0]["base"]["by_k"], key=int)
-        lines += ["", "Accuracy by chain length K at the final evaluation (mean over "
-                  "replicates; 256 test problems x 2 samples, about 43 problems per K):", "",
-                  "| condition | " + " | ".join(f"K={k}" for k in ks) + " |",
-                  "| --- |" + " --- |" * len(ks)]
-        lines.append("| before training | " + " | ".join(
-            pct(np.mean([r["base"]["by_k"][k] for r in all_runs])) for k in ks) + " |")
-        for name, runs in runs_by.items():
-            lines.append(f"| {name} | " + " | ".join(
-                pct(np.mean([r["final"]["by_k"][k] for r in runs])) for k in ks) + " |")
-    return lines + [""]
+    # Built once here, not by concurrent runs.
+    builders = {"addition": ensure_toy_world, "chain": chain.ensure_chain_world,
+                "reflect": reflect.ensure_reflect_world}
+    if not args.report_only:
+        for w in args.worlds:
+            if w not in files:
+                builders[w]()
+    digest, commit = code_digest(), git_commit()
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    t0 = time.perf_counter()
+    failures: list[str] = []
+    tasks = [] if args.report_only else plan(args.worlds, replicates, only)
+    if tasks:
+        print(f"{len(tasks)} runs, {args.jobs} at a time; code {commit} (digest {digest})",
+              flush=True)
 
+        def runner(task):
+            return run_one(task, args.out, digest, commit, files=files, trial=args.trial,
+                           rerun_stale=args.rerun_stale, threads=threads)
 
-def more_text(run: dict) -> str:
-    """How the comparisons that got further replicates are described in the report."""
-    if not run.get("more_seeds"):
-        return ""
-    reps = run["more_replicates"]
-    which = "; ".join(f"{w}: {b} - {a}" for w, a, b in run["more_seeds"])
-    return (f"; where the paired standard error after them exceeded the effect, both "
-            f"conditions got replicates {reps[0]}-{reps[-1]} too, as the script fixes in "
-            f"advance: {which}")
+        failures = run_all(tasks, args.jobs, runner)
+    wall = time.perf_counter() - t0
 
-
-def write_report(docs: Path, run: dict, results: dict) -> None:
-    n = len(run["seeds"])
-    lines = [
-        "# Toy replication of ReNIO's comparisons",
-        "",
-        f"Made by `python experiments/replicate.py` (replicates {', '.join(map(str, run['seeds']))}; "
-        f"{run['wall_s'] / 60:.1f} min of wall time on this {os.cpu_count()}-core CPU in all: "
-        + "; then ".join(
-            f"{ph['runs']} runs {ph['jobs']} at a time with {ph['threads']} thread(s) each in "
-            f"{ph['wall_s'] / 60:.1f} min (load average {ph['load_before']:.1f} before, "
-            f"{ph['load_after']:.1f} after)" for ph in run["phases"])
-        + f"; code version {run['code_version']}). Run directories are "
-        "reused only when their config and code version match.",
-        "",
-        "Every run is `renio run` with the faithful loop (`sample_configs/toy-*.yaml`): 64 "
-        "iterations, each one AdamW step (LoRA r 16, lr 3e-4, linear to 0, JSD with beta 0) on "
-        "a fresh batch of 32 prompts x 1 sample at T 1.1 / top-p 0.95 / top-k 20, ReNIO "
-        "normalized over groups of 8; the held-out evaluation every "
-        f"{EVAL_EVERY} steps at T 1.1, 2 samples per problem (addition: 128 problems; chain: "
-        "all 256). Conditions are in the script's docstring; the filtered runs sample until "
-        "each step has 32 rows of their kind, so every condition takes 64 steps of 32 rows. "
-        "Every (world, condition, replicate) has its own seed, so each run's base evaluation "
-        f"differs a little. Differences are paired by replicate ({n} pairs{more_text(run)}) "
-        "and tested with a "
-        "two-sided t test at 95% (t quantile for n - 1 degrees of freedom); fewer than "
-        f"{MIN_SEEDS} replicates give \"undetermined\". s.e. = standard error of the mean.",
-        "",
-    ]
-    for w, runs_by in results.items():
-        lines += world_section(w, runs_by)
-    lines += ["![accuracy against step](replication-accuracy.png)", "",
-              "![weights of correct and incorrect rollouts](replication-weights.png)", ""]
-    if "chain" in results:
-        lines += ["![chain world: accuracy by K](replication-chain-by-k.png)", ""]
-    (docs / "replication.md").write_text("\n".join(lines))
-    print("\n".join(lines))
-
-
-def describe_test(r: dict, fmt: str = "{:+.1%}") -> str:
-    """One line for a paired_test result."""
-    mean = fmt.format(r["mean"])
-    if r["n"] < MIN_SEEDS:
-        return f"{mean} over {r['n']} replicate(s): {r['verdict']}"
-    return (f"{mean} (paired over {r['n']} replicates: s.e. {fmt.format(r['se']).lstrip('+')}, "
-            f"t = {r['t']:+.2f}, 95% cut {r['cut']:.2f} for {r['df']} degrees of freedom, "
-            f"p = {r['p']:.3f}): {r['verdict']}")
+    results = {}
+    for w in WORLDS:
+        if (args.out / w).is_dir():
+            results[w] = collect(args.out, w, world_conditions(w, only), replicates, digest,
+                                 commit, files=files.get(w), trial=args.trial)
+    analysis = analyse(results, required)
+    # Invocations that ran something at this code add up to the experiment's wall time.
+    previous = args.out / "results.json"
+    invocations = []
+    if previous.is_file():
+        old = json.loads(previous.read_text())["run"]
+        if old.get("code_digest") == digest:
+            invocations = old.get("invocations", [])
+    if tasks:
+        invocations.append({"runs": len(tasks), "jobs": args.jobs, "threads": threads,
+                            "wall_s": wall, "failures": len(failures)})
+    run = {"commit": commit, "code_digest": digest, "replicates": replicates,
+           "required": required, "trial": args.trial, "jobs": args.jobs, "threads": threads,
+           "cpus": os.cpu_count(), "invocations": invocations,
+           "wall_s": sum(i["wall_s"] for i in invocations),
+           "design": {"conditions": {w: list(world_conditions(w, only)) for w in WORLDS},
+                      "overrides": {w: {n: run_overrides(w, n, files=files.get(w), trial=args.trial)
+                                        for n in world_conditions(w, only)} for w in WORLDS},
+                      "seeds": {r: run_seed(r) for r in replicates},
+                      "primary": [list(p) for p in PRIMARY], "alpha": ALPHA, "margin": MARGIN}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(
+        {"run": run, "results": results, "analysis": analysis}))
+    args.docs.mkdir(parents=True, exist_ok=True)
+    plot(args.docs, results, analysis)
+    print(write_report(args.docs, run, results, analysis))
+    if failures:
+        print(f"{len(failures)} run(s) failed; rerun the same command to retry them.",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
