@@ -14,6 +14,7 @@ from renio_core.modeling.toy import (
     build_toy_world_into,
     ensure_toy_world,
 )
+from renio_core.modeling.toy import reflect
 from renio_core.modeling.toy.chain import (
     build_chain_world,
     ensure_chain_world,
@@ -60,15 +61,19 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Toy cache directory."),
     world_name: str = typer.Option("addition", "--world", help="addition (3-digit column "
-                                   "addition; toy:*) or chain (K dependent mod-10 steps with a "
-                                   "teacher that checks and recovers; toy-chain:*)."),
+                                   "addition; toy:*), chain (K dependent mod-10 steps with a "
+                                   "teacher that checks and recovers; toy-chain:*) or reflect "
+                                   "(the chain task with a student that already reflects "
+                                   "sometimes, near its capability boundary; toy-reflect:*)."),
 ) -> None:
     """Build the toy world and print the accuracies measured on its test split."""
 
-    if world_name not in ("addition", "chain"):
-        raise fail(f"--world {world_name!r}: expected addition or chain")
-    build_fn, ensure_fn = ((build_chain_world, ensure_chain_world) if world_name == "chain"
-                           else (build_toy_world, ensure_toy_world))
+    worlds = {"addition": (build_toy_world, ensure_toy_world),
+              "chain": (build_chain_world, ensure_chain_world),
+              "reflect": (reflect.build_reflect_world, reflect.ensure_reflect_world)}
+    if world_name not in worlds:
+        raise fail(f"--world {world_name!r}: expected addition, chain or reflect")
+    build_fn, ensure_fn = worlds[world_name]
 
     if out is None and quick:
         raise fail("--quick needs --out (the cache holds only fully trained worlds)")
@@ -86,6 +91,9 @@ def build(
 
     if world_name == "chain":
         _chain_table(world, seed)
+        return
+    if world_name == "reflect":
+        _reflect_table(world, seed)
         return
     table = Table(title=f"toy world (seed {seed}) at {world.root}")
     table.add_column("model")
@@ -126,4 +134,21 @@ def _chain_table(world, seed: int) -> None:
         console.print("quick build: not measured")
         return
     missed = target_failures(acc)
+    console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))
+
+
+def _reflect_table(world, seed: int) -> None:
+    """Every number the reflect world promises, against its target (README, "Toy worlds")."""
+    acc = world.manifest.get("accuracy", {})
+    table = Table(title=f"reflect toy world (seed {seed}) at {world.root}")
+    table.add_column("measure (test prompts, rollout sampling)")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
+    for label, target, value in reflect.table_rows(acc):
+        table.add_row(label, target, value)
+    console.print(table)
+    if not acc:
+        console.print("quick build: not measured")
+        return
+    missed = reflect.target_failures(acc)
     console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))

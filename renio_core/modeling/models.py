@@ -40,6 +40,7 @@ import torch
 from renio_core.errors import RenioInputError
 from renio_core.modeling.toy import resolve_model
 from renio_core.modeling.toy.chain import resolve_chain_model
+from renio_core.modeling.toy.reflect import resolve_reflect_model
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_MAPS = ("none", "auto")
@@ -51,9 +52,11 @@ DEVICE_MAPS = ("none", "auto")
 
 
 def resolve_name(name: str | os.PathLike) -> str:
-    """A loadable path or hub name; ``toy:<role>`` and ``toy-chain:<role>`` go through the
-    addition and chain toy worlds."""
+    """A loadable path or hub name; ``toy:<role>``, ``toy-chain:<role>`` and
+    ``toy-reflect:<role>`` go through the addition, chain and reflect toy worlds."""
     text = os.fspath(name)
+    if text.startswith("toy-reflect:"):
+        return resolve_reflect_model(text)
     if text.startswith("toy-chain:"):
         return resolve_chain_model(text)
     if text.startswith("toy:"):

@@ -67,7 +67,7 @@ from renio_core.data import shards
 from renio_core.data.prompt_io import PromptSet, load_prompts
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
-from renio_core.modeling.toy import chain, ensure_toy_world
+from renio_core.modeling.toy import chain, ensure_toy_world, reflect
 from renio_core.stages import score_in_step
 from renio_core.stages.evaluate import EvalConfig, run_eval
 from renio_core.stages.rollout import RolloutConfig, RolloutSummary, run_rollout
@@ -318,6 +318,8 @@ def _scalar(raw: str) -> Any:
 
 
 def _resolve_prompts(spec: str, which: str) -> str:
+    if spec.startswith("toy-reflect:"):
+        return reflect.resolve_reflect_prompts(spec, which)
     if spec.startswith("toy-chain:"):
         files = {"toy-chain:train": "train_prompts", "toy-chain:test": "test_prompts"}
         if spec not in files:  # before building: a full chain world takes minutes
