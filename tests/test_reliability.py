@@ -94,3 +94,77 @@ def test_a_killed_run_copied_or_restored_from_tar_resumes_to_the_same_adapter(tm
         for i in range(2):
             ckpt = f"iter-{i:05d}/ckpt"
             assert _adapter(run_dir / ckpt) == _adapter(whole / ckpt), (run_dir, i)
+
+
+# --------------------------------------------------------------------------------------------
+# A full disk
+# --------------------------------------------------------------------------------------------
+
+
+def _namespace_cmd() -> list[str]:
+    """unshare for a private mount namespace: as root directly, else in a user namespace."""
+    return ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+
+
+def _full_disk_or_skip(tmp_path: Path) -> None:
+    reason = None
+    if shutil.which("unshare") is None:
+        reason = "no unshare (util-linux) to mount a small tmpfs in a private namespace"
+    else:
+        probe = subprocess.run([*_namespace_cmd(), "sh", "-c",
+                                f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
+                               capture_output=True, text=True)
+        if probe.returncode != 0:
+            reason = ("cannot mount a tmpfs in a private mount namespace here "
+                      f"({' '.join(probe.stderr.split())[:200]})")
+    require_component("mount-namespace", reason)
+
+
+def _on_small_disk(disk: Path, size_kb: int, script: str) -> subprocess.CompletedProcess:
+    """``script`` (sh) with a ``size_kb`` tmpfs mounted on ``disk``, seen by nothing else."""
+    disk.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([*_namespace_cmd(), "sh", "-c",
+                           f"mount -t tmpfs -o size={size_kb}k tmpfs {disk} && {script}"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "400"})
+
+
+@pytest.mark.integration
+def test_full_disk_at_a_checkpoint_save_and_a_shard_write(tmp_path, toy_world):
+    """A checkpoint save that runs out of room ends in one line naming --out, exit 2, and
+    leaves --out as it was (absent), so the same command succeeds once space is freed. A
+    shard write on a full disk names its file and leaves no .tmp behind."""
+    _full_disk_or_skip(tmp_path)
+    run_dir = tmp_path / "run"
+    _ok("run", "--config", CONFIG, f"run_dir={run_dir}", "iterations=1", *ONE_STEP)
+    it = run_dir / "iter-00000"
+    disk = tmp_path / "disk"
+    train = " ".join([*RENIO, "train", "--weights", str(it / "weights.parquet"), "--model",
+                      "toy:student", "--teacher", "toy:teacher", "--lora-r", "16",
+                      "--lora-alpha", "32", "--out", str(disk / "ckpt")])
+    weight = " ".join([*RENIO, "weight", "--in", str(it / "scores.parquet"), "--out",
+                       str(disk / "w.parquet")])
+    report = tmp_path / "report"
+    # The adapter (about 330 KB) fits in the 600 KB left, its trainer state (700 KB) does not.
+    proc = _on_small_disk(disk, 2048, f"""
+        head -c 1400k /dev/zero > {disk}/filler
+        {train} > /dev/null 2> {report}.train1; echo $? > {report}.rc1
+        ls -A {disk} > {report}.ls1
+        rm {disk}/filler
+        {train} > /dev/null 2> {report}.train2; echo $? > {report}.rc2
+        ls -A {disk}/ckpt > {report}.ls2
+        rm -r {disk}/ckpt; head -c 2040k /dev/zero > {disk}/filler 2>/dev/null
+        {weight} > /dev/null 2> {report}.weight; echo $? > {report}.rc3
+        ls -A {disk} > {report}.ls3
+    """)
+    assert proc.returncode == 0, proc.stderr
+    read = lambda suffix: Path(f"{report}.{suffix}").read_text()  # noqa: E731
+    assert read("rc1").strip() == "2", read("train1")
+    assert read("train1").strip().splitlines() == [
+        f"error: {disk / 'ckpt'}: cannot write: No space left on device"]
+    assert read("ls1").split() == ["filler"]  # --out as before: nothing
+    assert read("rc2").strip() == "0", read("train2")
+    assert {"adapter_model.safetensors", "trainer_state.pt"} <= set(read("ls2").split())
+    assert read("rc3").strip() == "2", read("weight")
+    assert read("weight").strip().splitlines() == [
+        f"error: {disk / 'w.parquet'}: cannot write: No space left on device"]
+    assert read("ls3").split() == ["filler"]  # no w.parquet.tmp, no lock file

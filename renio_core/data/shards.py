@@ -14,8 +14,10 @@ Every validation failure is a :class:`RenioInputError` naming file, row and colu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import glob as _glob
 import hashlib
@@ -126,8 +128,11 @@ def exclusive_lock(path: Path, *, what: str | os.PathLike) -> OutputLock:
         os.close(fd)
         raise RenioInputError("another renio job is writing this output now; wait for it to "
                               "finish, or choose another output path", file=what) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError:
+        pass  # the pid is for people; a full disk must not fail here, but at the output's write
     return OutputLock(path, fd)
 
 
@@ -647,6 +652,48 @@ def metadata_bytes(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, separators=(",", ":")).encode()
 
 
+# errno of a write that failed for want of room: no space, or the user's quota.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT}
+# Below this much free space, a write that failed without an errno (torch's zip writer, or a
+# library that wraps the OS error in its own) is taken as one that ran out of room.
+_NEARLY_FULL = 16 << 20
+
+
+def write_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """For an exception that a write to ``path`` raised for want of room (a full disk or
+    quota), an ``OSError`` naming ``path``; None for any other exception.
+
+    Libraries report it in their own ways: Python and pyarrow as ``OSError`` without the path,
+    safetensors as its own error with "os error 28" in the text, and torch's zip writer as a
+    ``RuntimeError`` ("unexpected pos") that keeps no errno at all; for that one the free space
+    left decides."""
+    code = None
+    if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+        code = exc.errno
+    elif not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        text = str(exc)
+        for candidate in NO_ROOM:
+            if f"os error {candidate})" in text or os.strerror(candidate) in text:
+                code = candidate
+        if code is None and isinstance(exc, RuntimeError) and (
+                "unexpected pos" in text or "write failed" in text) and _nearly_full(path):
+            code = errno.ENOSPC
+    if code is None:
+        return None
+    return OSError(code, os.strerror(code), os.fspath(path))
+
+
+def _nearly_full(path: str | os.PathLike) -> bool:
+    where = Path(path)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < _NEARLY_FULL
+
+
 class AtomicParquetWriter:
     """Write a Parquet file to ``<path>.tmp``, then fsync and rename it into place.
 
@@ -658,11 +705,23 @@ class AtomicParquetWriter:
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.schema = schema_with_metadata(schema, meta)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(
-            self.tmp, self.schema, **_write_options(self.schema)
-        )
+        self._writer: pq.ParquetWriter | None = None
+        with self._failing_write():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self.tmp, self.schema, **_write_options(self.schema))
         self.rows = 0
+
+    @contextlib.contextmanager
+    def _failing_write(self) -> Iterator[None]:
+        """A failed write (a full disk) removes the ``.tmp`` and names the output."""
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            named = write_error(exc, self.path)
+            if named is None:
+                raise
+            raise named from None
 
     def write(self, data: pa.RecordBatch | pa.Table) -> None:
         assert self._writer is not None
@@ -670,14 +729,16 @@ class AtomicParquetWriter:
             data = pa.Table.from_batches([data])
         if not data.schema.equals(self.schema, check_metadata=False):
             data = data.cast(self.schema)
-        self._writer.write_table(data)
+        with self._failing_write():
+            self._writer.write_table(data)
         self.rows += data.num_rows
 
     def commit(self) -> None:
         assert self._writer is not None
-        self._writer.close()
-        self._writer = None
-        commit_tmp(self.tmp, self.path)
+        with self._failing_write():
+            self._writer.close()
+            self._writer = None
+            commit_tmp(self.tmp, self.path)
 
     def abort(self) -> None:
         if self._writer is not None:

@@ -513,12 +513,22 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     micro = (read_micro_batches(inputs, cfg.loss, rank=rank, world=world)
              if scored_in_step is None else list(scored_in_step.micro))
 
+    # Whether --out holds nothing of its own yet: a run that ends without a checkpoint (a
+    # full disk at its save) then leaves it as it found it, so the same command can be run
+    # again once the cause is fixed.
+    fresh = out.is_dir() and not any(out.iterdir()) if out.exists() else None
     d = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d,
                           scored_in_step=scored_in_step)
         trainer.setup(student, teacher, tokenizer)
         return trainer.train(progress, t_start)
+    except BaseException:
+        if d.main and fresh is not False and not (out / STATE_FILE).exists():
+            shutil.rmtree(out, ignore_errors=True)
+            if fresh:
+                out.mkdir()
+        raise
     finally:
         if d.initialized_here:
             dist.destroy_process_group()

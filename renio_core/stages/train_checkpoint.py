@@ -251,6 +251,26 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
                 dist.barrier()
         return
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        _write_checkpoint(cfg, module, optimizer, scheduler, tok, out, tmp, step, d, inputs,
+                          temperature, teacher_name, schedule, rng_states, model_sd, optim_sd)
+    except BaseException as exc:
+        # A half-written checkpoint would fill the disk further; ``out`` is still the
+        # previous one, untouched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        named = shards.write_error(exc, out)
+        if named is None:
+            raise
+        raise named from None
+    if d.on:
+        dist.barrier()
+
+
+def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Optimizer,
+                      scheduler: Any, tok: Any, out: Path, tmp: Path, step: int, d: Dist,
+                      inputs: shards.InputSet, temperature: float, teacher_name: str | None,
+                      schedule: dict[str, Any] | None, rng_states: list[Any],
+                      model_sd: dict[str, Any] | None, optim_sd: dict[str, Any] | None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = module.model
@@ -290,6 +310,4 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
     # are; a mid-run save's would change under the memo.
     _last_saved = ((_file_identity(out / STATE_FILE), state) if info["finished"] and d.main
                    else None)
-    if d.on:
-        dist.barrier()
 
