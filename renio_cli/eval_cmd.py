@@ -111,6 +111,8 @@ def eval_cmd(
                                                   "--unsafe-inprocess-sandbox"),
     out: Path | None = field_option(EvalConfig, "out", "--out", default=None),  # as --bench
     summary: Path | None = field_option(EvalConfig, "summary"),
+    skip_long_prompts: bool = field_option(EvalConfig, "skip_long_prompts",
+                                           "--skip-long-prompts"),
     overwrite: bool = field_option(EvalConfig, "overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -134,7 +136,8 @@ def eval_cmd(
         batch_size=batch_size, device=device, dtype=dtype,
         summary=str(summary) if summary else None, code_timeout_s=code_timeout_s,
         code_memory_mb=code_memory_mb, workers=workers,
-        unsafe_inprocess_sandbox=unsafe_inprocess_sandbox, overwrite=overwrite,
+        unsafe_inprocess_sandbox=unsafe_inprocess_sandbox,
+        skip_long_prompts=skip_long_prompts, overwrite=overwrite,
     )
     plan = prepare_eval(cfg)
     if plan.samples is None:
@@ -145,5 +148,8 @@ def eval_cmd(
         with progress_bar("grading", len(plan.samples)) as advance:
             result = run_eval(cfg, plan=plan, grade_progress=advance)
     console.print(summary_table(result.summary))
+    if plan.long_prompts_skipped:
+        console.print(f"skipped {len(plan.long_prompts_skipped):,} prompts longer than the "
+                      "model's context (--skip-long-prompts)", highlight=False)
     note = " (reused complete per-sample file)" if result.reused else ""
     console.print(f"per-sample: {result.out}  summary: {result.summary_path}{note}", highlight=False)

@@ -9,9 +9,11 @@ from rich.table import Table
 from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
 from renio_cli.options import field_option
 from renio_core.data.prompt_io import load_prompts
+from renio_core.modeling import models
 from renio_core.stages.rollout import (
     RolloutConfig,
     RolloutSummary,
+    fit_rollout_prompts,
     planned_rows,
     run_rollout,
 )
@@ -29,6 +31,8 @@ def summary_table(s: RolloutSummary, cfg: RolloutConfig) -> Table:
         table.add_row("correct (graded rows)", f"{s.correct:,} / {s.graded:,} "
                                                f"({s.correct / s.graded:.1%})")
     table.add_row("parts", f"{s.parts_written} written, {s.parts_skipped} already complete")
+    if s.long_prompts_skipped:
+        table.add_row("prompts skipped (longer than the context)", f"{s.long_prompts_skipped:,}")
     if s.tokens:
         table.add_row("sampled tokens", f"{s.tokens:,}")
         table.add_row("tokens / s", f"{s.tokens_per_second:,.1f}")
@@ -66,6 +70,8 @@ def rollout(
     code_instruction: str | None = field_option(RolloutConfig, "code_instruction"),
     dtype: str = field_option(RolloutConfig, "dtype", "--dtype"),
     device: str = field_option(RolloutConfig, "device", "--device"),
+    skip_long_prompts: bool = field_option(RolloutConfig, "skip_long_prompts",
+                                           "--skip-long-prompts"),
     overwrite: bool = field_option(RolloutConfig, "overwrite", "--overwrite"),
     config: Path | None = ConfigOpt,
 ) -> None:
@@ -77,9 +83,12 @@ def rollout(
         policy_step=policy_step, backend=backend, vllm_memory=vllm_memory,
         tensor_parallel_size=tensor_parallel_size, device_map=device_map, batch_size=batch_size,
         chunk_prompts=chunk_prompts, math_instruction=math_instruction,
-        code_instruction=code_instruction, dtype=dtype, device=device, overwrite=overwrite,
+        code_instruction=code_instruction, dtype=dtype, device=device,
+        skip_long_prompts=skip_long_prompts, overwrite=overwrite,
     )
-    prompt_set = load_prompts(cfg.prompts)
-    with progress_bar("sampling", planned_rows(cfg, len(prompt_set))) as advance:
-        summary = run_rollout(cfg, progress=advance, prompt_set=prompt_set)
+    tokenizer = models.load_tokenizer(cfg.model)
+    fitted = fit_rollout_prompts(cfg, load_prompts(cfg.prompts), tokenizer)
+    with progress_bar("sampling", planned_rows(cfg, len(fitted.prompts))) as advance:
+        summary = run_rollout(cfg, progress=advance, prompt_set=fitted.prompts,
+                              tokenizer=tokenizer, fitted=fitted)
     console.print(summary_table(summary, cfg))

@@ -3,11 +3,14 @@ box of several lines): the cases a new user and a shell pipeline run into."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from renio_core.data import shards
@@ -85,8 +88,10 @@ def test_prompts_not_utf8(tmp_path):
 
 
 def test_run_config_values_of_the_wrong_type_and_broken_yaml(tmp_path):
-    one_line(["run", "--config", CONFIG, "iterations=abc"], "iterations: must be an integer")
-    one_line(["run", "--config", CONFIG, "eval_before=maybe"], "eval_before: must be true or false")
+    one_line(["run", "--config", CONFIG, "iterations=abc"],
+             "iterations: expected int (an integer), got 'abc' (from the command line)")
+    one_line(["run", "--config", CONFIG, "eval_before=maybe"],
+             "eval_before: expected bool (true or false), got 'maybe' (from the command line)")
     broken = tmp_path / "broken.yaml"
     broken.write_text("weight: [\n")
     one_line(["run", "--config", broken], "cannot read run config")
@@ -200,3 +205,85 @@ def test_bad_sample_index_and_duplicate_rows(rollouts, tmp_path):
     one_line(["eval", "--completions", dup, "--bench", rollouts["prompts"], "--out",
               tmp_path / "e.parquet"], "row 1", "duplicate trajectory")
     assert not list(tmp_path.glob("[se].parquet*"))
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"", p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_run_dir_that_is_not_a_run_is_refused_before_any_write(toy_world, tmp_path):
+    import shutil
+
+    model = tmp_path / "student"
+    shutil.copytree(toy_world.student, model)
+    before = _snapshot(model)
+    one_line(["run", "--config", CONFIG, f"run_dir={model}", f"student={model}"],
+             f"run_dir: {model} is inside the student model folder")
+    one_line(["run", "--config", CONFIG, f"run_dir={model / 'run'}", f"student={model}"],
+             "is inside the student model folder")
+    # Any folder that holds something and no run_config.json is not taken for a run.
+    one_line(["run", "--config", CONFIG, f"run_dir={model}"],
+             f"run_dir: {model} holds other files (chat_template.jinja, config.json, "
+             "generation_config.json, ...) and no run_config.json")
+    assert _snapshot(model) == before
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("mine")
+    one_line(["run", "--config", CONFIG, f"run_dir={data}"], "holds other files (notes.txt)")
+    assert [p.name for p in data.iterdir()] == ["notes.txt"]
+
+
+LONG_ID = "long"
+# The toy tokenizer spells a problem out one token per character; the chat template adds
+# <|im_start|> user \n, then \n\n, the math instruction (one token), <|im_end|> \n, and the
+# generation prompt <|im_start|> assistant \n <think> \n \n </think> \n \n: 17 tokens.
+LONG_TOKENS = 100_000 + 17
+
+
+def _prompts_with_a_long_one(toy_world, path: Path) -> Path:
+    short = toy_world.train_prompts.read_text().splitlines(True)[:2]
+    long = json.dumps({"id": LONG_ID, "problem": "7" * 100_000, "answer": "1", "task": "math"})
+    path.write_text(short[0] + long + "\n" + short[1])
+    return path
+
+
+@pytest.mark.integration
+def test_a_prompt_longer_than_the_context_is_refused_before_any_work(toy_world, tmp_path):
+    prompts = _prompts_with_a_long_one(toy_world, tmp_path / "p.jsonl")
+    out = tmp_path / "out"
+    out.mkdir()
+    # Context 2,048 (the toy's max_position_embeddings and model_max_length).
+    needs = (f"prompt '{LONG_ID}' is {LONG_TOKENS:,} tokens, and with max_new_tokens 8 needs "
+             f"{LONG_TOKENS + 8:,}, more than the model's context of 2,048 tokens")
+    t0 = time.perf_counter()
+    line = one_line(["rollout", "--model", "toy:student", "--prompts", prompts, "--out",
+                     out / "r.parquet", "--max-new-tokens", 8], needs, "--skip-long-prompts")
+    assert line.startswith(f"error: {prompts}, row 1, column 'problem': ")
+    one_line(["eval", "--model", "toy:student", "--bench", prompts, "--out", out / "e.parquet",
+              "--n", 1, "--max-new-tokens", 8], needs)
+    one_line(["run", "--config", CONFIG, f"run_dir={out / 'run'}", f"prompts={prompts}",
+              "eval_prompts=", "rollout.max_new_tokens=8"], needs,
+             "rollout.skip_long_prompts=true")
+    # Refused from the token count alone: sampling it would allocate gigabytes first.
+    assert time.perf_counter() - t0 < 120
+    assert not list(out.iterdir())
+
+    proc = subprocess.run([*RENIO, "rollout", "--model", "toy:student", "--prompts", str(prompts),
+                           "--out", str(out / "r.parquet"), "--max-new-tokens", "8",
+                           "--skip-long-prompts"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr
+    assert "prompts skipped (longer than the context)" in proc.stdout
+    assert proc.stdout.split("prompts skipped (longer than the context)")[1].split()[1] == "1"
+    ids = pq.read_table(out / "r.parquet").column("prompt_id").to_pylist()
+    assert LONG_ID not in ids and len(ids) == 2
+
+    proc = subprocess.run([*RENIO, "eval", "--model", "toy:student", "--bench", str(prompts),
+                           "--out", str(out / "e.parquet"), "--n", "1", "--max-new-tokens", "8",
+                           "--skip-long-prompts"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 prompts longer than the model's context" in proc.stdout
+    summary = json.loads((out / "e.json").read_text())
+    assert summary["long_prompts_skipped"] == [LONG_ID]
+    assert summary["metrics"]["problems"] == 2

@@ -38,11 +38,11 @@ def test_sample_configs_parse_and_overrides_apply(tmp_path):
 
 
 def test_bad_run_configs(tmp_path):
-    with pytest.raises(RenioInputError, match="unknown key 'iteration'"):
+    with pytest.raises(RenioInputError, match="iteration: unknown key .*did you mean iterations"):
         load_run_config(CONFIG, ["iteration=2"])
     with pytest.raises(RenioInputError, match="weight: .*norm"):
         load_run_config(CONFIG, ["weight.norm=mean"])
-    with pytest.raises(RenioInputError, match="eval.temp: unknown"):
+    with pytest.raises(RenioInputError, match="eval.temp: unknown key .* eval.temperature"):
         load_run_config(CONFIG, ["eval.temp=1.0"])
     with pytest.raises(RenioInputError, match="rollout.out: set by the loop"):
         load_run_config(CONFIG, ["rollout.out=x.parquet"])
@@ -297,6 +297,39 @@ def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, t
         assert max(stage) > 1.5 * min(stage)  # the weights are not all alike
 
 
+def test_config_errors_name_the_key_its_source_the_type_and_the_nearest_key(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(CONFIG.read_text().replace("  lr: 0.0003", "  lr: fast"))
+    cases = [
+        (CONFIG, ["train.lr=fast"],
+         "train.lr: expected float (a number), got 'fast' (from the command line)"),
+        (yaml_file, [], f"train.lr: expected float (a number), got 'fast' (from {yaml_file})"),
+        (CONFIG, ["train.lrr=1"], "train.lrr: unknown key (from the command line); did you "
+                                  "mean train.lr?"),
+        # A key of another section, and a command-line typo with a YAML file given.
+        (CONFIG, ["rollout.lr=1"], "rollout.lr: unknown key (from the command line); did you "
+                                   "mean train.lr?"),
+        (CONFIG, ["itrations=2"], "itrations: unknown key (from the command line); did you "
+                                  "mean iterations?"),
+        (CONFIG, ["rollout.max_new_tokens=1.5"],
+         "rollout.max_new_tokens: expected int (an integer), got 1.5 (from the command line)"),
+        (CONFIG, ["eval.limit=all"],
+         "eval.limit: expected int (an integer) or null, got 'all' (from the command line)"),
+        (CONFIG, ["train.lr=-1"], "train: lr: must be > 0, got -1 (from the command line)"),
+    ]
+    for path, overrides, message in cases:
+        with pytest.raises(RenioInputError) as err:
+            load_run_config(path, overrides)
+        assert str(err.value) == message
+    # In the YAML, a number YAML 1.1 reads as text (1e-4) is a number where one is due.
+    yaml_file.write_text(CONFIG.read_text().replace("  lr: 0.0003", "  lr: 1e-4"))
+    assert load_run_config(yaml_file, []).train["lr"] == 1e-4
+    proc = subprocess.run([*RENIO, "run", "--config", str(CONFIG), "train.lr=fast"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "train.lr: expected float (a number), got 'fast' (from the command line)" in proc.stderr
+
+
 def test_overrides_read_exponent_numbers(tmp_path):
     cfg = load_run_config(CONFIG, [f"run_dir={tmp_path}", "train.lr=1e-4", "seed=3"])
     assert cfg.train["lr"] == 1e-4 and cfg.seed == 3
@@ -460,3 +493,45 @@ def test_fuse_score_killed_after_its_shards_reruns_exactly(tmp_path, toy_world):
         assert _adapter_bytes(a / "ckpt") == _adapter_bytes(b / "ckpt"), i
         assert pq.read_table(a / "weights.parquet").equals(pq.read_table(b / "weights.parquet")), i
     assert _records(whole) == _records(cut)
+
+
+@pytest.mark.integration
+def test_a_second_run_on_one_run_dir_is_refused_at_once(tmp_path, toy_world):
+    from renio_core.stages.run_loop import _lock_run_dir
+
+    run_dir = tmp_path / "run"
+    args = [*RENIO, "run", "--config", str(CONFIG), f"run_dir={run_dir}", *SMALL]
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run_dir / "run_config.json").exists():
+            assert first.poll() is None, "the first run ended early"
+            time.sleep(0.05)
+        second = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert first.poll() is None, "the first run ended before the second was refused"
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines() == [
+            f"error: another renio run (pid {first.pid}) holds {run_dir}; wait for it to end, "
+            "or choose another run_dir"]
+    finally:
+        first.kill()
+        first.wait()
+    os.close(_lock_run_dir(run_dir))  # a killed holder's lock is gone with it
+
+
+@pytest.mark.integration
+def test_skip_long_prompts_runs_without_them(tmp_path, toy_world):
+    prompts = tmp_path / "p.jsonl"
+    short = toy_world.train_prompts.read_text().splitlines(True)[:4]
+    long = json.dumps({"id": "long", "problem": "7" * 5000, "answer": "1", "task": "math"})
+    prompts.write_text("".join(short[:2]) + long + "\n" + "".join(short[2:]))
+    run_dir = tmp_path / "run"
+    done = subprocess.run([*RENIO, "run", "--config", str(CONFIG), f"run_dir={run_dir}",
+                           f"prompts={prompts}", "iterations=1", "prompts_per_iteration=4",
+                           "eval_every=0", "rollout.n=1", "rollout.max_new_tokens=16",
+                           "rollout.skip_long_prompts=true"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "skipped 1 of 5 prompts longer than the context (2,048 tokens with max_new_tokens 16)" \
+        in " ".join(done.stderr.split())
+    ids = pq.read_table(run_dir / "iter-00000" / "rollouts.parquet").column("prompt_id").to_pylist()
+    assert sorted(ids) == sorted(json.loads(line)["id"] for line in short)

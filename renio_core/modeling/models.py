@@ -374,6 +374,33 @@ def config_vocab_size(name: str | os.PathLike) -> int:
     return int(text.vocab_size)
 
 
+def load_config(name: str | os.PathLike) -> Any:
+    """A model's config (no weights), refused in one line when it cannot be read."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    try:
+        return AutoConfig.from_pretrained(resolve_name(name))
+    except (OSError, ValueError) as exc:
+        raise RenioInputError(f"cannot load model config {os.fspath(name)!r}: {exc}") from None
+
+
+# transformers gives a tokenizer with no declared limit a model_max_length of 1e30: no limit.
+_NO_TOKENIZER_LIMIT = 10**9
+
+
+def context_length(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens (prompt and completion) the model takes: its config's
+    ``max_position_embeddings``, or the tokenizer's ``model_max_length`` where that is
+    smaller; None where neither declares one."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text, "max_position_embeddings", None),
+              getattr(tokenizer, "model_max_length", None)]
+    limits = [int(x) for x in limits
+              if isinstance(x, int) and not isinstance(x, bool) and 0 < x < _NO_TOKENIZER_LIMIT]
+    return min(limits) if limits else None
+
+
 def vocab_rows(model: Any) -> int:
     """Rows of the model's LM head (a padded vocabulary has more than its tokenizer)."""
     return causal_lm(model).get_output_embeddings().weight.shape[0]

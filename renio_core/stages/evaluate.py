@@ -46,7 +46,7 @@ import pyarrow as pa
 from renio_core.backends import vllm as vllm_backend
 from renio_core.backends.hf import HFSampler
 from renio_core.data import shards
-from renio_core.data.prompt_io import Prompt, load_prompts
+from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
 from renio_core.data.prompts import TASKS
 from renio_core.data.schema import EVAL_COLUMNS, spec
 from renio_core.errors import RenioInputError
@@ -56,7 +56,7 @@ from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation, gra
 from renio_core.modeling import models
 from renio_core.modeling.toy import ensure_toy_world
 from renio_core.stages import option_help
-from renio_core.stages.rollout import RolloutConfig
+from renio_core.stages.rollout import RolloutConfig, fit_to_context
 
 Advance = Callable[[int], None]
 
@@ -128,6 +128,8 @@ class EvalConfig:
         metadata={"help": "Where bubblewrap is missing, grade code anyway with the weaker "
                           "in-process guard (generated code can escape it). Each row records "
                           "its isolation."})
+    skip_long_prompts: bool = dataclasses.field(
+        default=False, metadata={"help": option_help.SKIP_LONG_PROMPTS})
     overwrite: bool = dataclasses.field(
         default=False, metadata={"help": "Replace an --out made with other inputs or settings."})
 
@@ -393,19 +395,36 @@ def _number_samples(samples: list[Sample]) -> list[Sample]:
     return samples
 
 
+def _rollout_config(cfg: EvalConfig) -> RolloutConfig:
+    return RolloutConfig(
+        model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
+        dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, vllm_memory=cfg.vllm_memory,
+        tensor_parallel_size=cfg.tensor_parallel_size, device_map=cfg.device_map,
+        skip_long_prompts=cfg.skip_long_prompts,
+    )
+
+
+def _fit_problems(cfg: EvalConfig, problems: list[Problem]) -> tuple[list[Problem], list[str]]:
+    """The problems whose prompt and ``max_new_tokens`` fit the model's context (refused
+    before any work, or skipped with ``skip_long_prompts``), and the skipped ids."""
+    tok = models.load_tokenizer(str(cfg.model))
+    context = models.context_length(models.load_config(str(cfg.model)), tok)
+    prompt_set = PromptSet([Prompt(id=p.id, problem=p.problem or "", task=p.task)
+                            for p in problems], source=cfg.bench, files=[])
+    fitted = fit_to_context(_rollout_config(cfg), prompt_set, tok, context)
+    skipped = set(fitted.skipped)
+    return [p for p in problems if p.id not in skipped], fitted.skipped
+
+
 def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
               ) -> tuple[list[Sample], str]:
     """n samples per problem with the rollout stage's samplers (``HFSampler``, or
     ``VllmSampler`` for ``backend="vllm"``), so an eval samples exactly as ``renio rollout``
     does: per-row seeds, the same tokens whatever the batch size."""
 
-    rollout_cfg = RolloutConfig(
-        model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-        dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, vllm_memory=cfg.vllm_memory,
-        tensor_parallel_size=cfg.tensor_parallel_size, device_map=cfg.device_map,
-    )
+    rollout_cfg = _rollout_config(cfg)
     tok = models.load_tokenizer(cfg.model)
     sampler: Any
     if cfg.backend == "vllm":
@@ -528,6 +547,7 @@ class EvalPlan:
     problems: list[Problem]
     samples: list[Sample] | None
     inputs: shards.InputSet | None
+    long_prompts_skipped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def sample_total(self) -> int:
@@ -562,9 +582,12 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
         if samples is not None:
             keep = {p.id for p in problems}
             samples = [s for s in samples if s.prompt_id in keep]
+    skipped: list[str] = []
+    if samples is None:
+        problems, skipped = _fit_problems(cfg, problems)
     if any(p.task == "code" and p.tests is not None for p in problems):
         code_isolation(cfg)  # no sandbox and no --unsafe-inprocess-sandbox: refuse before any work
-    return EvalPlan(cfg, problems, samples, inputs)
+    return EvalPlan(cfg, problems, samples, inputs, skipped)
 
 
 def _config_for_fingerprint(cfg: EvalConfig) -> dict[str, Any]:
@@ -625,6 +648,7 @@ def run_eval(cfg: EvalConfig, *, plan: EvalPlan | None = None,
         "completions": cfg.completions,
         "per_sample_file": str(out),
         "length_unit": "tokens" if _all_token_lengths(plan, cfg) else "words",
+        "long_prompts_skipped": plan.long_prompts_skipped,
         "config": dataclasses.asdict(cfg),
         "metrics": metrics,
     }

@@ -20,3 +20,5 @@ TENSOR_PARALLEL = ("With --backend vllm: GPUs one vLLM engine spreads the model 
                    "tensor parallelism); at most the visible CUDA GPUs.")
 DEVICE_MAP = ("With --backend hf: auto spreads the model's layers over the visible CUDA GPUs "
               "(transformers' device_map='auto', needs accelerate); none keeps it on --device.")
+SKIP_LONG_PROMPTS = ("Skip prompts whose tokens plus max_new_tokens exceed the model's context, "
+                     "and report how many; without it such a prompt is refused before any work.")

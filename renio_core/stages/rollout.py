@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 from renio_core.backends import vllm as vllm_backend
 from renio_core.backends.hf import HFSampler
 from renio_core.backends.protocols import Sampler
-from renio_core.backends.rows import prompt_task
+from renio_core.backends.rows import prompt_task, render_prompt
 from renio_core.data import shards
 from renio_core.data.chunked_output import ChunkedOutput, parse_shard, run_chunks
 from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
@@ -105,6 +105,8 @@ class RolloutConfig:
         default=None, metadata={"help": "Replace the math instruction."})
     code_instruction: str | None = dataclasses.field(
         default=None, metadata={"help": "Replace the code instruction."})
+    skip_long_prompts: bool = dataclasses.field(
+        default=False, metadata={"help": option_help.SKIP_LONG_PROMPTS})
     overwrite: bool = dataclasses.field(default=False, metadata={"help": option_help.OVERWRITE})
 
     def __post_init__(self) -> None:
@@ -148,8 +150,10 @@ class RolloutConfig:
     def fingerprint_fields(self) -> dict[str, Any]:
         """What decides the rows: everything but where they go and how the work is split."""
         d = dataclasses.asdict(self)
+        # skip_long_prompts changes the rows only through the prompts it drops, which the
+        # input fingerprint holds.
         for key in ("out", "shard", "overwrite", "device", "vllm_memory", "tensor_parallel_size",
-                    "device_map"):
+                    "device_map", "skip_long_prompts"):
             d.pop(key)
         return d
 
@@ -167,6 +171,7 @@ class RolloutSummary:
     correct: int = 0
     parts_written: int = 0
     parts_skipped: int = 0
+    long_prompts_skipped: int = 0  # with skip_long_prompts: prompts too long for the context
     seconds: float = 0.0  # spent sampling, model loading excluded
 
     @property
@@ -188,6 +193,58 @@ def check_grading(cfg: RolloutConfig, prompt_set: PromptSet) -> None:
                 "--grade is not available for code yet (code grading comes later); "
                 "run without --grade", file=prompt_set.source, row=i, column="task",
             )
+
+
+@dataclasses.dataclass
+class FittedPrompts:
+    """The prompts that fit the model's context, and the ids of those skipped as too long."""
+
+    prompts: PromptSet
+    skipped: list[str]
+
+
+def fit_to_context(cfg: Any, prompt_set: PromptSet, tokenizer: Any, context: int | None, *,
+                   skip_hint: str = "--skip-long-prompts") -> FittedPrompts:
+    """Refuse (or with ``cfg.skip_long_prompts`` drop) every prompt whose rendered tokens plus
+    ``cfg.max_new_tokens`` exceed ``context``, before any work: the sampler would otherwise
+    allocate a KV cache for the whole sequence (tens of GB for one 100,000-character prompt)
+    and die, or a position past the model's table would give garbage. ``cfg`` is a
+    ``RolloutConfig`` (its task, instructions and thinking switch render the prompt)."""
+    if context is None:
+        return FittedPrompts(prompt_set, [])
+    kept: list[Prompt] = []
+    skipped: list[str] = []
+    for row, prompt in enumerate(prompt_set.prompts):
+        # Rendered as the sampler will (template and instruction included): the exact count,
+        # at a fraction of the cost of sampling the prompt.
+        length = len(render_prompt(tokenizer, prompt, cfg))
+        if length + cfg.max_new_tokens <= context:
+            kept.append(prompt)
+        elif cfg.skip_long_prompts:
+            skipped.append(prompt.id)
+        else:
+            raise RenioInputError(
+                f"prompt {prompt.id!r} is {length:,} tokens, and with max_new_tokens "
+                f"{cfg.max_new_tokens:,} needs {length + cfg.max_new_tokens:,}, more than the "
+                f"model's context of {context:,} tokens; shorten or remove it, lower "
+                f"max_new_tokens, or pass {skip_hint}",
+                file=prompt_set.source, row=row, column="problem")
+    if prompt_set.prompts and not kept:
+        raise RenioInputError(
+            f"all {len(skipped):,} prompts need more than the model's context of {context:,} "
+            f"tokens (with max_new_tokens {cfg.max_new_tokens:,}); nothing left to sample",
+            file=prompt_set.source)
+    if not skipped:
+        return FittedPrompts(prompt_set, [])
+    return FittedPrompts(dataclasses.replace(prompt_set, prompts=kept), skipped)
+
+
+def fit_rollout_prompts(cfg: RolloutConfig, prompt_set: PromptSet, tokenizer: Any,
+                        model: Any = None) -> FittedPrompts:
+    """:func:`fit_to_context` against ``cfg.model``'s context (a preloaded ``model``'s
+    config, else the one on disk)."""
+    config = model.config if model is not None else models.load_config(cfg.model)
+    return fit_to_context(cfg, prompt_set, tokenizer, models.context_length(config, tokenizer))
 
 
 def num_chunks(num_prompts: int, cfg: RolloutConfig) -> int:
@@ -212,13 +269,15 @@ def run_rollout(
     model: Any = None,
     tokenizer: Any = None,
     sampler: Sampler | None = None,
+    fitted: FittedPrompts | None = None,
 ) -> RolloutSummary:
     """Sample this shard's chunks of ``cfg.prompts`` and write them to ``cfg.out``.
 
     ``model``/``tokenizer`` may be passed preloaded (the ``renio run`` loop), or a whole
     ``sampler`` (a ``VllmSampler`` kept across iterations; the caller closes it).
     ``progress(n)`` is called with the number of rows finished (or found complete) since the
-    last call.
+    last call. ``fitted``: the caller's :func:`fit_rollout_prompts` of ``prompt_set`` with
+    this ``cfg`` and ``tokenizer`` (the CLI's, made to size its progress bar), not redone here.
     """
     shards.refuse_overwriting_inputs(cfg.out, cfg.prompts, cfg.model, cfg.adapter)
     prompt_set = prompt_set if prompt_set is not None else load_prompts(cfg.prompts)
@@ -226,9 +285,12 @@ def run_rollout(
     if cfg.backend == "vllm":
         vllm_backend.require_vllm()  # a missing package or GPU fails before anything else
     shard = parse_shard(cfg.shard)
-    out = ChunkedOutput(cfg.out, shard=shard, overwrite=cfg.overwrite)
     if tokenizer is None:
         tokenizer = models.load_tokenizer(cfg.model)
+    if fitted is None:
+        fitted = fit_rollout_prompts(cfg, prompt_set, tokenizer, model)
+    prompt_set = fitted.prompts
+    out = ChunkedOutput(cfg.out, shard=shard, overwrite=cfg.overwrite)
     meta = shards.build_metadata(
         stage="rollout",
         config=cfg,
@@ -239,7 +301,7 @@ def run_rollout(
         extra={"inputs": [{"source": prompt_set.source, "files": prompt_set.files}],
                "input_fingerprint": prompt_set.fingerprint()},
     )
-    summary = RolloutSummary(out=Path(cfg.out))
+    summary = RolloutSummary(out=Path(cfg.out), long_prompts_skipped=len(fitted.skipped))
     n_chunks = num_chunks(len(prompt_set), cfg)
 
     def chunk_prompts(k: int) -> list[Prompt]:

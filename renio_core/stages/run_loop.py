@@ -48,10 +48,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
+import fcntl
 import json
 import os
 import shutil
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -70,7 +74,7 @@ from renio_core.modeling import models
 from renio_core.modeling.toy import chain, ensure_toy_world, reflect
 from renio_core.stages import score_in_step
 from renio_core.stages.evaluate import EvalConfig, run_eval
-from renio_core.stages.rollout import RolloutConfig, RolloutSummary, run_rollout
+from renio_core.stages.rollout import RolloutConfig, RolloutSummary, fit_to_context, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
@@ -275,10 +279,22 @@ class RunConfig:
         }
 
 
+COMMAND_LINE = "the command line"
+
+
 def load_run_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConfig:
     """YAML file, then ``key=value`` overrides (dotted keys reach into sections:
-    ``weight.threshold=1.0``). Values are parsed as YAML scalars."""
+    ``weight.threshold=1.0``). Values are parsed as YAML scalars.
+
+    Every key is checked against the config dataclasses (RunConfig's fields, each section's
+    stage config) before any of them is built: an unknown key names the nearest valid one, a
+    value of the wrong type names the type expected, and both name where the value came from
+    (the YAML file or the command line). A hand parser rather than OmegaConf's dotlist: that
+    reports neither the source of a value nor the nearest key, and checking the sections'
+    types would mean declaring the five stage configs a second time as structured configs.
+    """
     data: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # dotted key -> the file or the command line that set it
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
@@ -287,23 +303,134 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str]) -> Run
         if not isinstance(loaded, dict):
             raise RenioInputError("a run config must be a mapping", file=path)
         data = loaded
+        for key, value in data.items():
+            sources[str(key)] = os.fspath(path)
+            if isinstance(value, dict):
+                sources.update({f"{key}.{sub}": os.fspath(path) for sub in value})
     for item in overrides:
         if "=" not in item:
             raise RenioInputError(f"override {item!r}: expected key=value (e.g. iterations=2)")
         key, raw = item.split("=", 1)
+        key = key.strip()
         value = _scalar(raw) if raw else None
         node = data
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RenioInputError(f"override {item!r}: {part} is not a section")
         node[parts[-1]] = value
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise RenioInputError(f"unknown key '{unknown[0]}' in the run config", file=path)
-    return RunConfig(**data)
+        sources[key] = COMMAND_LINE
+    _check_keys_and_types(data, sources)
+    try:
+        return RunConfig(**data)
+    except RenioInputError as exc:
+        raise _blamed(exc, sources) from None
+
+
+def _section_types(section: str) -> dict[str, Any]:
+    """The keys a section takes (the loop's own excluded) and their types."""
+    if section == "eval":
+        rollout = typing.get_type_hints(RolloutConfig)
+        return {**{k: rollout[k] for k in EVAL_SAMPLING}, "limit": int | None}
+    cls = {"rollout": RolloutConfig, "score": ScoreConfig, "weight": WeightConfig,
+           "train": TrainConfig}[section]
+    return {k: v for k, v in typing.get_type_hints(cls).items() if k not in LOOP_OWNED[section]}
+
+
+def _check_keys_and_types(data: dict[str, Any], sources: dict[str, str]) -> None:
+    """Refuse an unknown key or a value of the wrong type, naming the key, where it was set,
+    the type expected and the nearest valid key. Numbers written as text in the YAML
+    (``lr: 1e-4``, which YAML 1.1 reads as a string) become numbers where a number is due."""
+    top = {k: v for k, v in typing.get_type_hints(RunConfig).items() if k not in SECTIONS}
+    sections = {name: _section_types(name) for name in SECTIONS}
+    for key in list(data):
+        name = str(key)
+        if name in SECTIONS:
+            values = data[key]
+            if not isinstance(values, dict):
+                continue  # RunConfig says a section must be a mapping
+            for sub in list(values):
+                dotted = f"{name}.{sub}"
+                if str(sub) in LOOP_OWNED.get(name, ()):
+                    continue  # RunConfig says the loop sets it
+                if str(sub) not in sections[name]:
+                    raise _unknown(dotted, sources, sections)
+                values[sub] = _typed(dotted, values[sub], sections[name][str(sub)], sources)
+        elif name not in top:
+            raise _unknown(name, sources, sections)
+        else:
+            data[key] = _typed(name, data[key], top[name], sources)
+
+
+def _where(dotted: str, sources: dict[str, str]) -> str:
+    source = sources.get(dotted) or sources.get(dotted.split(".")[0])
+    return f"from {source}" if source else "in the run config"
+
+
+def _unknown(dotted: str, sources: dict[str, str], sections: dict[str, dict[str, Any]]
+             ) -> RenioInputError:
+    section, _, name = dotted.rpartition(".")
+    prefix = f"{section}." if section else ""
+    names = list(sections[section]) if section else [f.name for f in dataclasses.fields(RunConfig)]
+    # The right key in the wrong place (rollout.lr: train.lr), a shortened key (eval.temp:
+    # eval.temperature), then the closest spelling (train.lrr: train.lr).
+    near = [f"{other}.{name}" for other in SECTIONS if name in sections[other]]
+    near += [prefix + k for k in names if len(name) >= 3 and k.startswith(name)]
+    near += [prefix + k for k in difflib.get_close_matches(name, names, n=1, cutoff=0.6)]
+    hint = f"; did you mean {near[0]}?" if near else ""
+    if not near and section:
+        hint = f"; the {section} section takes {', '.join(sorted(sections[section]))}"
+    return RenioInputError(f"{dotted}: unknown key ({_where(dotted, sources)}){hint}")
+
+
+def _typed(dotted: str, value: Any, want: Any, sources: dict[str, str]) -> Any:
+    """``value`` as type ``want`` (an int may stand for a float, a numeric string for a
+    number), or a one-line refusal naming the type expected."""
+    options = typing.get_args(want) if isinstance(want, types.UnionType) else (want,)
+    if value is None and type(None) in options:
+        return value
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return value
+            if isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and (
+                isinstance(value, str) or isinstance(value, list)
+                and all(isinstance(v, str) for v in value)):
+            return value
+        if (option not in (bool, int, float, str, type(None))
+                and typing.get_origin(option) is not tuple):
+            return value  # a mapping or Any: its own config checks it
+    names = [TYPE_NAMES.get(o, "a list of names") for o in options if o is not type(None)]
+    if type(None) in options:
+        names.append("null")
+    raise RenioInputError(
+        f"{dotted}: expected {' or '.join(names)}, got {value!r} ({_where(dotted, sources)})")
+
+
+TYPE_NAMES = {bool: "bool (true or false)", int: "int (an integer)", float: "float (a number)",
+              str: "str (text)"}
+
+
+def _blamed(exc: RenioInputError, sources: dict[str, str]) -> RenioInputError:
+    """A config's own refusal (``train: lr: must be > 0``), with where the key was set."""
+    parts = [p.strip() for p in str(exc).split(":")[:2]]
+    keys = [parts[0]]
+    if len(parts) == 2 and parts[0] in SECTIONS:
+        keys.insert(0, f"{parts[0]}.{parts[1].lstrip('-').replace('-', '_')}")
+    for key in keys:
+        if key in sources:
+            return RenioInputError(f"{exc} ({_where(key, sources)})")
+    return exc
 
 
 def _scalar(raw: str) -> Any:
@@ -405,10 +532,10 @@ class RunSummary:
 class _Resident:
     """The models kept loaded for the whole run."""
 
-    def __init__(self, cfg: RunConfig, stage_defaults: dict[str, Any]):
+    def __init__(self, cfg: RunConfig, stage_defaults: dict[str, Any], tokenizers: _Tokenizers):
         self.student_name = models.resolve_name(cfg.student)
         self.lora = cfg.lora
-        self.tokenizer = models.load_tokenizer(self.student_name)
+        self.tokenizer = tokenizers.student
         self.device = stage_defaults.get("device", "auto")
         self.dtype = stage_defaults.get("dtype", "auto")
         self.student = models.load_model(self.student_name, dtype=self.dtype, device=self.device)
@@ -416,9 +543,7 @@ class _Resident:
         self.teacher_tok = None
         teacher_map = cfg.score.get("device_map", "none")  # the frozen teacher only
         if cfg.teacher != "self":
-            self.teacher_tok = models.load_tokenizer(cfg.teacher)
-            models.check_tokenizers_compatible(self.tokenizer, self.teacher_tok,
-                                               student_name=cfg.student, teacher_name=cfg.teacher)
+            self.teacher_tok = tokenizers.teacher
             self.teacher = models.load_model(cfg.teacher, dtype=self.dtype, device=self.device,
                                              device_map=teacher_map)
         elif not cfg.lora:
@@ -500,23 +625,146 @@ def run_loop(
     def bar(desc: str, total: int | None):
         return progress_factory(desc, total) if progress_factory else nullcontext(None)
 
+    # Every check runs before the first write: a refused run leaves no trace.
     train_prompts = load_prompts(_resolve_prompts(cfg.prompts, "prompts"))
     eval_spec = _resolve_prompts(cfg.eval_prompts, "eval_prompts") if cfg.eval_prompts else None
     eval_prompts = load_prompts(eval_spec) if eval_spec else None
     _check_grading_needs(cfg, train_prompts)
-    run_dir = Path(cfg.run_dir)
+    run_dir = _check_run_dir(cfg)
+    tokenizers = _Tokenizers(cfg)
+    train_prompts, eval_prompts = _fit_run_prompts(cfg, tokenizers, train_prompts, eval_spec,
+                                                   eval_prompts, say)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    tracker = Tracker(wandb_project=cfg.wandb_project, run_name=run_dir.name,
-                      config=dataclasses.asdict(cfg))
-    resident = _Resident(cfg, cfg.rollout)
+    lock = _lock_run_dir(run_dir)
     try:
-        loop = _Loop(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts, say, bar)
-        loop.tracker = tracker
-        return loop.run()
+        (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        tracker = Tracker(wandb_project=cfg.wandb_project, run_name=run_dir.name,
+                          config=dataclasses.asdict(cfg))
+        resident = _Resident(cfg, cfg.rollout, tokenizers)
+        try:
+            loop = _Loop(cfg, resident, run_dir, train_prompts, eval_spec, eval_prompts, say,
+                         bar)
+            loop.tracker = tracker
+            return loop.run()
+        finally:
+            resident.close()  # a vLLM engine's worker processes
+            tracker.close()
     finally:
-        resident.close()  # a vLLM engine's worker processes
-        tracker.close()
+        os.close(lock)  # the kernel releases it too when the process is killed
+
+
+RUN_LOCK = ".renio-run.lock"
+
+
+def _check_run_dir(cfg: RunConfig) -> Path:
+    """``run_dir`` as a path, refused when it is not a run directory: a file, a folder that
+    holds something else (a model, data) and no ``run_config.json``, or a place inside a
+    model folder. Hidden files (a lock, a tool's stamp, .DS_Store) do not count."""
+    run_dir = Path(cfg.run_dir)
+    for role, name in (("student", cfg.student), ("teacher", cfg.teacher)):
+        if name == "self":
+            continue
+        model_dir = Path(os.path.realpath(models.resolve_name(name)))
+        target = Path(os.path.realpath(run_dir))
+        if model_dir.is_dir() and (target == model_dir or model_dir in target.parents):
+            raise RenioInputError(
+                f"run_dir: {run_dir} is inside the {role} model folder {name}; choose a "
+                "new folder for the run")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RenioInputError(f"run_dir: {run_dir} is a file, not a folder")
+    if run_dir.is_dir() and not (run_dir / "run_config.json").is_file():
+        other = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+        if other:
+            shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+            raise RenioInputError(
+                f"run_dir: {run_dir} holds other files ({shown}) and no run_config.json, so "
+                "it is not a renio run directory; choose a new or empty folder")
+    return run_dir
+
+
+def _lock_run_dir(run_dir: Path) -> int:
+    """Hold ``run_dir`` for this process (an open file descriptor with an exclusive flock),
+    or refuse at once naming the process that holds it: two loops on one directory would
+    redo and overwrite each other's stages."""
+    fd = os.open(run_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RenioInputError(
+            f"another renio run (pid {holder}) holds {run_dir}; wait for it to end, or choose "
+            "another run_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class _Tokenizers:
+    """The student's and (a separate teacher's) tokenizers, loaded and checked compatible
+    before any work; the resident models use them."""
+
+    def __init__(self, cfg: RunConfig):
+        self.student = models.load_tokenizer(models.resolve_name(cfg.student))
+        self.teacher = None
+        if cfg.teacher != "self":
+            self.teacher = models.load_tokenizer(cfg.teacher)
+            models.check_tokenizers_compatible(self.student, self.teacher,
+                                               student_name=cfg.student, teacher_name=cfg.teacher)
+
+    def context(self, cfg: RunConfig) -> int | None:
+        """The tokens a rollout row may take: the student samples it and the teacher scores
+        it, so the smaller of their contexts."""
+        limits = [models.context_length(models.load_config(cfg.student), self.student)]
+        if self.teacher is not None:
+            limits.append(models.context_length(models.load_config(cfg.teacher), self.teacher))
+        known = [x for x in limits if x is not None]
+        return min(known) if known else None
+
+
+def _fit_run_prompts(cfg: RunConfig, tokenizers: _Tokenizers, train_prompts: PromptSet,
+                     eval_spec: str | None, eval_prompts: PromptSet | None,
+                     say: Callable[[str], None]) -> tuple[PromptSet, PromptSet | None]:
+    """Every prompt the run will sample, checked against the context with the rollout's (and
+    the evaluation's) ``max_new_tokens``: refused, or with ``rollout.skip_long_prompts``
+    dropped and counted."""
+    context = tokenizers.context(cfg)
+    hint = "rollout.skip_long_prompts=true"
+    rollout_cfg = cfg.stage_configs(Path(cfg.run_dir) / "iter-00000", adapter=None,
+                                    policy_step=0)["rollout"]
+    fitted = fit_to_context(rollout_cfg, train_prompts, tokenizers.student, context,
+                            skip_hint=hint)
+    if fitted.skipped:
+        say(f"skipped {len(fitted.skipped):,} of {len(train_prompts):,} prompts longer than "
+            f"the context ({context:,} tokens with max_new_tokens "
+            f"{rollout_cfg.max_new_tokens:,})")
+    if eval_prompts is None or eval_spec is None:
+        return fitted.prompts, None
+    limit = cfg.eval.get("limit")
+    if limit is not None:  # only the prompts the evaluations take
+        eval_prompts = dataclasses.replace(eval_prompts, prompts=eval_prompts.prompts[:limit])
+    eval_cfg = _eval_rollout_config(cfg, eval_spec, Path(cfg.run_dir), None, 0)
+    fitted_eval = fit_to_context(eval_cfg, eval_prompts, tokenizers.student, context,
+                                 skip_hint=hint)
+    if fitted_eval.skipped:
+        say(f"skipped {len(fitted_eval.skipped):,} of {len(eval_prompts):,} evaluation prompts "
+            f"longer than the context ({context:,} tokens with max_new_tokens "
+            f"{eval_cfg.max_new_tokens:,})")
+    return fitted.prompts, fitted_eval.prompts
+
+
+def _eval_rollout_config(cfg: RunConfig, eval_spec: str, where: Path, ckpt: str | None,
+                         policy_step: int) -> RolloutConfig:
+    """The rollout of an evaluation: the run's rollout settings with the eval section's
+    sampling, from the student with checkpoint ``ckpt``."""
+    sampling = {k: cfg.eval[k] for k in EVAL_SAMPLING if k in cfg.eval}
+    full_ft = ckpt is not None and not cfg.lora
+    return RolloutConfig(
+        **{**{k: v for k, v in cfg.rollout.items() if k not in EVAL_SAMPLING}, **sampling},
+        model=ckpt if full_ft else cfg.student, prompts=eval_spec,
+        out=str(where / "eval_rollouts.parquet"), adapter=None if full_ft else ckpt,
+        policy_step=policy_step, seed=cfg.seed + 7919, grade=True,
+    )
 
 
 class _Loop:
@@ -744,18 +992,11 @@ class _Loop:
         if eval_prompts is None:
             return None
         resident.use_checkpoint(ckpt)
-        sampling = {k: cfg.eval[k] for k in EVAL_SAMPLING if k in cfg.eval}
         limit = cfg.eval.get("limit")
         prompt_set = eval_prompts
         if limit is not None:
             prompt_set = dataclasses.replace(eval_prompts, prompts=eval_prompts.prompts[:limit])
-        full_ft = ckpt is not None and not cfg.lora
-        rcfg = RolloutConfig(
-            **{**{k: v for k, v in cfg.rollout.items() if k not in EVAL_SAMPLING}, **sampling},
-            model=ckpt if full_ft else cfg.student, prompts=self.eval_spec,
-            out=str(where / "eval_rollouts.parquet"), adapter=None if full_ft else ckpt,
-            policy_step=policy_step, seed=cfg.seed + 7919, grade=True,
-        )
+        rcfg = _eval_rollout_config(cfg, self.eval_spec, where, ckpt, policy_step)
         with self.bar(f"{label}: eval sampling", len(prompt_set.prompts) * rcfg.n) as advance:
             run_rollout(rcfg, advance, prompt_set=prompt_set, model=resident.student,
                         tokenizer=resident.tokenizer,
