@@ -635,6 +635,24 @@ def test_wire_depth_limit() -> None:
         wire.decode(deep)
 
 
+def test_runner_answers_a_call_with_plain_data_or_the_exception() -> None:
+    """The candidate's side, loaded here by path as the sandbox starts it."""
+    spec = importlib.util.spec_from_file_location(
+        "renio_test_runner", Path(wire.__file__).with_name("runner.py"))
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    namespace = {"inc": lambda a, step=1: (a + step, {a}), "boom": lambda: 1 / 0,
+                 "odd": lambda: object()}
+    call = {"call": "inc", "args": ["L", 1], "kwargs": ["D", "step", 2]}
+    assert runner._answer(namespace, call) == {"value": ["T", 3, ["S", 1]]}
+    assert runner._answer(namespace, {"call": "boom", "args": ["L"], "kwargs": ["D"]}) == {
+        "raised": "ZeroDivisionError", "message": "division by zero"}
+    assert runner._answer(namespace, {"call": "odd", "args": ["L"], "kwargs": ["D"]}) == {
+        "raised": "TypeError", "message": "a object is not plain data"}
+    assert runner._answer(namespace, {"call": "missing", "args": ["L"], "kwargs": ["D"]})[
+        "raised"] == "KeyError"
+
+
 # --------------------------------------------------------------------------------------------
 # Without bubblewrap: refuse, unless the weaker in-process guard is accepted explicitly
 # --------------------------------------------------------------------------------------------
