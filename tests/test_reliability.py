@@ -168,3 +168,54 @@ def test_full_disk_at_a_checkpoint_save_and_a_shard_write(tmp_path, toy_world):
     assert read("weight").strip().splitlines() == [
         f"error: {disk / 'w.parquet'}: cannot write: No space left on device"]
     assert read("ls3").split() == ["filler"]  # no w.parquet.tmp, no lock file
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged state
+# --------------------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.integration
+def test_damaged_checkpoint_files_and_a_cut_metrics_line(tmp_path, toy_world):
+    """A finished run's checkpoint records the sha256 of its files: a rerun and `renio eval
+    --adapter` refuse a damaged one in one line naming the file; a truncated trainer state is
+    named when the next iteration continues from it; a metrics.jsonl whose last line was cut
+    short is the unfinished iteration's, and the rerun completes it."""
+    run_dir = tmp_path / "run"
+    common = ["prompts_per_iteration=8", "rollout.n=1", "eval_every=0",
+              "rollout.max_new_tokens=48"]
+    args = ["run", "--config", CONFIG, f"run_dir={run_dir}", *common]
+    _ok(*args, "iterations=1")
+    ckpt = run_dir / "iter-00000" / "ckpt"
+    sums = json.loads((ckpt / "checksums.json").read_text())
+    assert {"adapter_model.safetensors", "trainer_state.pt", "train_config.json"} <= set(sums)
+
+    adapter = ckpt / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    _truncate(adapter)
+    for proc in (_run(*args, "iterations=1"),
+                 _run("eval", "--model", "toy:student", "--adapter", ckpt, "--bench", "toy",
+                      "--out", tmp_path / "eval.parquet", "--limit", "2")):
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        (line,) = proc.stderr.strip().splitlines()[-1:]
+        assert f"{adapter}: damaged" in line and "sha256" in line, proc.stderr
+        assert "Traceback" not in proc.stderr
+    adapter.write_bytes(good)
+
+    metrics = run_dir / "metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole[: len(whole) // 2])  # a kill or a full disk mid-line
+    done = _ok(*args, "iterations=1")
+    assert "checkpoint already complete" in done.stderr
+    assert json.loads(metrics.read_text())["iteration"] == 0
+
+    state = ckpt / "trainer_state.pt"
+    _truncate(state)
+    proc = _run(*args, "iterations=2")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {state}: damaged"), proc.stderr

@@ -57,6 +57,7 @@ from renio_core.modeling import models
 from renio_core.modeling.toy import ensure_toy_world
 from renio_core.stages import option_help
 from renio_core.stages.rollout import RolloutConfig, fit_to_context
+from renio_core.stages.train_checkpoint import verify_checkpoint
 
 Advance = Callable[[int], None]
 
@@ -571,6 +572,8 @@ def prepare_eval(cfg: EvalConfig) -> EvalPlan:
     else:
         if cfg.adapter is not None and not Path(cfg.adapter).exists():
             raise RenioInputError("adapter not found", file=cfg.adapter)
+        if cfg.adapter is not None and Path(cfg.adapter).is_dir():
+            verify_checkpoint(Path(cfg.adapter))  # a damaged adapter would grade as a model
         if cfg.backend == "vllm":
             vllm_backend.require_vllm()  # a missing package or GPU fails before any work
         missing = [p.id for p in problems if not p.problem]

@@ -78,7 +78,12 @@ from renio_core.stages.rollout import RolloutConfig, RolloutSummary, fit_to_cont
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
-from renio_core.stages.train_checkpoint import CONFIG_FILE, METRICS_FILE, STATE_FILE
+from renio_core.stages.train_checkpoint import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    verify_checkpoint,
+)
 from renio_core.stages.train_data import ScoredInStep
 from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig, run_weight
@@ -582,6 +587,7 @@ class _Resident:
         """
         if ckpt == self.checkpoint or ckpt is None:
             return
+        verify_checkpoint(Path(ckpt))
         if not self.lora:
             self.student = models.load_model(ckpt, dtype=self.dtype, device=self.device)
         else:
@@ -801,6 +807,8 @@ class _Loop:
             if i in done and (i + 1 in done or _checkpoint_finished(it_ckpt)):
                 record = done[i]  # finished before a kill: nothing to redo
                 self.say(f"iter {i}: done earlier, skipped")
+                if i == cfg.iterations - 1:
+                    verify_checkpoint(it_ckpt)  # the run's result, handed on as it is
             else:
                 record = self.iteration(i, ckpt, policy_step)
                 _append_metrics(self.metrics_path, record)
@@ -1062,24 +1070,37 @@ def _eval_accuracy(path: Path) -> float | None:
     return json.loads(path.read_text()).get("metrics", {}).get("avg_at_n")
 
 
-def _read_records(path: Path) -> dict[int, IterationRecord]:
+def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The records of the run's ``metrics.jsonl`` with their text. A last line cut short (a
+    kill or a full disk while it was written) belongs to the iteration that did not finish,
+    and is left out; a damaged line before it is refused."""
     if not path.is_file():
-        return {}
+        return []
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for n, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except ValueError:
+            if n == len(lines) - 1:
+                break
+            raise RenioInputError(f"line {n + 1} is not a JSON record (damaged); remove it "
+                                  "and the iterations from it on to redo them", file=path) from None
+    return out
+
+
+def _read_records(path: Path) -> dict[int, IterationRecord]:
     fields = {f.name for f in dataclasses.fields(IterationRecord)}
     out = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            data = json.loads(line)
-            out[int(data["iteration"])] = IterationRecord(
-                **{k: v for k, v in data.items() if k in fields})
+    for _line, data in _metric_lines(path):
+        out[int(data["iteration"])] = IterationRecord(
+            **{k: v for k, v in data.items() if k in fields})
     return out
 
 
 def _append_metrics(path: Path, record: IterationRecord) -> None:
-    existing = []
-    if path.exists():
-        existing = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("iteration") != record.iteration]
+    existing = [ln for ln, data in _metric_lines(path)
+                if data.get("iteration") != record.iteration]
     existing.append(json.dumps(dataclasses.asdict(record)))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(existing) + "\n")

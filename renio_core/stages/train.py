@@ -72,6 +72,7 @@ from renio_core.stages.train_checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     load_optimizer,
+    read_state,
     recover_interrupted_save,
     save_checkpoint,
     schedule_position,
@@ -642,7 +643,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         if not cfg.resume:
             return
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)
+        state = read_state(out / STATE_FILE)
         saved, now = state.get("data") or {}, cfg.data_fields()
         # A key the checkpoint does not record (made by an older renio) cannot be compared.
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {now[k]} (now)"

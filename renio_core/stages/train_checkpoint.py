@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +30,8 @@ from renio_core.stages.train_module import DistillModule
 from renio_core.stages.train_parallel import Dist
 
 STATE_FILE = "trainer_state.pt"
+# sha256 of each file of a checkpoint as saved, checked before a checkpoint is used again.
+CHECKSUM_FILE = "checksums.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "train_config.json"
 
@@ -50,7 +53,43 @@ def load_state(path: Path) -> dict[str, Any]:
     memo, _last_saved = _last_saved, None
     if memo is not None and memo[0] == _file_identity(path):
         return memo[1]
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A ``trainer_state.pt`` from disk, refused in one line when it cannot be read."""
+    verify_checkpoint(path.parent, only=(path.name,))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        if isinstance(exc, OSError) and not path.exists():
+            raise RenioInputError("no trainer state here", file=path) from None
+        raise RenioInputError(f"cannot read the trainer state (truncated or damaged?): "
+                              f"{exc}", file=path) from None
+
+
+def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> None:
+    """Refuse, in one line naming the file, a checkpoint file whose bytes differ from the
+    checksum recorded when it was saved (a copy cut short, a full disk, a damaged disk).
+    A file removed since (an older iteration's pruned trainer state) is not checked; nor is
+    a checkpoint saved without checksums."""
+    try:
+        sums = json.loads((ckpt / CHECKSUM_FILE).read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        raise RenioInputError(f"cannot read the checkpoint's checksums (damaged?): {exc}",
+                              file=ckpt / CHECKSUM_FILE) from None
+    for name, want in sorted(sums.items()):
+        path = ckpt / name
+        if (only is not None and name not in only) or not path.is_file():
+            continue
+        got = shards.file_content(path)
+        if got["sha256"] != want:
+            raise RenioInputError(
+                f"damaged: its {got['size']:,} bytes do not match the sha256 recorded when "
+                f"the checkpoint was saved ({CHECKSUM_FILE}); restore it, or remove the "
+                "checkpoint and redo what made it", file=path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -298,6 +337,8 @@ def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Op
             "teacher": teacher_name, "base_model": cfg.model, "lora": cfg.lora,
             "upstream": inputs.metadata}
     (tmp / CONFIG_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+    sums = {p.name: shards.file_content(p)["sha256"] for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / CHECKSUM_FILE).write_text(json.dumps(sums, indent=2, sort_keys=True) + "\n")
     live = out / METRICS_FILE
     if live.exists():
         shutil.copyfile(live, tmp / METRICS_FILE)
