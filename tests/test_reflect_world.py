@@ -4,7 +4,7 @@ the full build's numbers are in docs/toy-worlds.md)."""
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import subprocess
 import sys
@@ -178,7 +178,7 @@ def test_measure_reflect_mechanics(quick_reflect) -> None:
     tok = AutoTokenizer.from_pretrained(str(quick_reflect.tokenizer))
     teacher = AutoModelForCausalLM.from_pretrained(str(quick_reflect.teacher)).eval()
     student = AutoModelForCausalLM.from_pretrained(str(quick_reflect.student)).eval()
-    problems = chain.split_chains(0, 0, 12)[1]
+    problems = chain.split_chains(0, 0, 8)[1]
     m = reflect.measure_reflect(teacher, student, tok, problems, seed=0)
     for key in ("student_sampled", "student_greedy", "student_privileged_sampled",
                 "teacher_sampled", "student_p_wait_wrong", "student_p_wait_right",
@@ -187,10 +187,9 @@ def test_measure_reflect_mechanics(quick_reflect) -> None:
     assert set(m["student_by_k"]) == {str(p.k) for p in problems}
     assert isinstance(reflect.target_failures(m), list)
     assert len(reflect.table_rows(m)) >= 15
-    assert reflect.measure_reflect(teacher, student, tok, problems, seed=0) == m \
-        or math.isnan(m["redo_right"])  # NaN != NaN; the rest is compared below
+    # Deterministic (compared as JSON, where NaN equals NaN).
     again = reflect.measure_reflect(teacher, student, tok, problems, seed=0)
-    assert {k: v for k, v in again.items() if v == v} == {k: v for k, v in m.items() if v == v}
+    assert json.dumps(again, sort_keys=True) == json.dumps(m, sort_keys=True)
 
 
 def test_teacher_forced_marker_matches_a_plain_forward(quick_reflect) -> None:
