@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # CPU-only machines get torch's CPU build; a GPU machine can pre-install its own torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/bench_weight.py
+
+# On a lent GPU machine, from a clean checkout, with the machine's own python and torch
+# (PYTHON=...); at most 8 minutes, one report file. Without a GPU: one line, exit 0.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf out runs bench_data .pytest_cache

@@ -1,7 +1,7 @@
 """renio against TRL's on-policy distillation trainer, side by side, on this machine.
 
     pip install -e ".[bench]"
-    python benchmarks/bench_peer.py [--case 1 2] [--repeats 3] [--steps 6]
+    python benchmarks/bench_peer.py [--case 1 2] [--repeats 3] [--steps 6 3] [--device cuda]
 
 Both systems get the same models, prompts, batch, lengths and sampling: 8 prompts per
 optimizer step, one sample each, T 1.1 / top-p 0.95 / top-k 20, forward KL (beta 0) against
@@ -20,8 +20,13 @@ world's character tokenizer and addition prompts.
 * case 2: the same models given Qwen3's 151,936-token vocabulary and 256 new tokens, so the
   full-vocabulary divergence dominates.
 
-Each run is a fresh subprocess (so its peak RSS is its own: ``ru_maxrss``), alternating TRL,
-renio, TRL, renio, ... The time per optimizer step leaves out the first step (warm-up). The
+``--device cuda`` runs both on the GPU, in float32 as on the CPU, and adds each child's peak
+GPU memory (``torch.cuda.max_memory_allocated``).
+
+Each run is a fresh subprocess, alternating TRL, renio, TRL, renio, ... Its peak memory is
+its own high-water mark, ``VmHWM`` of ``/proc/self/status`` read in the child: ``ru_maxrss``
+would not do, as Linux carries the parent's high-water mark (this process has imported torch
+and built the models) across ``fork`` and ``exec`` into the child's. The time per optimizer step leaves out the first step (warm-up). The
 last lines print renio / TRL with min / median / max over the repeats, and ``uptime``.
 """
 
@@ -30,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -55,9 +59,11 @@ def build_models(out: Path, vocab: int | None) -> tuple[Path, Path, list[str]]:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from renio_core.modeling.toy import ensure_toy_world
+    from renio_core.modeling.toy import ToyWorld, build_toy_world, cache_root
 
-    world = ensure_toy_world()
+    # Only the tokenizer and the prompts are used, which a quick build has too.
+    cached = sorted(cache_root().glob("seed0-*/world.json"))
+    world = ToyWorld.at(cached[-1].parent) if cached else build_toy_world(out / "toy", quick=True)
     tok = AutoTokenizer.from_pretrained(world.tokenizer)
     dirs = []
     for name, (h, n_layers, heads, kv, hd, inter) in (("student", STUDENT), ("teacher", TEACHER)):
@@ -97,7 +103,7 @@ def child_trl(a: argparse.Namespace) -> dict:
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, beta=0.0,
         max_completion_length=a.new_tokens, temperature=SAMPLING["temperature"],
         top_p=SAMPLING["top_p"], top_k=SAMPLING["top_k"], save_strategy="no", report_to=[],
-        logging_steps=1, use_cpu=True, bf16=False, seed=0, shuffle_dataset=False,
+        logging_steps=1, use_cpu=a.device == "cpu", bf16=False, seed=0, shuffle_dataset=False,
         dataloader_num_workers=0)
     step_ends: list[float] = []
 
@@ -136,7 +142,8 @@ def child_renio(a: argparse.Namespace) -> dict:
         f"weight.group_size={PROMPTS_PER_STEP}", "train.steps_per_batch=1",
         "fuse_score=true", "train.weights_from=live", "train.token_clip=0.0", f"train.lora_r={LORA_R}",
         f"train.lora_alpha={LORA_ALPHA}", f"train.lr={LR}", "train.lr_schedule=constant",
-        "train.dtype=float32"])
+        "train.dtype=float32", f"rollout.device={a.device}", f"score.device={a.device}",
+        f"train.device={a.device}"])
     # Wall time from one iteration's end to the next (its metrics line written and older
     # iterations pruned), as TRL's side is timed from one step's end to the next.
     from renio_core.stages import run_loop as loop_module
@@ -155,19 +162,32 @@ def child_renio(a: argparse.Namespace) -> dict:
             "time": [r["time"] for r in records]}
 
 
+def own_peak_mib() -> float:
+    """This process's peak resident memory in MiB, counted from its own ``exec``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # the kernel writes kB (KiB)
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
+
+
 def child(a: argparse.Namespace) -> None:
     result = (child_trl if a.child == "trl" else child_renio)(a)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = own_peak_mib()
+    if a.device == "cuda":
+        import torch
+
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     Path(a.result).write_text(json.dumps(result))
 
 
 def run_child(system: str, student: Path, teacher: Path, problems: Path, work: Path,
-              steps: int, new_tokens: int) -> dict:
+              steps: int, new_tokens: int, device: str) -> dict:
     work.mkdir(parents=True)
     result = work / "result.json"
     cmd = [sys.executable, __file__, "--child", system, "--student", str(student),
            "--teacher", str(teacher), "--problems", str(problems), "--work", str(work),
-           "--child-steps", str(steps), "--new-tokens", str(new_tokens), "--result", str(result)]
+           "--child-steps", str(steps), "--new-tokens", str(new_tokens), "--result", str(result),
+           "--device", device]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -186,6 +206,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each system")
     ap.add_argument("--steps", type=int, nargs=2, default=[6, 3], metavar=("CASE1", "CASE2"),
                     help="optimizer steps per run (the first is warm-up, left out of the time)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where both systems run (default cpu)")
     for flag in ("--child", "--student", "--teacher", "--problems", "--work", "--result"):
         ap.add_argument(flag, help=argparse.SUPPRESS)
     ap.add_argument("--new-tokens", type=int, help=argparse.SUPPRESS)
@@ -194,6 +216,12 @@ def main() -> None:
     if a.child:
         a.steps = a.child_steps
         return child(a)
+    if a.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: torch sees no CUDA device")
+        print(f"device: {torch.cuda.get_device_name(0)}")
     print(f"uptime at start: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     for case in a.case:
         spec, steps = CASES[case], a.steps[case - 1]
@@ -205,20 +233,28 @@ def main() -> None:
             for rep in range(a.repeats):
                 for system in ("trl", "renio"):
                     r = run_child(system, student, teacher, pfile, Path(tmp) / f"{system}{rep}",
-                                  steps, spec["new_tokens"])
+                                  steps, spec["new_tokens"], a.device)
                     r["per_step"] = statistics.mean(r["step_seconds"][1:] or r["step_seconds"])
                     res[system].append(r)
                     print(f"case {case} rep {rep} {system:>5}: {r['per_step']:.3f} s/step, "
-                          f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                          f"peak RSS {r['peak_rss_mb']:.0f} MiB"
+                          + (f", peak GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r
+                             else ""), flush=True)
         vocab = spec["vocab"] or "toy (110)"
         print(f"\ncase {case}: vocab {vocab}, {PROMPTS_PER_STEP} prompts x {spec['new_tokens']} "
               f"new tokens, {steps} steps/run, {a.repeats} runs each (min / median / max)")
         for system in ("trl", "renio"):
             print(f"  {system:>5}: s/step {spread([r['per_step'] for r in res[system]])}, "
-                  f"peak RSS MB {spread([r['peak_rss_mb'] for r in res[system]])}")
+                  f"peak RSS MiB {spread([r['peak_rss_mb'] for r in res[system]])}")
         t_ratio = [r["per_step"] / t["per_step"] for r, t in zip(res["renio"], res["trl"])]
         m_ratio = [r["peak_rss_mb"] / t["peak_rss_mb"] for r, t in zip(res["renio"], res["trl"])]
         print(f"  renio/TRL time per step {spread(t_ratio)}; peak RSS {spread(m_ratio)}")
+        if a.device == "cuda":
+            g_ratio = [r["peak_gpu_mib"] / t["peak_gpu_mib"]
+                       for r, t in zip(res["renio"], res["trl"])]
+            print(f"  peak GPU MiB: TRL {spread([t['peak_gpu_mib'] for t in res['trl']])}, "
+                  f"renio {spread([r['peak_gpu_mib'] for r in res['renio']])}; "
+                  f"renio/TRL {spread(g_ratio)}")
         split = [t for r in res["renio"] for t in r["time"][1:]]
         if split:
             keys = [k for k in split[0] if not k.endswith("_work") and k != "train_steps"]
