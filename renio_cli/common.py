@@ -1,10 +1,12 @@
-"""What every command shares: error handling, consoles, progress bars, YAML configs."""
+"""What every command shares: error handling, consoles, progress (bars or lines), YAML configs."""
 
 from __future__ import annotations
 
 import errno
 import functools
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,7 +78,15 @@ def handle_errors(fn: F) -> F:
 
 @contextmanager
 def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr; yields ``advance(n)``."""
+    """Progress on stderr; yields ``advance(n)``.
+
+    On a terminal, a rich bar. Anywhere else (a log file, a Slurm job's output, a pipe) a bar
+    would print nothing until the end, so a plain line is printed every
+    ``RENIO_PROGRESS_INTERVAL`` seconds (default 30) while the work runs."""
+    if not err_console.is_terminal and not _force_progress():
+        with _plain_progress(description, total) as advance:
+            yield advance
+        return
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -86,7 +96,6 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
-        disable=not err_console.is_terminal and not _force_progress(),
     )
     with progress:
         task = progress.add_task(description, total=total)
@@ -99,6 +108,71 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
 
 def _force_progress() -> bool:
     return os.environ.get("RENIO_PROGRESS") == "1"
+
+
+def _progress_interval() -> float:
+    raw = os.environ.get("RENIO_PROGRESS_INTERVAL", "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise fail(f"RENIO_PROGRESS_INTERVAL={raw!r}: expected a number of seconds") from None
+    if not value > 0:
+        raise fail(f"RENIO_PROGRESS_INTERVAL={raw!r}: expected a number of seconds above 0")
+    return value
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(description: str, done: int, total: int | None, elapsed: float) -> str:
+    """One plain progress line: what, done/total, rate, elapsed and time left."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    if total:
+        left = _clock((total - done) / rate) if rate > 0 and done < total else "?"
+        if done >= total:
+            left = _clock(0)
+        count = f"{done}/{total} ({done / total:.0%})"
+    else:
+        count, left = f"{done}", "?"
+    return (f"{description}: {count}, {rate:.3g}/s, elapsed {_clock(elapsed)}, "
+            f"left {left}")
+
+
+@contextmanager
+def _plain_progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A thread prints a line every interval, so a stage whose units are slow (a training step,
+    a model's training in ``toy build``) still shows it is alive. Work that ends before the
+    first interval prints nothing: ``renio run``'s own stage lines already say it ran."""
+    interval = _progress_interval()
+    start = time.monotonic()
+    done = [0]
+    printed = [False]
+    stop = threading.Event()
+
+    def say() -> None:
+        line = progress_line(description, done[0], total, time.monotonic() - start)
+        err_console.print(escape(line), highlight=False, soft_wrap=True, markup=True)
+        printed[0] = True
+
+    def ticker() -> None:
+        while not stop.wait(interval):
+            say()
+
+    thread = threading.Thread(target=ticker, name="renio-progress", daemon=True)
+    thread.start()
+
+    def advance(n: int) -> None:
+        done[0] += n
+
+    try:
+        yield advance
+    finally:
+        stop.set()
+        thread.join()
+        if printed[0]:
+            say()
 
 
 def load_yaml_defaults(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
