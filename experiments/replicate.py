@@ -81,6 +81,13 @@ refused unless ``--rerun-stale``. The child ``renio run`` imports renio from thi
 checkout (``PYTHONPATH``). ``results.json`` and the report name the commit ("+dirty" when
 ``renio_core`` or ``renio_cli`` differ from it) and the digest.
 
+Records: when a run has finished, its collected numbers (and its stamp) are written to
+``experiments/records/<world>/<condition>/rep<k>.json.gz`` (``--records``), which are committed
+to git: a run directory is 18 MB and lives on one machine, a record a few tens of KB. A run
+whose record matches its stamp is not run again, so the experiment continues on another
+machine or in another session from where it stopped, at the same code (check out the commit
+the records name, as a worktree, and run from there).
+
 Results: ``DOCS/replication.md`` and its plots, raw numbers in ``OUT/results.json``.
 ``--trial`` runs the same machinery for 2 iterations on a few prompts (a check of the
 script, never the experiment; it needs its own --out and --docs).
@@ -89,6 +96,7 @@ script, never the experiment; it needs its own --out and --docs).
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import math
@@ -183,6 +191,9 @@ POINTS = ("acc", "marker_share")  # metrics shown in percentage points
 # where a generator truncates).
 SEED_STRIDE = 10_000
 STAMP = ".replicate-stamp.json"  # hidden: renio run refuses a run_dir holding other files
+# A finished run's numbers, kept in git so that the experiment outlives a machine: a run
+# directory is 18 MB, its record a few tens of KB. A run with a matching record is not rerun.
+RECORDS = ROOT / "experiments" / "records"
 NOT_COMPARED = ("commit",)  # recorded in the stamp, not part of the reuse rule
 
 
@@ -242,6 +253,30 @@ def run_dir_of(out: Path, world: str, name: str, replicate: int) -> Path:
     return out / world / name / f"rep{replicate}"
 
 
+def record_path(records: Path, world: str, name: str, replicate: int) -> Path:
+    return records / world / name / f"rep{replicate}.json.gz"
+
+
+def write_record(path: Path, stamp: dict, run: dict, base: dict | None) -> None:
+    """A finished run's stamp and collected numbers (and, for the base condition, the base
+    evaluation), gzipped JSON; written to a temporary file and renamed, so a record is whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"stamp": stamp, "run": run, "base": base}, sort_keys=True).encode()
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    # mtime=0: the same numbers give the same bytes, so a rewrite is not a change in git.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_record(path: Path, stamp: dict) -> dict | None:
+    """The record at ``path`` if it was made with ``stamp`` (the commit aside), else None."""
+    if not path.is_file():
+        return None
+    record = json.loads(gzip.decompress(path.read_bytes()))
+    return None if stamp_differences(record["stamp"], stamp) else record
+
+
 def code_digest(root: Path | None = None) -> str:
     """Digest of the code that decides a run's outcome: renio_core and renio_cli. The run's
     config file is in its stamp as text, so another YAML file leaves every run current."""
@@ -291,8 +326,12 @@ def stamp_differences(found: dict, wanted: dict) -> list[str]:
             for key in keys if found.get(key) != wanted.get(key)]
 
 
-def run_state(run_dir: Path, stamp: dict) -> tuple[str, list[str]]:
-    """("absent" | "finished" | "unfinished" | "stale", the differences of a stale one)."""
+def run_state(run_dir: Path, stamp: dict, record: Path | None = None) -> tuple[str, list[str]]:
+    """("absent" | "recorded" | "finished" | "unfinished" | "stale", the differences of a stale
+    one). "recorded": a record made with ``stamp`` exists at ``record``, whatever the run
+    directory holds (it may be gone, on another machine)."""
+    if record is not None and read_record(record, stamp) is not None:
+        return "recorded", []
     if not run_dir.exists():
         return "absent", []
     stamp_path = run_dir / STAMP
@@ -306,18 +345,19 @@ def run_state(run_dir: Path, stamp: dict) -> tuple[str, list[str]]:
     return ("finished" if finished else "unfinished"), []
 
 
-def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False) -> str:
-    """"reuse" (finished, same stamp), "run" (absent, or unfinished with the same stamp: renio
-    run resumes it), or raise StaleRun naming the difference; with ``rerun_stale`` a stale
-    directory is deleted and "run" returned."""
-    state, problems = run_state(run_dir, stamp)
+def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False,
+                   record: Path | None = None) -> str:
+    """"reuse" (finished or recorded, same stamp), "run" (absent, or unfinished with the same
+    stamp: renio run resumes it), or raise StaleRun naming the difference; with
+    ``rerun_stale`` a stale directory is deleted and "run" returned."""
+    state, problems = run_state(run_dir, stamp, record)
     if state == "stale":
         if not rerun_stale:
             raise StaleRun(f"{run_dir} was made differently ({'; '.join(problems)}); "
                            "delete it or pass --rerun-stale")
         shutil.rmtree(run_dir)
         return "run"
-    return "reuse" if state == "finished" else "run"
+    return "reuse" if state in ("finished", "recorded") else "run"
 
 
 def plan(worlds: list[str], replicates: list[int], only: list[str] | None = None
@@ -340,8 +380,8 @@ def child_env(threads: int) -> dict[str, str]:
 
 
 def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
-            files: dict[str, Path], trial: bool, rerun_stale: bool, threads: int
-            ) -> tuple[str, float]:
+            files: dict[str, Path], trial: bool, rerun_stale: bool, threads: int,
+            records: Path | None = None) -> tuple[str, float]:
     """("reused" | "ran", seconds); raises RuntimeError naming the run when it fails."""
     world, name, replicate = task
     config, _ = CONDITIONS[name]
@@ -349,7 +389,8 @@ def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
     stamp = run_stamp(world, name, replicate, digest, commit, files=files.get(world),
                       trial=trial)
     try:
-        if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale) == "reuse":
+        record = record_path(records, world, name, replicate) if records else None
+        if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale, record=record) == "reuse":
             return "reused", 0.0
     except StaleRun as exc:
         raise RuntimeError(str(exc)) from None
@@ -572,24 +613,40 @@ def collect_base(run_dir: Path, world: str, files: Path | None, *, markers: bool
 
 def collect(out: Path, world: str, conditions: tuple[str, ...], replicates: list[int],
             digest: str, commit: str, *, files: Path | None, trial: bool,
-            markers: bool = True) -> dict:
-    """A world's complete replicates (every condition finished with the current stamp):
-    ``{"replicates": [...], "base": [...], "runs": {condition: [...]}, "commits": [...]}``,
-    the lists in the order of ``replicates``."""
+            markers: bool = True, records: Path | None = None) -> dict:
+    """A world's complete replicates (every condition finished or recorded with the current
+    stamp): ``{"replicates": [...], "base": [...], "runs": {condition: [...]},
+    "commits": [...]}``, the lists in the order of ``replicates``. With ``records``, a finished
+    run without a record gets one, and the numbers always come from the records."""
     out_w = {"replicates": [], "base": [], "runs": {n: [] for n in conditions}, "commits": []}
     for rep in replicates:
+        stamps = {n: run_stamp(world, n, rep, digest, commit, files=files, trial=trial)
+                  for n in conditions}
         dirs = {n: run_dir_of(out, world, n, rep) for n in conditions}
-        states = [run_state(d, run_stamp(world, n, rep, digest, commit, files=files, trial=trial))[0]
-                  for n, d in dirs.items()]
-        if any(s != "finished" for s in states):
+        paths = {n: record_path(records, world, n, rep) if records else None for n in conditions}
+        states = [run_state(dirs[n], stamps[n], paths[n])[0] for n in conditions]
+        if any(s not in ("finished", "recorded") for s in states):
             continue
+        got = {}
+        for n in conditions:
+            found = read_record(paths[n], stamps[n]) if paths[n] else None
+            if found is None:
+                run = collect_run(dirs[n], world, files, markers=markers)
+                base = (collect_base(dirs[n], world, files, markers=markers)
+                        if n == BASE_CONDITION else None)
+                on_disk = json.loads((dirs[n] / STAMP).read_text())
+                if paths[n]:
+                    write_record(paths[n], on_disk, run, base)
+                    found = read_record(paths[n], stamps[n])
+                else:
+                    found = {"stamp": on_disk, "run": run, "base": base}
+            got[n] = found
         out_w["replicates"].append(rep)
-        out_w["base"].append(collect_base(dirs[BASE_CONDITION], world, files, markers=markers))
-        for n, d in dirs.items():
-            out_w["runs"][n].append(collect_run(d, world, files, markers=markers))
-            found = json.loads((d / STAMP).read_text()).get("commit")
-            if found not in out_w["commits"]:
-                out_w["commits"].append(found)
+        out_w["base"].append(got[BASE_CONDITION]["base"])
+        for n in conditions:
+            out_w["runs"][n].append(got[n]["run"])
+            if got[n]["stamp"].get("commit") not in out_w["commits"]:
+                out_w["commits"].append(got[n]["stamp"].get("commit"))
     return out_w
 
 
@@ -1026,6 +1083,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="runs at once, each with (CPU cores / jobs) threads")
     ap.add_argument("--rerun-stale", action="store_true",
                     help="delete and rerun run directories made with another config or code")
+    ap.add_argument("--records", type=Path, default=RECORDS,
+                    help="where finished runs' records are kept (committed to git): a run with "
+                         "a matching record is not run again, even where its directory is gone")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: report the finished runs on disk")
     ap.add_argument("--trial", action="store_true",
@@ -1072,16 +1132,18 @@ def main(argv: list[str] | None = None) -> int:
 
         def runner(task):
             return run_one(task, args.out, digest, commit, files=files, trial=args.trial,
-                           rerun_stale=args.rerun_stale, threads=threads)
+                           rerun_stale=args.rerun_stale, threads=threads,
+                           records=None if args.trial else args.records)
 
         failures = run_all(tasks, args.jobs, runner)
     wall = time.perf_counter() - t0
 
     results = {}
+    records = None if args.trial else args.records
     for w in WORLDS:
-        if (args.out / w).is_dir():
+        if (args.out / w).is_dir() or (records is not None and (records / w).is_dir()):
             results[w] = collect(args.out, w, world_conditions(w, only), replicates, digest,
-                                 commit, files=files.get(w), trial=args.trial)
+                                 commit, files=files.get(w), trial=args.trial, records=records)
     analysis = analyse(results, required)
     # Invocations that ran something at this code add up to the experiment's wall time.
     previous = args.out / "results.json"

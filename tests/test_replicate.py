@@ -279,6 +279,37 @@ def test_reuse_only_with_matching_config_and_code(rep, tmp_path):
         rep.reuse_decision(unstamped, stamp)
 
 
+def test_records_stand_for_finished_runs_across_machines(rep, tmp_path):
+    digest = rep.code_digest()
+    stamps = {n: rep.run_stamp("reflect", n, 3, digest, "abc") for n in ("opd", "opd-renio")}
+    records = tmp_path / "records"
+    out = tmp_path / "runs"  # no run directory at all: another machine ran them
+    paths = {n: rep.record_path(records, "reflect", n, 3) for n in stamps}
+    assert paths["opd"] == records / "reflect" / "opd" / "rep3.json.gz"
+    rep.write_record(paths["opd"], stamps["opd"], {"final": {"acc": 0.5}}, {"acc": 0.25})
+    first = paths["opd"].read_bytes()
+    rep.write_record(paths["opd"], stamps["opd"], {"final": {"acc": 0.5}}, {"acc": 0.25})
+    assert paths["opd"].read_bytes() == first  # the same numbers, the same bytes
+    got = rep.read_record(paths["opd"], {**stamps["opd"], "commit": "def"})
+    assert got["run"] == {"final": {"acc": 0.5}} and got["base"] == {"acc": 0.25}
+    # Another code version or config: the record does not count.
+    assert rep.read_record(paths["opd"], {**stamps["opd"], "code_digest": "0" * 16}) is None
+    assert rep.read_record(paths["opd-renio"], stamps["opd-renio"]) is None  # absent
+    run_dir = rep.run_dir_of(out, "reflect", "opd", 3)
+    assert rep.run_state(run_dir, stamps["opd"], paths["opd"]) == ("recorded", [])
+    assert rep.reuse_decision(run_dir, stamps["opd"], record=paths["opd"]) == "reuse"
+    assert rep.reuse_decision(run_dir, stamps["opd"]) == "run"  # without the records
+    # A replicate is complete once every condition is recorded; the numbers come from them.
+    conditions = ("opd", "opd-renio")
+    args = dict(files=None, trial=False, markers=False, records=records)
+    assert rep.collect(out, "reflect", conditions, [3], digest, "abc", **args)["replicates"] == []
+    rep.write_record(paths["opd-renio"], stamps["opd-renio"], {"final": {"acc": 0.75}}, None)
+    got = rep.collect(out, "reflect", conditions, [3], digest, "abc", **args)
+    assert got["replicates"] == [3] and got["base"] == [{"acc": 0.25}]
+    assert got["runs"] == {"opd": [{"final": {"acc": 0.5}}], "opd-renio": [{"final": {"acc": 0.75}}]}
+    assert got["commits"] == ["abc"]
+
+
 def test_stamp_tracks_seed_config_and_code(rep):
     a = rep.run_stamp("reflect", "opd", 0, "d", "c")
     assert rep.run_stamp("reflect", "opd", 1, "d", "c")["seed"] != a["seed"]
