@@ -616,31 +616,31 @@ def collect(out: Path, world: str, conditions: tuple[str, ...], replicates: list
             markers: bool = True, records: Path | None = None) -> dict:
     """A world's complete replicates (every condition finished or recorded with the current
     stamp): ``{"replicates": [...], "base": [...], "runs": {condition: [...]},
-    "commits": [...]}``, the lists in the order of ``replicates``. With ``records``, a finished
-    run without a record gets one, and the numbers always come from the records."""
+    "commits": [...]}``, the lists in the order of ``replicates``. With ``records``, every
+    finished run without a record gets one first (complete replicate or not, so that no
+    finished run is lost with its machine), and the numbers always come from the records."""
     out_w = {"replicates": [], "base": [], "runs": {n: [] for n in conditions}, "commits": []}
     for rep in replicates:
-        stamps = {n: run_stamp(world, n, rep, digest, commit, files=files, trial=trial)
-                  for n in conditions}
-        dirs = {n: run_dir_of(out, world, n, rep) for n in conditions}
-        paths = {n: record_path(records, world, n, rep) if records else None for n in conditions}
-        states = [run_state(dirs[n], stamps[n], paths[n])[0] for n in conditions]
-        if any(s not in ("finished", "recorded") for s in states):
-            continue
         got = {}
         for n in conditions:
-            found = read_record(paths[n], stamps[n]) if paths[n] else None
-            if found is None:
-                run = collect_run(dirs[n], world, files, markers=markers)
-                base = (collect_base(dirs[n], world, files, markers=markers)
+            stamp = run_stamp(world, n, rep, digest, commit, files=files, trial=trial)
+            run_dir = run_dir_of(out, world, n, rep)
+            path = record_path(records, world, n, rep) if records else None
+            state = run_state(run_dir, stamp, path)[0]
+            if state == "recorded":
+                got[n] = read_record(path, stamp)
+            elif state == "finished":
+                run = collect_run(run_dir, world, files, markers=markers)
+                base = (collect_base(run_dir, world, files, markers=markers)
                         if n == BASE_CONDITION else None)
-                on_disk = json.loads((dirs[n] / STAMP).read_text())
-                if paths[n]:
-                    write_record(paths[n], on_disk, run, base)
-                    found = read_record(paths[n], stamps[n])
+                on_disk = json.loads((run_dir / STAMP).read_text())
+                if path is not None:
+                    write_record(path, on_disk, run, base)
+                    got[n] = read_record(path, stamp)
                 else:
-                    found = {"stamp": on_disk, "run": run, "base": base}
-            got[n] = found
+                    got[n] = {"stamp": on_disk, "run": run, "base": base}
+        if len(got) < len(conditions):
+            continue
         out_w["replicates"].append(rep)
         out_w["base"].append(got[BASE_CONDITION]["base"])
         for n in conditions:

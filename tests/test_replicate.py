@@ -308,6 +308,13 @@ def test_records_stand_for_finished_runs_across_machines(rep, tmp_path):
     assert got["replicates"] == [3] and got["base"] == [{"acc": 0.25}]
     assert got["runs"] == {"opd": [{"final": {"acc": 0.5}}], "opd-renio": [{"final": {"acc": 0.75}}]}
     assert got["commits"] == ["abc"]
+    # A finished run directory of an incomplete replicate still gets its record.
+    finished = rep.run_dir_of(out, "reflect", "opd-renio", 4)
+    _write_run(rep, finished, rep.run_stamp("reflect", "opd-renio", 4, digest, "abc"),
+               finished=True)
+    assert not rep.record_path(records, "reflect", "opd-renio", 4).exists()
+    with pytest.raises((TypeError, AttributeError, FileNotFoundError)):  # collected: a stub
+        rep.collect(out, "reflect", conditions, [4], digest, "abc", **args)
 
 
 def test_stamp_tracks_seed_config_and_code(rep):
