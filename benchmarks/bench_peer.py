@@ -140,7 +140,8 @@ def child_renio(a: argparse.Namespace) -> dict:
         f"prompts_per_iteration={PROMPTS_PER_STEP}", "rollout.n=1",
         f"rollout.max_new_tokens={a.new_tokens}", f"rollout.batch_size={PROMPTS_PER_STEP}",
         f"weight.group_size={PROMPTS_PER_STEP}", "train.steps_per_batch=1",
-        "fuse_score=true", "train.weights_from=live", "train.token_clip=0.0", f"train.lora_r={LORA_R}",
+        "score_in_train_step=true", "train.weights_from=live", "train.token_clip=0.0",
+        f"train.lora_r={LORA_R}",
         f"train.lora_alpha={LORA_ALPHA}", f"train.lr={LR}", "train.lr_schedule=constant",
         "train.dtype=float32", f"rollout.device={a.device}", f"score.device={a.device}",
         f"train.device={a.device}"])

@@ -71,7 +71,9 @@ def run(
     cfg = load_run_config(config, overrides or [])
     summary = run_loop(
         cfg,
-        log=lambda msg: err_console.print(f"[bold]renio run[/] {msg}", highlight=False),
+        # One line each, however long: a log file or a Slurm job's output is read by line.
+        log=lambda msg: err_console.print(f"[bold]renio run[/] {msg}", highlight=False,
+                                          soft_wrap=True),
         progress_factory=progress_bar,
     )
     console.print(summary_table(summary))

@@ -114,6 +114,7 @@ def test_kill_and_resume(tmp_path, toy_world):
 
 ONE_STEP = ["prompts_per_iteration=8", "rollout.n=1", "eval_every=0", "rollout.max_new_tokens=48",
             "train.lr_schedule=linear"]
+LIVE = "train.weights_from=live"  # the ReNIO weight from the train step's own forward
 
 
 def _adapter_bytes(ckpt: Path) -> bytes:
@@ -287,7 +288,7 @@ def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, t
 
     run_dir = tmp_path / "run"
     run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=2", *ONE_STEP,
-                                      "rollout.n=4", "train.weights_from=live"]))
+                                      "rollout.n=4", LIVE, "score_in_train_step=false"]))
     for i in range(2):
         it = run_dir / f"iter-{i:05d}"
         stage = pq.read_table(it / "weights.parquet").column("weight").to_pylist()
@@ -417,40 +418,112 @@ def test_code_prompts_run_ungraded_and_refuse_filters(tmp_path, toy_world):
         assert not other.exists()
 
 
-FUSED = ["train.weights_from=live", "fuse_score=true"]
+IN_STEP = ["train.weights_from=live", "score_in_train_step=true"]
 
 
-def test_fuse_score_refuses_what_it_cannot_do():
-    with pytest.raises(RenioInputError, match="fuse_score: needs train.weights_from: live"):
-        load_run_config(CONFIG, ["fuse_score=true"])
+def test_score_in_train_step_true_refuses_what_it_cannot_do():
+    with pytest.raises(RenioInputError,
+                       match="score_in_train_step: needs train.weights_from: live"):
+        load_run_config(CONFIG, ["score_in_train_step=true"])
     for extra, what in (("train.steps_per_batch=2", "one optimizer step per iteration"),
                         ("train.epochs=2", "one optimizer step per iteration"),
                         ("train.loss=rkl", "train.loss jsd"),
                         ("weight.filter=correct", "weight.filter all"),
                         ("weight.norm=ema", "weight.norm batch_mean"),
                         ("score.topk=4", "score.topk 0")):
-        with pytest.raises(RenioInputError, match=f"fuse_score: needs {what}"):
-            load_run_config(CONFIG, [*FUSED, extra])
-    load_run_config(CONFIG, FUSED)
+        with pytest.raises(RenioInputError, match=f"score_in_train_step: needs {what}"):
+            load_run_config(CONFIG, [*IN_STEP, extra])
+    load_run_config(CONFIG, IN_STEP)
+    for bad in ("maybe", "2"):
+        with pytest.raises(RenioInputError, match="score_in_train_step: must be auto, true or "
+                                                  "false, got .* \\(from the command line\\)"):
+            load_run_config(CONFIG, [f"score_in_train_step={bad}"])
+
+
+def test_score_in_train_step_auto_takes_the_step_where_it_can_and_says_why():
+    """auto (the default): the train step scores wherever its conditions hold, the separate
+    pass elsewhere, each with one line naming the reason; an explicit value wins."""
+    def scoring(*extra: str) -> tuple[bool, str]:
+        return load_run_config(CONFIG, list(extra)).scoring()
+
+    assert load_run_config(CONFIG, []).score_in_train_step == "auto"
+    assert scoring(LIVE) == (
+        True, "scoring: in the train step (live weights, one step per batch, jsd)")
+    separate = "scoring: separate pass ({})"
+    assert scoring() == (False, separate.format(
+        "train.weights_from=shard trains on the weight stage's weights, which need the scores "
+        "first"))
+    assert scoring(LIVE, "weight.filter=correct") == (False, separate.format(
+        "weight.filter=correct selects the rows in the weight stage, before training"))
+    assert scoring(LIVE, "weight.filter=incorrect", "fill_filtered=true") == (
+        False, separate.format(
+            "weight.filter=incorrect selects the rows in the weight stage, before training"))
+    assert scoring(LIVE, "train.steps_per_batch=2") == (False, separate.format(
+        "2 optimizer steps per iteration; one step's forward scores the rollouts only when it "
+        "is the only step"))
+    assert scoring(LIVE, "train.max_steps=3") == (False, separate.format(
+        "3 optimizer steps per iteration; one step's forward scores the rollouts only when it "
+        "is the only step"))
+    assert scoring(LIVE, "train.loss=rkl") == (False, separate.format(
+        "train.loss=rkl reads the stored scores, not the teacher's logits"))
+    assert scoring(LIVE, "weight.norm=ema") == (False, separate.format(
+        "weight.norm=ema normalizes over the whole shard; the step normalizes per micro-batch"))
+    assert scoring(LIVE, "score.topk=4") == (False, separate.format(
+        "score.topk=4 stores the teacher's top-k, which only the score pass writes"))
+    assert scoring(LIVE, "score_in_train_step=false") == (
+        False, "scoring: separate pass (score_in_train_step: false)")
+    assert scoring(*IN_STEP) == (True, "scoring: in the train step (score_in_train_step: true)")
+
+
+@pytest.mark.integration
+def test_renio_run_says_which_scoring_path_it_takes_and_takes_it(tmp_path, toy_world):
+    """The real CLI: the first thing `renio run` says is its scoring path. With live weights
+    and nothing against it, the train step scores (the scores shard says so, no score pass
+    ran); a filter, or score_in_train_step=false, keeps the separate pass."""
+    common = ["iterations=1", "prompts_per_iteration=8", "rollout.n=2", "eval_every=0",
+              "rollout.max_new_tokens=48", LIVE]
+    cases = {
+        "in-step": ([], "scoring: in the train step (live weights, one step per batch, jsd)"),
+        "filter": (["weight.filter=correct"], "scoring: separate pass (weight.filter=correct "
+                   "selects the rows in the weight stage, before training)"),
+        "false": (["score_in_train_step=false"],
+                  "scoring: separate pass (score_in_train_step: false)"),
+    }
+    for name, (extra, line) in cases.items():
+        run_dir = tmp_path / name
+        proc = subprocess.run([*RENIO, "run", "--config", str(CONFIG), f"run_dir={run_dir}",
+                               *common, *extra], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        said = [x for x in proc.stderr.splitlines() if x.startswith("renio run ")]
+        assert said[0] == f"renio run {line}", (name, said[:3])
+        assert sum(line in x for x in said) == 1
+        meta = json.loads(pq.read_schema(run_dir / "iter-00000" / "scores.parquet")
+                          .metadata[b"renio"])
+        (rec,) = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if name == "in-step":
+            assert meta.get("score_in_train_step") is True and rec["time"]["score_work"] == 0.0
+        else:
+            assert "score_in_train_step" not in meta and rec["time"]["score_work"] > 0
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("teacher", ["toy:teacher", "self"])
-def test_fuse_score_writes_the_shards_the_unfused_loop_writes(tmp_path, toy_world, teacher):
-    """fuse_score: the train step scores its rollouts. Its scores shard holds the log-probs
-    the separate score pass gives (float rounding apart), the weights shard the weights the
-    step trained with, and the adapter is the unfused loop's. OPSD ('self') scores the
-    privileged prompt with the adapter switched off."""
+def test_score_in_train_step_writes_the_shards_the_separate_pass_writes(tmp_path, toy_world,
+                                                                        teacher):
+    """score_in_train_step: the train step scores its rollouts. Its scores shard holds the
+    log-probs the separate score pass gives (float rounding apart), the weights shard the
+    weights the step trained with, and the adapter is the separate pass's. OPSD ('self')
+    scores the privileged prompt with the adapter switched off."""
     from safetensors.torch import load_file
 
     from renio_core.stages.run_loop import run_loop
 
-    common = [f"teacher={teacher}", "iterations=2", *ONE_STEP, "rollout.n=4",
-              "train.weights_from=live"]
-    plain, fused = tmp_path / "plain", tmp_path / "fused"
-    run_loop(load_run_config(CONFIG, [f"run_dir={plain}", *common]))
-    run_loop(load_run_config(CONFIG, [f"run_dir={fused}", *common, "fuse_score=true"]))
-    a_it, b_it = plain / "iter-00000", fused / "iter-00000"
+    common = [f"teacher={teacher}", "iterations=2", *ONE_STEP, "rollout.n=4", LIVE]
+    separate, in_step = tmp_path / "separate", tmp_path / "in-step"
+    run_loop(load_run_config(CONFIG, [f"run_dir={separate}", *common,
+                                      "score_in_train_step=false"]))
+    run_loop(load_run_config(CONFIG, [f"run_dir={in_step}", *common]))
+    a_it, b_it = separate / "iter-00000", in_step / "iter-00000"
     assert pq.read_table(a_it / "rollouts.parquet").equals(pq.read_table(b_it / "rollouts.parquet"))
     a, b = pq.read_table(a_it / "scores.parquet"), pq.read_table(b_it / "scores.parquet")
     assert a.schema.names == b.schema.names and a.num_rows == b.num_rows == 32
@@ -460,8 +533,8 @@ def test_fuse_score_writes_the_shards_the_unfused_loop_writes(tmp_path, toy_worl
         y = [v for row in b.column(col).to_pylist() for v in row]
         assert len(x) == len(y) > 0 and max(abs(p - q) for p, q in zip(x, y)) < 1e-4, col
     meta = json.loads(pq.read_schema(b_it / "scores.parquet").metadata[b"renio"])
-    assert meta.get("scored_in_train_step") is True
-    for it in (fused / "iter-00000", fused / "iter-00001"):
+    assert meta.get("score_in_train_step") is True
+    for it in (in_step / "iter-00000", in_step / "iter-00001"):
         stage = pq.read_table(it / "weights.parquet").column("weight").to_pylist()
         (step,) = [json.loads(x) for x in (it / "ckpt" / "metrics.jsonl").read_text().splitlines()]
         assert stage == [float(np.float32(w)) for w in step["live_weights"]]
@@ -469,18 +542,18 @@ def test_fuse_score_writes_the_shards_the_unfused_loop_writes(tmp_path, toy_worl
     x = load_file(str(a_it / "ckpt" / "adapter_model.safetensors"))
     y = load_file(str(b_it / "ckpt" / "adapter_model.safetensors"))
     assert x.keys() == y.keys() and max((x[k] - y[k]).abs().max().item() for k in x) < 1e-5
-    rec = [json.loads(x) for x in (fused / "metrics.jsonl").read_text().splitlines()]
+    rec = [json.loads(x) for x in (in_step / "metrics.jsonl").read_text().splitlines()]
     assert all(r["time"]["score_work"] == 0.0 and r["time"]["train_steps"] > 0 for r in rec)
-    assert [r["pivotal_share"] for r in _records(fused)][0] == pytest.approx(
-        _records(plain)[0]["pivotal_share"], abs=1e-3)
+    assert [r["pivotal_share"] for r in _records(in_step)][0] == pytest.approx(
+        _records(separate)[0]["pivotal_share"], abs=1e-3)
 
 
 @pytest.mark.integration
-def test_fuse_score_killed_after_its_shards_reruns_exactly(tmp_path, toy_world):
-    """Fused, the shards are written inside the train call, before the checkpoint: a run
-    killed once iteration 1's scores exist retrains that iteration and ends as an unkilled
-    run."""
-    common = ["iterations=3", *ONE_STEP, "rollout.n=4", *FUSED]
+def test_score_in_train_step_killed_after_its_shards_reruns_exactly(tmp_path, toy_world):
+    """Scored in the train step, the shards are written inside the train call, before the
+    checkpoint: a run killed once iteration 1's scores exist retrains that iteration and ends
+    as an unkilled run."""
+    common = ["iterations=3", *ONE_STEP, "rollout.n=4", *IN_STEP]
     whole = tmp_path / "whole"
     _cli("run", "--config", CONFIG, f"run_dir={whole}", *common)
     cut = tmp_path / "cut"

@@ -49,3 +49,13 @@ def test_official_recipe(script, tmp_path):
     assert t.schedule_steps == 126 and t.gradient_checkpointing
     # One step per fresh batch: the batch's micro-batches are the 4 devices x accumulation.
     assert cfg.prompts_per_iteration // w.group_size == 4 * accum
+    # opsd_trainer.py computes the ReNIO weight from its training step's own forward, where it
+    # also gets the sampled tokens' log-probs: no separate scoring pass.
+    assert t.weights_from == "live"
+    assert cfg.scoring() == (True, "scoring: in the train step (live weights, one step per "
+                                   "batch, jsd)")
+
+
+def test_r1_distill_recipe_scores_in_the_train_step(tmp_path):
+    cfg = load_run_config(CONFIGS / "r1-distill-qwen-7b-opd-renio.yaml", [f"run_dir={tmp_path}"])
+    assert cfg.scoring()[0]

@@ -20,10 +20,12 @@ outputs (complete parts are skipped; a checkpoint is reused only when it recorde
 its training, never a mid-training ``save_every`` save), so the same command after a kill
 continues exactly from the last complete stage.
 
-Scoring inside the train step (``fuse_score``): as the official trainer, one forward of
-student and teacher per iteration gives the loss, the sampled-token log-probs and the live
+Scoring inside the train step (``score_in_train_step``): as the official trainer, one forward
+of student and teacher per iteration gives the loss, the sampled-token log-probs and the live
 weights; the scores and weights shards are written from them before the checkpoint
-(``renio_core.stages.score_in_step``).
+(``renio_core.stages.score_in_train_step``). ``auto`` (the default) takes this path wherever
+its conditions hold and the separate score pass elsewhere; the run's first lines say which
+and why (:meth:`RunConfig.scoring`).
 
 Filtered runs (``fill_filtered``): the paper's correct-only and incorrect-only comparison is
 fair only at equal data, so the loop can sample further prompts until the iteration has
@@ -58,7 +60,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -72,10 +74,10 @@ from renio_core.data.prompt_io import PromptSet, load_prompts
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
 from renio_core.modeling.toy import chain, ensure_toy_world, reflect
-from renio_core.stages import score_in_step
 from renio_core.stages.evaluate import EvalConfig, run_eval
 from renio_core.stages.rollout import RolloutConfig, RolloutSummary, fit_to_context, run_rollout
 from renio_core.stages.score import ScoreConfig, resolve, run_score
+from renio_core.stages.score_in_train_step import StepScorer, live_spec, micro_batches, row_keys
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
 from renio_core.stages.train_checkpoint import (
@@ -84,7 +86,7 @@ from renio_core.stages.train_checkpoint import (
     STATE_FILE,
     verify_checkpoint,
 )
-from renio_core.stages.train_data import ScoredInStep
+from renio_core.stages.train_data import ScoreInTrainStep
 from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig, run_weight
 
@@ -121,9 +123,11 @@ class RunConfig:
     # rows per optimizer step as an unfiltered one. Off: filter what was sampled.
     fill_filtered: bool = False
     # Score the rollouts inside the train step, as the official trainer does: one forward of
-    # student and teacher instead of two. Needs train.weights_from: live, one optimizer step
-    # per iteration and the jsd loss; the scores and weights shards are still written.
-    fuse_score: bool = False
+    # student and teacher instead of two; the scores and weights shards are still written.
+    # auto: wherever its conditions hold (train.weights_from: live, one optimizer step per
+    # iteration, the jsd loss, no filter, no ema norm, no stored top-k), else the separate
+    # score pass; true: refused where they do not hold; false: always the separate pass.
+    score_in_train_step: bool | Literal["auto"] = "auto"
     seed: int = 0
     task: str = "math"
     wandb_project: str | None = None  # log steps and iterations to W&B (renio[wandb]); None = off
@@ -203,8 +207,13 @@ class RunConfig:
             raise RenioInputError(
                 "fill_filtered: needs weight.filter correct or incorrect (it fills the "
                 "iteration with rows of the kept kind)")
-        if self.fuse_score:
-            self._check_fuse_score()
+        value = self.score_in_train_step
+        if type(value) is not bool and value != "auto":
+            raise RenioInputError(
+                f"score_in_train_step: must be auto, true or false, got {value!r}")
+        if value is True and self._score_in_train_step_unmet():
+            raise RenioInputError(
+                f"score_in_train_step: needs {self._score_in_train_step_unmet()[0][0]}")
         unknown = sorted(set(self.eval) - {*EVAL_SAMPLING, "limit"})
         if unknown:
             raise RenioInputError(
@@ -214,24 +223,54 @@ class RunConfig:
         # Build every stage config once now, so a typo fails before any work.
         self.stage_configs(Path(self.run_dir) / "iter-00000", adapter=None, policy_step=0)
 
-    def _check_fuse_score(self) -> None:
+    def _score_in_train_step_unmet(self) -> list[tuple[str, str]]:
+        """The conditions of scoring in the train step that this config does not meet, each
+        as (what an explicit ``true`` needs, why ``auto`` takes the separate pass)."""
         loss = self.train.get("loss", "jsd")
-        needs = [
-            (self.train.get("weights_from", "shard") == "live",
-             "train.weights_from: live (the step computes the weights from its own log-probs)"),
-            (self.steps_per_iteration() == 1,
-             "one optimizer step per iteration (train.steps_per_batch 1, epochs 1, no max_steps)"),
+        weights_from = self.train.get("weights_from", "shard")
+        steps = self.steps_per_iteration()
+        filt = self.weight.get("filter", "all")
+        norm = self.weight.get("norm", "batch_mean")
+        topk = self.score.get("topk", 0)
+        checks = [
+            (weights_from == "live",
+             "train.weights_from: live (the step computes the weights from its own log-probs)",
+             f"train.weights_from={weights_from} trains on the weight stage's weights, which "
+             "need the scores first"),
+            (steps == 1,
+             "one optimizer step per iteration (train.steps_per_batch 1, epochs 1, no max_steps)",
+             f"{steps} optimizer steps per iteration; one step's forward scores the rollouts "
+             "only when it is the only step"),
             (LOSS_TABLE[loss].needs_teacher_model if loss in LOSS_TABLE else True,
-             "train.loss jsd (the step reads the teacher's logits)"),
-            (self.weight.get("filter", "all") == "all" and not self.fill_filtered,
-             "weight.filter all and no fill_filtered"),
-            (self.weight.get("norm", "batch_mean") != "ema",
-             "weight.norm batch_mean, clamp or none (live weights normalize per micro-batch)"),
-            (not self.score.get("topk", 0), "score.topk 0"),
+             "train.loss jsd (the step reads the teacher's logits)",
+             f"train.loss={loss} reads the stored scores, not the teacher's logits"),
+            (filt == "all",
+             "weight.filter all and no fill_filtered",
+             f"weight.filter={filt} selects the rows in the weight stage, before training"),
+            (not self.fill_filtered,
+             "weight.filter all and no fill_filtered",
+             "fill_filtered selects the rows in the weight stage, before training"),
+            (norm != "ema",
+             "weight.norm batch_mean, clamp or none (live weights normalize per micro-batch)",
+             "weight.norm=ema normalizes over the whole shard; the step normalizes per "
+             "micro-batch"),
+            (not topk,
+             "score.topk 0",
+             f"score.topk={topk} stores the teacher's top-k, which only the score pass writes"),
         ]
-        for ok, what in needs:
-            if not ok:
-                raise RenioInputError(f"fuse_score: needs {what}")
+        return [(needs, why) for ok, needs, why in checks if not ok]
+
+    def scoring(self) -> tuple[bool, str]:
+        """Whether the train step scores the rollouts (``score_in_train_step``), and one
+        plain line saying which path the run takes and why."""
+        if self.score_in_train_step is False:
+            return False, "scoring: separate pass (score_in_train_step: false)"
+        if self.score_in_train_step is True:
+            return True, "scoring: in the train step (score_in_train_step: true)"
+        unmet = self._score_in_train_step_unmet()
+        if unmet:
+            return False, f"scoring: separate pass ({unmet[0][1]})"
+        return True, "scoring: in the train step (live weights, one step per batch, jsd)"
 
     @property
     def lora(self) -> bool:
@@ -604,13 +643,14 @@ class _Resident:
         self.checkpoint = ckpt
 
     def train(self, train_cfg: Any, out: str, on_step: Any,
-              scored_in_step: ScoredInStep | None = None) -> Any:
+              score_in_train_step: ScoreInTrainStep | None = None) -> Any:
         """Train the resident student in place (continuing its adapter) and record that it
         now equals the checkpoint written to ``out``."""
         self.student = attach_lora(self.student, train_cfg)
         try:
             summary = run_train(train_cfg, on_step, student=self.student, teacher=self.teacher,
-                                tokenizer=self.tokenizer, scored_in_step=scored_in_step)
+                                tokenizer=self.tokenizer,
+                                score_in_train_step=score_in_train_step)
         finally:
             self.student.eval()
         self.checkpoint = out
@@ -640,6 +680,7 @@ def run_loop(
     tokenizers = _Tokenizers(cfg)
     train_prompts, eval_prompts = _fit_run_prompts(cfg, tokenizers, train_prompts, eval_spec,
                                                    eval_prompts, say)
+    say(cfg.scoring()[1])
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir)
     try:
@@ -786,6 +827,7 @@ class _Loop:
         self.tracker = Tracker()  # run_loop sets the run's own (W&B), else logs nowhere
         self.metrics_path = run_dir / "metrics.jsonl"
         self.graded = graded_at_rollout(cfg, train_prompts)
+        self.score_in_train_step = cfg.scoring()[0]
         self.lora_rank = cfg.stage_configs(run_dir / "iter-00000", adapter=None,
                                            policy_step=0)["train"].lora_r
 
@@ -847,8 +889,8 @@ class _Loop:
         rollout_acc = r.correct / r.graded if r.graded else None
 
         ckpt = it_dir / "ckpt"
-        if cfg.fuse_score:
-            w = self.train_scoring_in_step(c, ckpt, label, policy_step, t)
+        if self.score_in_train_step:
+            w = self.train_with_score_in_train_step(c, ckpt, label, policy_step, t)
             self.say_weights(label, w, rollout_acc)
         else:
             w = self.score_and_weight(c, label, t)
@@ -899,7 +941,7 @@ class _Loop:
                  f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
 
     def train(self, c: dict[str, Any], ckpt: Path, label: str, policy_step: int,
-              scored_in_step: ScoredInStep | None = None) -> None:
+              score_in_train_step: ScoreInTrainStep | None = None) -> None:
         if _checkpoint_finished(ckpt):
             self.say(f"{label}: checkpoint already complete, not retrained")
             self.resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
@@ -910,37 +952,37 @@ class _Loop:
                                  metrics.get("global_step", policy_step + step))
                 if advance is not None:
                     advance(1)
-            self.resident.train(c["train"], str(ckpt), on_step, scored_in_step=scored_in_step)
+            self.resident.train(c["train"], str(ckpt), on_step,
+                                score_in_train_step=score_in_train_step)
 
-    def train_scoring_in_step(self, c: dict[str, Any], ckpt: Path, label: str,
+    def train_with_score_in_train_step(self, c: dict[str, Any], ckpt: Path, label: str,
                               policy_step: int, t: dict[str, float]) -> Any:
-        """``fuse_score``: train on the rollouts, the step scoring them; the scores and
-        weights shards are written from the step's log-probs before the checkpoint
-        (renio_core/stages/score_in_step.py). A checkpoint already complete had its shards
+        """``score_in_train_step``: train on the rollouts, the step scoring them; the scores
+        and weights shards are written from the step's log-probs before the checkpoint
+        (renio_core/stages/score_in_train_step.py). A checkpoint already complete had its shards
         written first, so only the weight summary is read again."""
         score_cfg = c["score"]
         inputs = shards.open_inputs(score_cfg.input, [])
         scorer = self.scorer(score_cfg, inputs)
         table = shards.read_table(score_cfg.input)
-        keys = score_in_step.row_keys(table)
+        keys = row_keys(table)
         teacher_prompts = scorer.teacher_prompts(table)
         done: dict[str, Any] = {}
 
         def write_shards(logprobs: dict[int, tuple[list[float], list[float]]]) -> None:
             rows = {keys[row]: (teacher_prompts[row], *pair) for row, pair in logprobs.items()}
-            step_scorer = score_in_step.StepScorer(rows, scorer.student_model,
-                                                   scorer.teacher_model)
+            step_scorer = StepScorer(rows, scorer.student_model, scorer.teacher_model)
             with _timed(t, "score"):
-                run_score(score_cfg, scorer=step_scorer, extra_meta={"scored_in_train_step": True})
+                run_score(score_cfg, scorer=step_scorer, extra_meta={"score_in_train_step": True})
             with _timed(t, "weight"):
                 done["weight"] = run_weight(c["weight"])
 
-        fused = ScoredInStep(
-            inputs=inputs, micro=score_in_step.micro_batches(table, teacher_prompts, c["weight"]),
+        in_step = ScoreInTrainStep(
+            inputs=inputs, micro=micro_batches(table, teacher_prompts, c["weight"]),
             temperature=scorer.resolved.temperature, teacher=c["train"].teacher,
-            live=score_in_step.live_spec(c["weight"]), before_save=write_shards)
+            live=live_spec(c["weight"]), before_save=write_shards)
         with _timed(t, "train"):
-            self.train(c, ckpt, label, policy_step, scored_in_step=fused)
+            self.train(c, ckpt, label, policy_step, score_in_train_step=in_step)
         t["train"] -= t["score"] + t["weight"]  # the shards were written inside the train call
         if "weight" not in done:  # the checkpoint was complete: its shards exist
             with _timed(t, "weight"):

@@ -81,7 +81,7 @@ from renio_core.stages.train_checkpoint import (
 from renio_core.stages.train_data import (
     LiveWeightSpec,
     MicroBatch,
-    ScoredInStep,
+    ScoreInTrainStep,
     check_token_ids,
     columns,
     pack,
@@ -476,17 +476,17 @@ def _load_teacher(name: str, dtype: str, device: torch.device, student_tok: Any,
 
 def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
               student: Any = None, teacher: Any = None, tokenizer: Any = None,
-              scored_in_step: ScoredInStep | None = None) -> TrainSummary:
+              score_in_train_step: ScoreInTrainStep | None = None) -> TrainSummary:
     """Train the student on ``cfg.weights`` and write the checkpoint to ``cfg.out``.
 
     ``student``/``teacher`` may be passed already loaded (the ``renio run`` loop keeps them
     across iterations): the student is trained in place and must come from
     :func:`attach_lora` (or be a full model with ``--no-lora``); ``teacher`` replaces loading
     ``--teacher``, ``tokenizer`` loading ``--model``'s. Not combined with ``--resume`` or
-    torchrun. ``scored_in_step`` (the loop's ``fuse_score``) trains on rollouts the step
-    scores itself, instead of ``cfg.weights``.
+    torchrun. ``score_in_train_step`` (``renio run``'s) trains on rollouts the step scores
+    itself, instead of ``cfg.weights``.
     """
-    if scored_in_step is not None and student is None:
+    if score_in_train_step is not None and student is None:
         raise RenioInputError("scoring in the train step needs the loop's resident student")
     if student is not None and (cfg.resume or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise RenioInputError("a preloaded student cannot be combined with --resume or torchrun")
@@ -495,15 +495,15 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
                               "over every GPU in every process; leave it unset there")
     tracking.check_available(tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project)
     t_start = time.perf_counter()
-    if scored_in_step is None:
+    if score_in_train_step is None:
         inputs = shards.open_inputs(cfg.weights, columns(cfg.loss))
         first_file = inputs.files[0]
         temperature = resolve_temperature(cfg, inputs.metadata, first_file)
         teacher_name = resolve_teacher(cfg, inputs.metadata, first_file)
         input_paths = [cfg.weights, *inputs.files]
     else:  # the rollouts, with what the loop's stage configs say
-        inputs = scored_in_step.inputs
-        temperature, teacher_name = scored_in_step.temperature, scored_in_step.teacher
+        inputs = score_in_train_step.inputs
+        temperature, teacher_name = score_in_train_step.temperature, score_in_train_step.teacher
         input_paths = list(inputs.files)
     shards.refuse_overwriting_inputs(cfg.out, *input_paths, cfg.model,
                                      None if cfg.resume else cfg.adapter, cfg.init_from,
@@ -512,7 +512,7 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0")) if world > 1 else 0
     micro = (read_micro_batches(inputs, cfg.loss, rank=rank, world=world)
-             if scored_in_step is None else list(scored_in_step.micro))
+             if score_in_train_step is None else list(score_in_train_step.micro))
 
     # Whether --out holds nothing of its own yet: a run that ends without a checkpoint (a
     # full disk at its save) then leaves it as it found it, so the same command can be run
@@ -521,7 +521,7 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     d = init_distributed(cfg.device)
     try:
         trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d,
-                          scored_in_step=scored_in_step)
+                          score_in_train_step=score_in_train_step)
         trainer.setup(student, teacher, tokenizer)
         return trainer.train(progress, t_start)
     except BaseException:
@@ -565,11 +565,11 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | None],
                  temperature: float, teacher_name: str | None, out: Path, d: Dist,
-                 scored_in_step: ScoredInStep | None = None):
+                 score_in_train_step: ScoreInTrainStep | None = None):
         self.cfg, self.inputs, self.micro, self.out, self.d = cfg, inputs, micro, out, d
         self.temperature, self.teacher_name = temperature, teacher_name
-        self.scored_in_step = scored_in_step
-        # {row: (student log-probs, teacher log-probs)} from the step (scored_in_step).
+        self.score_in_train_step = score_in_train_step
+        # {row: (student log-probs, teacher log-probs)} from the step (score_in_train_step).
         self.step_logprobs: dict[int, tuple[list[float], list[float]]] = {}
         self.state: dict[str, Any] | None = None  # the checkpoint's trainer state (--resume)
         self.step = 0
@@ -676,7 +676,7 @@ class Trainer:
         self.module = DistillModule(
             model, LossSpec(cfg.loss, cfg.beta, cfg.token_clip, self.temperature, cfg.topk_tail),
             chunk, teacher=teacher, self_teacher=self_teacher,
-            live=(self.scored_in_step.live if self.scored_in_step is not None else
+            live=(self.score_in_train_step.live if self.score_in_train_step is not None else
                   live_weight_spec(cfg, self.inputs.metadata, self.inputs.files[0])))
         self.wrapped = wrap(self.module, self.d, device, fsdp=cfg.fsdp, autocast=self.autocast)
 
@@ -766,7 +766,7 @@ class Trainer:
             weights, pivotal = (self.module.last_live[0].tolist(),
                                 self.module.last_live[1].tolist())
             step_weights.extend(weights)
-        if self.scored_in_step is not None and mb.rows is not None:
+        if self.score_in_train_step is not None and mb.rows is not None:
             student_N, teacher_N = self.module.last_logprobs
             ends = np.cumsum([len(c) for c in mb.completion_ids])
             for row, s_lp, t_lp in zip(mb.rows, np.split(student_N, ends[:-1]),
@@ -843,8 +843,8 @@ class Trainer:
                 self._save(self.step)
             if progress is not None and d.main:
                 progress(self.step, total, record)
-        if self.scored_in_step is not None:
-            self.scored_in_step.before_save(self.step_logprobs)  # the shards, then the checkpoint
+        if self.score_in_train_step is not None:
+            self.score_in_train_step.before_save(self.step_logprobs)  # the shards, then the checkpoint
         self._save(self.step)
         if self.tracker is not None:
             self.tracker.close()

@@ -36,7 +36,7 @@ class MicroBatch:
     pivotal_count: list[int]
     topk_ids: list[list[list[int]]] | None = None
     topk_logprobs: list[list[list[float]]] | None = None
-    rows: list[int] | None = None  # the rows' positions in the input table (fused scoring)
+    rows: list[int] | None = None  # the rows' positions in the input table (score_in_train_step)
 
     @property
     def tokens(self) -> int:
@@ -178,10 +178,10 @@ class LiveWeightSpec:
 
 
 @dataclasses.dataclass
-class ScoredInStep:
-    """Rollouts that the train step scores itself (``renio run``'s ``fuse_score``): its one
-    forward of student and teacher gives the sampled-token log-probs, the live ReNIO weights
-    and the loss; ``before_save(logprobs)`` gets ``{row: (student, teacher)}`` before the
+class ScoreInTrainStep:
+    """Rollouts that the train step scores itself (``renio run``'s ``score_in_train_step``):
+    its one forward of student and teacher gives the sampled-token log-probs, the live ReNIO
+    weights and the loss; ``before_save(logprobs)`` gets ``{row: (student, teacher)}`` before the
     checkpoint is written, so the loop can write the scores and weights shards first."""
 
     inputs: shards.InputSet  # the rollouts shard: the checkpoint's input identity

@@ -48,7 +48,8 @@ class PackedBatch:
     teacher_input_ids_BL: torch.Tensor
     teacher_attention_BL: torch.Tensor
     teacher_cols_N: torch.Tensor
-    # None when the train step scores the rollouts itself (``fused``: computed in forward).
+    # None when the train step scores the rollouts itself (``score_in_train_step``: computed
+    # in forward).
     teacher_logprobs_N: torch.Tensor | None
     topk_ids_NK: torch.Tensor | None
     topk_logprobs_NK: torch.Tensor | None

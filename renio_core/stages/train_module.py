@@ -151,7 +151,8 @@ class DistillModule(torch.nn.Module):
                    teacher: TeacherHead | None) -> torch.Tensor:
         """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
         micro-batch's ReNIO weights -> the per-token loss coefficients. Without stored teacher
-        log-probs (``renio run``'s fused scoring) the teacher's come from this forward too."""
+        log-probs (``renio run``'s ``score_in_train_step``) the teacher's come from this
+        forward too."""
         lp_N = self._sampled_logprobs(hidden_NH, lm_head(lm).weight, lm.config, p.targets_N)
         if p.teacher_logprobs_N is not None:
             t_lp_N = p.teacher_logprobs_N

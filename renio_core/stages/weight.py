@@ -230,7 +230,7 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
 
 def group_ids(cfg: WeightConfig, prompt_ids_K: np.ndarray | None, rows: int) -> np.ndarray:
     """The ``batch_id`` of each kept row: its normalization group and training micro-batch
-    (``renio run``'s fused scoring groups its rollouts with the same function)."""
+    (``renio run``'s ``score_in_train_step`` groups its rollouts with the same function)."""
     if cfg.grouping == "distinct":
         return weighting.distinct_prompt_groups(prompt_ids_K, cfg.group_size)
     return np.arange(rows, dtype=np.int64) // cfg.group_size

@@ -26,6 +26,7 @@ taught rather than from limited capacity alone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -33,7 +34,7 @@ import math
 import os
 import random
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -249,10 +250,30 @@ def accuracy(model: Any, tok: Any, problems: Sequence[toy_task.Problem], *, gree
 # ----------------------------------------------------------------------------- build
 
 
-def _write_jsonl(path: Path, problems: Sequence[toy_task.Problem]) -> None:
+def write_prompt_file(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    """One JSON object per line, keys sorted: the same bytes on every machine."""
     with path.open("w", encoding="utf-8", newline="\n") as f:
-        for p in problems:
-            f.write(json.dumps(toy_task.prompt_row(p), sort_keys=True) + "\n")
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def build_settings() -> Iterator[None]:
+    """Every world trains on ``BUILD_THREADS`` threads, without transformers' own progress
+    bars (they would interleave with the caller's); both are restored after."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _save_model(model: Any, tok: Any, out: Path) -> None:
@@ -267,21 +288,13 @@ def build_toy_world(out_dir: str | os.PathLike[str], *, seed: int = 0, quick: bo
     ``quick`` trains a few steps only and skips the accuracy measurements: same files, in
     seconds, for tests that need real models but not good ones.
     """
-    import torch
-    from transformers.utils import logging as hf_logging
-
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     world = ToyWorld.at(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    # save_pretrained's own progress bars would interleave with the caller's.
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with build_settings():
         train, test = toy_task.split_problems(seed, N_TRAIN, N_TEST)
-        _write_jsonl(world.train_prompts, train)
-        _write_jsonl(world.test_prompts, test)
+        write_prompt_file(world.train_prompts, (toy_task.prompt_row(p) for p in train))
+        write_prompt_file(world.test_prompts, (toy_task.prompt_row(p) for p in test))
         tok = build_tokenizer()
         tok.save_pretrained(str(world.tokenizer))
         # The test problems never appear in training; train prompts may (they are the
@@ -315,10 +328,6 @@ def build_toy_world(out_dir: str | os.PathLike[str], *, seed: int = 0, quick: bo
             "accuracy": metrics,
         }
         (root / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    finally:
-        torch.set_num_threads(threads)
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     return world
 
 
@@ -363,26 +372,31 @@ def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 def ensure_toy_world(cache_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
                      progress: Progress | None = None) -> ToyWorld:
-    """The cached toy world for ``seed``, built first if missing.
+    """The cached addition world for ``seed``, built first if missing (``ensure_world``)."""
+    return ensure_world(cache_root(cache_dir), f"seed{seed}-{_source_digest()}", build_toy_world,
+                        seed=seed, progress=progress)
 
-    The build goes to a temporary directory that is renamed into place when complete, so an
-    interrupted build is never used; a lock makes concurrent callers wait for one build.
-    """
-    base = cache_root(cache_dir)
+
+def ensure_world(base: Path, name: str, builder: Callable[..., ToyWorld], *, seed: int = 0,
+                 progress: Progress | None = None) -> ToyWorld:
+    """The cached world ``base/name``, built first by ``builder`` if missing: into a temporary
+    folder of this process, renamed into place when complete, so an interrupted build is never
+    used. A lock makes concurrent callers wait for one build instead of failing. Every toy
+    world's cache goes through here."""
     base.mkdir(parents=True, exist_ok=True)
-    final = base / f"seed{seed}-{_source_digest()}"
+    final = base / name
     if (final / "world.json").is_file():
         return ToyWorld.at(final)
-    with open(base / f".{final.name}.lock", "w") as lock:
+    with open(base / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "world.json").is_file():
             return ToyWorld.at(final)
-        # Holding the lock, any temporary directory left for this world is from a killed build.
-        for stale in base.glob(f".{final.name}.tmp-*"):
+        # Holding the lock, a temporary folder left for this world is from a killed build.
+        for stale in base.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = base / f".{final.name}.tmp-{os.getpid()}"
+        tmp = base / f".{name}.tmp-{os.getpid()}"
         try:
-            build_toy_world(tmp, seed=seed, progress=progress)
+            builder(tmp, seed=seed, progress=progress)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,13 +31,11 @@ Addressed as ``toy-chain:teacher``, ``toy-chain:student``, ``toy-chain:tokenizer
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,16 +45,18 @@ from renio_core.data.prompts import render_ids, student_messages
 from renio_core.errors import RenioInputError
 from renio_core.modeling.toy import task as toy_task
 from renio_core.modeling.toy.build import (
-    BUILD_THREADS,
     ROLLOUT_SAMPLING,
     ModelSpec,
     Progress,
     ToyWorld,
     _new_model,
     _save_model,
+    build_settings,
     cache_root,
+    ensure_world,
     fit,
     generate_completions,
+    write_prompt_file,
 )
 from renio_core.modeling.toy.tokenizer import build_tokenizer
 
@@ -340,22 +340,13 @@ def target_failures(m: dict[str, Any]) -> list[str]:
 def build_chain_world(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
                       progress: Progress | None = None) -> ToyWorld:
     """Build the chain world into ``out_dir``; the same files layout as the addition world."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     world = ToyWorld.at(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with build_settings():
         train, test = split_chains(seed, N_TRAIN, N_TEST)
-        for path, rows in ((world.train_prompts, train), (world.test_prompts, test)):
-            with path.open("w", encoding="utf-8", newline="\n") as f:
-                for p in rows:
-                    f.write(json.dumps(prompt_row(p), sort_keys=True) + "\n")
+        write_prompt_file(world.train_prompts, (prompt_row(p) for p in train))
+        write_prompt_file(world.test_prompts, (prompt_row(p) for p in test))
         tok = build_tokenizer()
         tok.save_pretrained(str(world.tokenizer))
         exclude = frozenset(test)
@@ -388,12 +379,7 @@ def build_chain_world(out_dir: str | Path, *, seed: int = 0, quick: bool = False
             "accuracy": metrics,
         }
         (root / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    finally:
-        torch.set_num_threads(threads)
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     return world
-
 
 
 # ----------------------------------------------------------------------------- cache
@@ -414,25 +400,9 @@ def _chain_digest() -> str:
 def ensure_chain_world(cache_dir: str | os.PathLike[str] | None = None, *, seed: int = 0,
                        progress: Progress | None = None) -> ToyWorld:
     """The cached chain world for ``seed`` (next to the addition world), built first if
-    missing; the same temporary-directory-and-lock protocol as ``ensure_toy_world``."""
-    base = cache_root(cache_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    final = base / f"chain-seed{seed}-{_chain_digest()}"
-    if (final / "world.json").is_file():
-        return ToyWorld.at(final)
-    with open(base / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "world.json").is_file():
-            return ToyWorld.at(final)
-        for stale in base.glob(f".{final.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = base / f".{final.name}.tmp-{os.getpid()}"
-        try:
-            build_chain_world(tmp, seed=seed, progress=progress)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ToyWorld.at(final)
+    missing (``build.ensure_world``)."""
+    return ensure_world(cache_root(cache_dir), f"chain-seed{seed}-{_chain_digest()}",
+                        build_chain_world, seed=seed, progress=progress)
 
 
 def resolve_chain_model(name: str, cache_dir: str | os.PathLike[str] | None = None) -> str:

@@ -6,7 +6,6 @@ in place does not change its bytes.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 from collections.abc import Callable
@@ -44,27 +43,3 @@ def build_toy_world_into(out: str | os.PathLike[str], *, seed: int = 0, quick: b
         lock.release()
     return ToyWorld.at(out)
 
-
-def ensure_world(base: Path, name: str, builder: Callable[..., ToyWorld], *, seed: int = 0,
-                 progress: Progress | None = None) -> ToyWorld:
-    """The cached world ``base/name``, built first if missing: into a temporary folder of this
-    process, renamed into place when complete, so an interrupted build is never used. A lock
-    makes concurrent callers wait for one build instead of failing."""
-    base.mkdir(parents=True, exist_ok=True)
-    final = base / name
-    if (final / "world.json").is_file():
-        return ToyWorld.at(final)
-    with open(base / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "world.json").is_file():
-            return ToyWorld.at(final)
-        # Holding the lock, a temporary folder left for this world is from a killed build.
-        for stale in base.glob(f".{name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = base / f".{name}.tmp-{os.getpid()}"
-        try:
-            builder(tmp, seed=seed, progress=progress)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ToyWorld.at(final)

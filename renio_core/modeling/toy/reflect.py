@@ -58,16 +58,18 @@ from renio_core.errors import RenioInputError
 from renio_core.formulas.weighting import auroc, raw_weights, trajectory_log_ratios
 from renio_core.modeling.toy import task as toy_task
 from renio_core.modeling.toy.build import (
-    BUILD_THREADS,
     ROLLOUT_SAMPLING,
     ModelSpec,
     Progress,
     ToyWorld,
     _new_model,
     _save_model,
+    build_settings,
     cache_root,
+    ensure_world,
     fit,
     generate_completions,
+    write_prompt_file,
 )
 from renio_core.modeling.toy.chain import (
     K_MAX,
@@ -81,7 +83,6 @@ from renio_core.modeling.toy.chain import (
     split_chains,
     step_lines,
 )
-from renio_core.modeling.toy.place import ensure_world
 from renio_core.modeling.toy.tokenizer import build_tokenizer
 
 MARKER = "wait"
@@ -479,20 +480,16 @@ MODELS = {"teacher": (TEACHER_MODEL, TEACHER_TRAIN, 0), "student": (STUDENT_MODE
 def _train_model(name: str, root: Path, seed: int, quick: bool,
                  progress: Progress | None) -> None:
     """Train one of the world's models from scratch and save it to ``root/name``."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    torch.set_num_threads(BUILD_THREADS)
-    hf_logging.disable_progress_bar()
     mspec, tspec, offset = MODELS[name]
     _, test = split_chains(seed, N_TRAIN, N_TEST)
     tok = build_reflect_tokenizer()
     steps = QUICK_STEPS if quick else tspec.steps
-    model = _new_model(mspec, tok, seed + offset)
-    fit(model, _reflect_batches(tok, tspec, steps, seed + offset, name, frozenset(test)),
-        lr=tspec.lr, warmup=tspec.warmup, steps=steps, seed=seed + offset,
-        label=f"train reflect {name}", progress=progress)
-    _save_model(model, tok, root / name)
+    with build_settings():  # again: the teacher trains in a fresh process
+        model = _new_model(mspec, tok, seed + offset)
+        fit(model, _reflect_batches(tok, tspec, steps, seed + offset, name, frozenset(test)),
+            lr=tspec.lr, warmup=tspec.warmup, steps=steps, seed=seed + offset,
+            label=f"train reflect {name}", progress=progress)
+        _save_model(model, tok, root / name)
 
 
 def _load(path: Path) -> Any:
@@ -504,22 +501,13 @@ def _load(path: Path) -> Any:
 def build_reflect_world(out_dir: str | Path, *, seed: int = 0, quick: bool = False,
                         progress: Progress | None = None) -> ToyWorld:
     """Build the reflect world into ``out_dir``; the same files layout as the other worlds."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     world = ToyWorld.at(root)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    bars_were_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with build_settings():
         train, test = split_chains(seed, N_TRAIN, N_TEST)
-        for path, rows in ((world.train_prompts, train), (world.test_prompts, test)):
-            with path.open("w", encoding="utf-8", newline="\n") as f:
-                for p in rows:
-                    f.write(json.dumps(prompt_row(p), sort_keys=True) + "\n")
+        write_prompt_file(world.train_prompts, (prompt_row(p) for p in train))
+        write_prompt_file(world.test_prompts, (prompt_row(p) for p in test))
         tok = build_reflect_tokenizer()
         tok.save_pretrained(str(world.tokenizer))
         if quick:
@@ -553,10 +541,6 @@ def build_reflect_world(out_dir: str | Path, *, seed: int = 0, quick: bool = Fal
             "accuracy": metrics,
         }
         (root / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    finally:
-        torch.set_num_threads(threads)
-        if bars_were_on:
-            hf_logging.enable_progress_bar()
     return world
 
 

@@ -1,21 +1,22 @@
-"""``renio run``'s ``fuse_score``: the train step scores the rollouts it trains on.
+"""``renio run``'s ``score_in_train_step``: the train step scores the rollouts it trains on.
 
 The official trainer (BDML-lab/ReNIO ``opsd_trainer.py``) computes the student's and the
 teacher's log-probs of the sampled tokens in its training step and the ReNIO weight from them
 (arXiv 2606.23104, Alg. 1); it runs no separate scoring pass. With one optimizer step per
 rollout batch the loop can do the same: the step's single forward of the student (with
 gradients) and of the teacher gives the loss, the log-probs and the live weights, where the
-unfused loop runs both models once more in ``renio score`` beforehand.
+separate score pass runs both models once more in ``renio score`` beforehand. The loop
+chooses this path wherever its conditions hold (``RunConfig.scoring``).
 
 The shards are still written, before the checkpoint: ``scores.parquet`` through
 ``run_score`` with :class:`StepScorer` (the step's log-probs instead of a forward pass; same
-columns and metadata, plus ``scored_in_train_step``), then ``weights.parquet`` by
+columns and metadata, plus ``score_in_train_step``), then ``weights.parquet`` by
 ``run_weight`` as usual. Its weights are the ones the step trained with (the same formula on
 the same float32 log-probs, grouped by :func:`weight.group_ids`), which tests/test_run_loop.py
 checks.
 
-What differs from the unfused loop: the student's log-probs come from the training forward
-(train mode; LoRA dropout is 0) on right-padded micro-batches, the scorer's from an
+What differs from the separate score pass: the student's log-probs come from the training
+forward (train mode; LoRA dropout is 0) on right-padded micro-batches, the scorer's from an
 inference forward on its own token-budget batches, so they may differ by float rounding
 (the tests allow 1e-4; a 32-row iteration of the toy sample config, OPD and OPSD, gave
 identical bits).
@@ -45,8 +46,9 @@ def row_keys(table: pa.Table) -> list[tuple[str, int]]:
     keys = list(zip(table.column("prompt_id").to_pylist(),
                     table.column("sample_index").to_pylist()))
     if len(set(keys)) != len(keys):
-        raise RenioInputError("fuse_score: the rollouts repeat a (prompt_id, sample_index) pair; "
-                              "the step's log-probs could not find their rows")
+        raise RenioInputError("score_in_train_step: the rollouts repeat a (prompt_id, "
+                              "sample_index) pair; the step's log-probs could not find their "
+                              "rows")
     return keys
 
 
@@ -96,8 +98,8 @@ class StepScorer:
         try:
             found = [self.rows[key] for key in row_keys(table)]
         except KeyError as exc:
-            raise RenioInputError(f"fuse_score: no log-probs from the train step for row "
-                                  f"{exc.args[0]}") from None
+            raise RenioInputError(f"score_in_train_step: no log-probs from the train step for "
+                                  f"row {exc.args[0]}") from None
         student = models.LogprobResult([np.asarray(s, np.float32) for _, s, _ in found], None, None)
         teacher = models.LogprobResult([np.asarray(t, np.float32) for _, _, t in found], None, None)
         if progress is not None:
