@@ -573,6 +573,12 @@ def collect_run(run_dir: Path, world: str, files: Path | None, *, markers: bool 
             accs.append(r["eval_accuracy"])
             ses.append(json.loads((it / "eval.json").read_text())["metrics"].get("avg_at_n_se"))
             last_eval = it
+        fill = sorted((it / "fill").glob("rollouts-*.parquet")) if (it / "fill").is_dir() else []
+        texts = [x for f in (fill or [it / "rollouts.parquet"])
+                 for x in pq.read_table(f, columns=["completion_text"]).column(0).to_pylist()]
+        reflect_rate.append(float(np.mean([has_marker(world, x or "") for x in texts])))
+        if r.get("fill_kept") == 0:  # no row of the kept kind: no weights, no step
+            continue
         t = pq.read_table(it / "weights.parquet",
                           columns=["raw_weight", "weight", "correct", "completion_text"]).to_pydict()
         correct = t["correct"]
@@ -584,15 +590,13 @@ def collect_run(run_dir: Path, world: str, files: Path | None, *, markers: bool 
         weight.extend(t["weight"])
         kind.extend("recovered" if rec else ("incorrect" if bad else ("correct" if g else "ungraded"))
                     for rec, bad, g in zip(recovered, incorrect, graded))
-        fill = sorted((it / "fill").glob("rollouts-*.parquet")) if (it / "fill").is_dir() else []
-        texts = [x for f in (fill or [it / "rollouts.parquet"])
-                 for x in pq.read_table(f, columns=["completion_text"]).column(0).to_pylist()]
-        reflect_rate.append(float(np.mean([has_marker(world, x or "") for x in texts])))
     final = eval_behaviour(last_eval, world)
     if markers and world in ("reflect", "chain"):
         bench = Path(json.loads((last_eval / "eval.json").read_text())["bench"])
-        final.update(marker_probabilities(world, bench, run_dir / f"iter-{records[-1]['iteration']:05d}"
-                                          / "ckpt", files))
+        # The student the run ends with: the newest iteration that trained.
+        trained = [r for r in records if r.get("fill_kept") != 0]
+        ckpt = run_dir / f"iter-{trained[-1]['iteration']:05d}" / "ckpt" if trained else None
+        final.update(marker_probabilities(world, bench, ckpt, files))
     sampled = sum(r.get("fill_sampled") or 0 for r in records)
     kept = sum(r.get("fill_kept") or 0 for r in records)
     return {"steps": steps, "acc": accs, "acc_se": ses, "final": final,
