@@ -55,7 +55,9 @@ class WeightConfig:
         default=0.8, metadata={"help": "Tokens with clipped log-ratio >= threshold are "
                                        "pivotal."})
     tem: float = dataclasses.field(
-        default=1.0, metadata={"help": "Temperature of the weight: raw = exp(mean / tem)."})
+        default=1.0, metadata={"help": "Weight temperature, not the sampling temperature: raw = "
+                                        "exp(mean pivotal log-ratio / tem); a larger tem "
+                                        "flattens the weights."})
     norm: str = dataclasses.field(
         default="batch_mean", metadata={"help": "Group normalization: batch_mean, ema, clamp or "
                                                 "none."})
