@@ -74,7 +74,10 @@ def compare_table(paths: list[Path], summaries: list[dict[str, Any]]) -> Table:
     for p in paths[1:]:
         table.add_column(f"Δ {p.stem}", justify="right")
     for row in compare(summaries):
-        table.add_row(row["metric"], *[_num(v, row["share"]) for v in row["values"]],
+        # "correct" / "incorrect" indented under the row they split: the full names
+        # ("reflection / 1k, incorrect") would wrap the demo's three runs past 80 columns.
+        label = f"  {row['group']}" if row["group"] else row["metric"]
+        table.add_row(label, *[_num(v, row["share"]) for v in row["values"]],
                       *[_delta(d, row["share"]) for d in row["deltas"]])
     return table
 

@@ -311,7 +311,7 @@ def test_compare_rows_and_cli(tmp_path: Path) -> None:
     assert rows["avg@n"]["deltas"] == [pytest.approx(0.25)]
     assert rows["mean length"]["deltas"] == [pytest.approx(-20.0)]
     assert rows["pass@n"]["values"] == [0.9, 0.9]
-    assert rows["length, incorrect"]["deltas"] == [None]
+    assert rows["mean length, incorrect"]["deltas"] == [None]
     proc = run("eval", "--compare", a, b)
     assert "+25.0 pt" in proc.stdout and "-20.00" in proc.stdout and "Δ b" in proc.stdout and "b.json" not in proc.stdout
     assert_input_error(run("eval", "--compare", a, check=False), "at least two")
@@ -319,6 +319,32 @@ def test_compare_rows_and_cli(tmp_path: Path) -> None:
     assert_input_error(run("eval", "--compare", a, tmp_path / "bad.json", check=False),
                        "bad.json", "not a 'renio eval' summary")
     assert_input_error(run("eval", a, b, check=False), "--compare")
+
+
+def test_compare_fits_80_columns(tmp_path: Path) -> None:
+    """The demo's table (three runs named as examples/demo.sh names them) on an 80-column
+    terminal: no line wider, every row on one line with its whole label."""
+    paths = []
+    for name, avg, samples, length in [("before", 0.479, 512, 36.9), ("OPD", 0.998, 512, 1023.5),
+                                       ("OPD+ReNIO", 0.998, 1024, 36.01)]:
+        path = tmp_path / f"{name}.json"
+        group = {"samples": samples, "mean_length": length, "truncated_share": 0.0,
+                 "reflection_per_1k": 16.13, "epistemic_per_1k": 0.0}
+        path.write_text(json.dumps({"stage": "eval", "bench": "toy", "metrics": {
+            "avg_at_n": avg, "avg_at_n_se": 0.021, "n": 2, "pass_at_k": {"1": avg, "2": 1.0},
+            "problems": 256, "samples": samples, "all": group, "correct": group,
+            "incorrect": group}}))
+        paths.append(path)
+    proc = run("eval", "--compare", *paths, env={"COLUMNS": "80"})
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, proc.stdout
+    body = [line.split("│")[1].rstrip() for line in lines if line.startswith("│")]
+    labels = ["avg@n", "avg@n std. error", "pass@1", "pass@n", "problems", "samples",
+              "mean length", "  correct", "  incorrect", "truncated share",
+              "reflection / 1k", "  correct", "  incorrect",
+              "epistemic / 1k", "  correct", "  incorrect"]
+    assert body == [f" {label}" for label in labels], proc.stdout
+    assert "Δ OPD+ReNIO" in proc.stdout and "+51.9 pt" in proc.stdout and "1023.50" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------

@@ -688,7 +688,9 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 # Comparing runs
 # --------------------------------------------------------------------------------------------
 
-# (label, path into the summary's "metrics", is a share shown in percent)
+# (name, path into the summary's "metrics", is a share shown in percent). A row of the correct
+# or incorrect completions only follows the row of all completions it splits, so a table
+# can show it as an indented "correct" / "incorrect" under it.
 COMPARE_ROWS: list[tuple[str, tuple[str, ...], bool]] = [
     ("avg@n", ("avg_at_n",), True),
     ("avg@n std. error", ("avg_at_n_se",), True),
@@ -697,13 +699,13 @@ COMPARE_ROWS: list[tuple[str, tuple[str, ...], bool]] = [
     ("problems", ("problems",), False),
     ("samples", ("samples",), False),
     ("mean length", ("all", "mean_length"), False),
+    ("mean length, correct", ("correct", "mean_length"), False),
+    ("mean length, incorrect", ("incorrect", "mean_length"), False),
     ("truncated share", ("all", "truncated_share"), True),
     ("reflection / 1k", ("all", "reflection_per_1k"), False),
-    ("epistemic / 1k", ("all", "epistemic_per_1k"), False),
-    ("length, correct", ("correct", "mean_length"), False),
-    ("length, incorrect", ("incorrect", "mean_length"), False),
     ("reflection / 1k, correct", ("correct", "reflection_per_1k"), False),
     ("reflection / 1k, incorrect", ("incorrect", "reflection_per_1k"), False),
+    ("epistemic / 1k", ("all", "epistemic_per_1k"), False),
     ("epistemic / 1k, correct", ("correct", "epistemic_per_1k"), False),
     ("epistemic / 1k, incorrect", ("incorrect", "epistemic_per_1k"), False),
 ]
@@ -738,7 +740,8 @@ def metric_value(summary: dict[str, Any], path: tuple[str, ...]) -> float | None
 
 def compare(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of a side-by-side comparison: each metric's value per run, and each later run's
-    delta against the first."""
+    delta against the first. ``group`` is "correct" or "incorrect" for a row of those
+    completions only, else None."""
     if len(summaries) < 2:
         raise RenioInputError("--compare needs at least two summary files")
     rows = []
@@ -746,5 +749,7 @@ def compare(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         values = [metric_value(s, path) for s in summaries]
         base = values[0]
         deltas = [None if (v is None or base is None) else v - base for v in values[1:]]
-        rows.append({"metric": label, "share": is_share, "values": values, "deltas": deltas})
+        group = path[0] if path[0] in ("correct", "incorrect") else None
+        rows.append({"metric": label, "group": group, "share": is_share, "values": values,
+                     "deltas": deltas})
     return rows
