@@ -495,3 +495,19 @@ def test_toy_world_pipeline_inspects(toy_world, tmp_path):
     first = data["rows"][0]
     assert [data["vocab"][str(i)] for i in first["ids"]] == [
         tok.decode([i]) for i in table[0]["completion_ids"]]
+
+
+def test_committed_example_shows_text(toy_world):
+    """The example the docs invite a newcomer to try first records its student, so inspect
+    shows the toy world's text, not token ids. The file was made by the commands in
+    docs/stages.md ("Try it on the small scores file")."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "scores.sample.parquet"
+    assert example.stat().st_size < 100_000
+    out = run("inspect", example, "--prompt-id", "add-630-192").stdout
+    assert re.search(r"^token text +tokenizer toy:student", out, re.M), out
+    panels = _panels(out)
+    assert len(panels) == 4, out  # n = 4 samples of the toy world's first test prompt
+    for panel in panels:
+        # The prompt and the completion's chain of digit sums, decoded.
+        assert "630+192" in panel and "0+2+" in panel and "\\boxed{" in panel, panel
+        assert not re.search(r"\[\d+\]", panel), panel
