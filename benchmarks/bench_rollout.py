@@ -7,8 +7,9 @@ Every case samples the same jobs, in the same batches (jobs sorted by prompt len
 `model.generate` (do_sample, left padding; a batch runs until its longest row ends), renio's
 sampler with fixed batches (`HFSampler(refill=False)`, finished rows leave the batch), and
 renio's sampler that refills a finished row's slot with the next job
-(`HFSampler(refill=True)`; off by default, as it pays only where lengths are uneven). Runs alternate (generate, fixed, refill,
-...) and each keeps its best time. Prints tokens/s and the ratios to `model.generate`.
+(`HFSampler(refill=True)`, `renio rollout --refill`; off by default, as it pays only where
+lengths are uneven). Runs alternate (generate, fixed, refill, ...) and each keeps its best
+time. Prints tokens/s and the ratios to `model.generate`.
 All in this process.
 
 Cases:

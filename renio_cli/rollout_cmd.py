@@ -25,6 +25,8 @@ def summary_table(s: RolloutSummary, cfg: RolloutConfig) -> Table:
     table.add_column("value", justify="right")
     table.add_row("model", cfg.model + (f" + {cfg.adapter}" if cfg.adapter else ""))
     table.add_row("shard", cfg.shard)
+    if s.sampler:
+        table.add_row("sampler", s.sampler)
     table.add_row("rows", f"{s.rows:,}")
     table.add_row("stopped at EOS", f"{s.stopped:,} ({s.stopped / max(1, s.rows):.1%})")
     if s.graded:
@@ -65,6 +67,7 @@ def rollout(
                                              "--tensor-parallel-size"),
     device_map: str = field_option(RolloutConfig, "device_map", "--device-map"),
     batch_size: int = field_option(RolloutConfig, "batch_size"),
+    refill: bool = field_option(RolloutConfig, "refill", "--refill"),
     chunk_prompts: int = field_option(RolloutConfig, "chunk_prompts"),
     math_instruction: str | None = field_option(RolloutConfig, "math_instruction"),
     code_instruction: str | None = field_option(RolloutConfig, "code_instruction"),
@@ -82,7 +85,7 @@ def rollout(
         seed=seed, task=task, enable_thinking=enable_thinking, grade=grade, shard=shard,
         policy_step=policy_step, backend=backend, vllm_memory=vllm_memory,
         tensor_parallel_size=tensor_parallel_size, device_map=device_map, batch_size=batch_size,
-        chunk_prompts=chunk_prompts, math_instruction=math_instruction,
+        refill=refill, chunk_prompts=chunk_prompts, math_instruction=math_instruction,
         code_instruction=code_instruction, dtype=dtype, device=device,
         skip_long_prompts=skip_long_prompts, overwrite=overwrite,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,7 +200,7 @@ def test_bad_inputs_write_nothing(world, tmp_path):
     with pytest.raises(RenioInputError, match="row 1.*duplicate id"):
         load_prompts(dup)
     code = write_prompts(tmp_path / "code.jsonl", 2, task="code")
-    with pytest.raises(RenioInputError, match="not available for code yet"):
+    with pytest.raises(RenioInputError, match="math answers only; code is graded by running it"):
         run_rollout(cfg_for(world, tmp_path / "o2", prompts=str(code), grade=True))
     with pytest.raises(RenioInputError, match="--shard"):
         cfg_for(world, tmp_path / "o3", shard="4/4")
@@ -292,32 +293,38 @@ def test_parse_shard_and_ownership():
 # ---------------------------------------------------------------------------- refilling rows
 
 
-def _toy_sampler_rows(world, refill, **kw):
-    from renio_core.backends.hf import HFSampler
-
-    model = models.load_model(world["student"], dtype="float32", device="cpu")
-    tok = models.load_tokenizer(world["student"])
-    sampler = HFSampler(model, tok, refill=refill)
-    assert sampler.refill is refill
-    cfg = cfg_for(world, "-", **kw)
-    prompts = load_prompts(world["prompts"]).prompts
-    return sampler.sample(prompts, cfg).to_pylist()
-
-
-def test_refill_rows_equal_fixed_batches_on_uneven_lengths(world):
+def test_cli_refill_rows_equal_rows_sampled_alone(world, tmp_path):
     """A hot sampler makes lengths uneven (some rows stop after a few tokens, others run to
-    the limit), so slots are refilled many times; every row must keep today's tokens."""
-    kw = dict(n=3, batch_size=4, max_new_tokens=24, temperature=2.0, top_p=1.0, top_k=0,
-              seed=3)
-    fixed = _toy_sampler_rows(world, refill=False, **kw)
-    refilled = _toy_sampler_rows(world, refill=True, **kw)
+    the limit), so the 4 slots are refilled many times; ``--refill`` must give every row the
+    tokens it gets sampled alone (``--batch-size 1``: no padding, no splicing), and say which
+    sampler ran. Fixed batches of 4 are not the reference: their padding changes the logits'
+    last bits, which flips one token of one of these rows."""
+    args = ["rollout", "--model", world["student"], "--prompts", world["prompts"], "--n", "3",
+            "--max-new-tokens", "24", "--temperature", "2.0", "--top-p", "1", "--top-k", "0",
+            "--seed", "3", "--dtype", "float32", "--device", "cpu"]
+    outs = {}
+    for name, extra in (("fixed", ["--batch-size", "1"]),
+                        ("refill", ["--batch-size", "4", "--refill"])):
+        outs[name] = tmp_path / f"{name}.parquet"
+        proc = subprocess.run([sys.executable, "-m", "renio_cli.main", *args, "--out",
+                               str(outs[name]), *extra], capture_output=True, text=True,
+                              timeout=600, env=dict(os.environ, COLUMNS="200"))
+        assert proc.returncode == 0, proc.stderr
+        sampler = re.search(r"│ sampler +│ +(.+?) │", proc.stdout)
+        want = "refilled batches" if name == "refill" else "fixed batches"
+        assert sampler and sampler.group(1) == want, proc.stdout
+    fixed = shards.read_table(outs["fixed"]).to_pylist()
+    refilled = shards.read_table(outs["refill"]).to_pylist()
     lengths = sorted(len(r["completion_ids"]) for r in fixed)
     assert len(fixed) == 36 and lengths[0] * 3 < lengths[-1]  # really uneven
     assert [r["finish_reason"] for r in fixed].count("stop") >= 4
+    assert [(r["prompt_id"], r["sample_index"]) for r in fixed] == \
+        [(r["prompt_id"], r["sample_index"]) for r in refilled]
     for a, b in zip(fixed, refilled):
-        assert (a["prompt_id"], a["sample_index"]) == (b["prompt_id"], b["sample_index"])
         assert a["completion_ids"] == b["completion_ids"]
         assert a["finish_reason"] == b["finish_reason"]
+    meta = shards.read_metadata(outs["refill"])
+    assert shards.find_in_lineage(meta, "config", "refill") is True
 
 
 def test_refill_greedy_equals_model_generate(world):

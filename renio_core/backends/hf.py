@@ -6,8 +6,9 @@ only); rows that hit EOS leave the batch and the cache, so a long tail does not 
 rows running. ``HFSampler(refill=True)`` instead prefills the next job and splices it into
 the cache in the finished row's slot (continuous batching: every row is right-aligned in the
 cache, with its own positions and attention mask), so the batch stays full while jobs remain.
-It gives the same tokens per row; it is not the default because it was not faster where it
-was measured (README, "Performance"). Each token is drawn by
+It gives the same tokens per row, up to float noise; it is ``renio rollout --refill``
+(``rollout.refill``), off by default, as it pays only where lengths are uneven
+(docs/benchmarks.md). Each token is drawn by
 :func:`renio_core.formulas.sampling.sample_tokens` with the row's own uniforms.
 
 Scoring: one forward pass per budget of tokens (:func:`token_budget_batches`), the
@@ -251,9 +252,9 @@ class HFSampler:
     ``refill=False`` (the default) cuts the jobs into fixed batches of ``batch_size`` that
     shrink as rows finish (:func:`generate_batch`). ``refill=True`` keeps the batch full: a
     finished row's slot goes to the next job (:func:`generate_refill`); both give each row
-    the same tokens (tests/test_rollout.py).
-    Models whose cache is not one plain tensor per layer (sliding
-    window) always take the earlier path."""
+    the tokens it gets sampled alone, up to the float noise of padding
+    (tests/test_rollout.py). Models whose cache is not one plain tensor per layer (sliding
+    window) always take fixed batches."""
 
     def __init__(self, model: Any, tokenizer: Any, *, refill: bool = False):
         self.model = model
