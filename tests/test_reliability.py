@@ -52,21 +52,31 @@ def _adapter(ckpt: Path) -> bytes:
     return (ckpt / "adapter_model.safetensors").read_bytes()
 
 
+# Two iterations of one optimizer step each; every checkpoint keeps its trainer state, so an
+# unfinished iteration 1 can be made again from iteration 0's.
+TWO = ["iterations=2", *ONE_STEP, "keep_checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory, toy_world) -> Path:
+    """A run of :data:`TWO` never killed, moved or damaged: the adapters to match."""
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    _ok("run", "--config", CONFIG, f"run_dir={run_dir}", *TWO)
+    return run_dir
+
+
 # --------------------------------------------------------------------------------------------
 # A run that moves
 # --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.integration
-def test_a_killed_run_copied_or_restored_from_tar_resumes_to_the_same_adapter(tmp_path, toy_world):
+def test_a_killed_run_copied_or_restored_from_tar_resumes_to_the_same_adapter(tmp_path, whole):
     """Killed inside iteration 1 of 2 (its rollouts and scores complete), then copied with
     `cp -r` (new paths, new mtimes) and, separately, put through tar (whole-second mtimes) and
     the original removed: both resume, reuse iteration 1's complete shards, and end with the
     adapters of a run that was never killed or moved."""
-    common = ["iterations=2", *ONE_STEP]
-    whole = tmp_path / "whole"
-    _ok("run", "--config", CONFIG, f"run_dir={whole}", *common)
-
+    common = TWO
     cut = tmp_path / "cut"
     _killed_when([*RENIO, "run", "--config", str(CONFIG), f"run_dir={cut}", *common],
                  lambda: (cut / "iter-00001" / "scores.parquet").exists())
@@ -94,6 +104,45 @@ def test_a_killed_run_copied_or_restored_from_tar_resumes_to_the_same_adapter(tm
         for i in range(2):
             ckpt = f"iter-{i:05d}/ckpt"
             assert _adapter(run_dir / ckpt) == _adapter(whole / ckpt), (run_dir, i)
+
+
+@pytest.mark.integration
+def test_an_evaluation_and_a_train_moved_with_their_inputs_are_recognized(tmp_path, whole,
+                                                                          toy_world):
+    """`renio eval` of a --bench file, and a `renio train --init-from` that saved a
+    checkpoint, copied with `cp -r` (new paths and mtimes) together with their inputs and the
+    original removed: the same eval reuses its complete per-sample file, and `renio train
+    --resume` continues the checkpoint."""
+    here = tmp_path / "here"
+    here.mkdir()
+    shutil.copyfile(toy_world.test_prompts, here / "bench.jsonl")
+    shutil.copyfile(whole / "iter-00001" / "weights.parquet", here / "weights.parquet")
+    shutil.copytree(whole / "iter-00001" / "ckpt", here / "init")
+
+    def evaluate(where: Path) -> subprocess.CompletedProcess:
+        return _ok("eval", "--model", "toy:student", "--bench", where / "bench.jsonl",
+                   "--limit", "2", "--n", "1", "--max-new-tokens", "48",
+                   "--out", where / "eval.parquet")
+
+    def train(where: Path, *extra: str) -> subprocess.CompletedProcess:
+        # The loop's optimizer settings (sample_configs/toy-opd-renio.yaml), as --init-from
+        # requires.
+        return _run("train", "--weights", where / "weights.parquet", "--model", "toy:student",
+                    "--out", where / "out", "--max-steps", "1", "--lr", "0.0003",
+                    "--lr-schedule", "linear", "--lora-r", "16", "--lora-alpha", "32", *extra)
+
+    evaluate(here)
+    first = train(here, "--init-from", str(here / "init"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    made = (here / "eval.parquet").read_bytes()
+    moved = tmp_path / "moved"
+    subprocess.run(["cp", "-r", str(here), str(moved)], check=True)
+    shutil.rmtree(here)
+    again = evaluate(moved)
+    assert "reused complete per-sample file" in again.stdout + again.stderr
+    assert (moved / "eval.parquet").read_bytes() == made
+    resumed = train(moved, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,3 +268,86 @@ def test_damaged_checkpoint_files_and_a_cut_metrics_line(tmp_path, toy_world):
     proc = _run(*args, "iterations=2")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {state}: damaged"), proc.stderr
+
+
+def _unfinished_iteration_1(whole: Path, run_dir: Path) -> None:
+    """``whole`` as a kill in iteration 1's train stage leaves it: iteration 1's shards, no
+    checkpoint of its own and no metrics line."""
+    shutil.copytree(whole, run_dir)
+    shutil.rmtree(run_dir / "iter-00001" / "ckpt")
+    metrics = run_dir / "metrics.jsonl"
+    first = metrics.read_text().splitlines()[0]
+    assert json.loads(first)["iteration"] == 0
+    metrics.write_text(first + "\n")
+
+
+def _garble_footer(path: Path) -> None:
+    """Overwrite the first half of the Parquet footer (its thrift-encoded metadata), keeping
+    the file's length and its magic bytes."""
+    data = bytearray(path.read_bytes())
+    footer = int.from_bytes(data[-8:-4], "little")
+    start = len(data) - 8 - footer
+    data[start:start + footer // 2] = b"\xff" * (footer // 2)
+    path.write_bytes(bytes(data))
+
+
+def _without_metadata(path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name, damage, said", [
+    ("rollouts.parquet", _truncate, "cannot be read as Parquet"),
+    ("scores.parquet", _garble_footer, "cannot be read as Parquet"),
+    ("weights.parquet", _without_metadata, "holds no renio metadata"),
+    ("weights.parquet", "iteration 0's", None),
+], ids=["rollouts-cut-short", "scores-footer-garbled", "weights-no-metadata",
+        "weights-of-iteration-0"])
+def test_a_damaged_shard_of_an_unfinished_iteration_is_made_again(tmp_path, whole, name,
+                                                                  damage, said):
+    """The same command makes a shard of the unfinished iteration that is not its complete
+    output again (cut short, a garbled footer, no renio metadata, another iteration's), says
+    so where the file shows it, and ends with the adapter of an undamaged run."""
+    run_dir = tmp_path / "run"
+    _unfinished_iteration_1(whole, run_dir)
+    shard = run_dir / "iter-00001" / name
+    if callable(damage):
+        damage(shard)
+    else:
+        shutil.copyfile(run_dir / "iter-00000" / name, shard)
+    done = _ok("run", "--config", CONFIG, f"run_dir={run_dir}", *TWO)
+    if said is not None:
+        # The log wraps long lines at spaces.
+        assert f"iter 1: {shard} {said}" in " ".join(done.stderr.split()), done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    ckpt = "iter-00001/ckpt"
+    assert _adapter(run_dir / ckpt) == _adapter(whole / ckpt)
+
+
+@pytest.mark.integration
+def test_a_damaged_newest_checkpoint_says_how_to_resume_from_the_one_before(tmp_path, whole):
+    """A damaged newest checkpoint (trainer state or adapter) with an intact one before it:
+    the line names the file and the folder to delete; deleting it, the same command redoes
+    that iteration from the checkpoint before and ends with the undamaged run's adapter."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(whole, run_dir)
+    folder = run_dir / "iter-00001"
+    advice = f"delete {folder} to redo iteration 1 from iteration 0's checkpoint"
+    adapter = folder / "ckpt" / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    for damaged, more in ((folder / "ckpt" / "trainer_state.pt", "iterations=2"),
+                          (adapter, "iterations=3")):
+        kept = damaged.read_bytes()
+        _truncate(damaged)
+        proc = _run("run", "--config", CONFIG, f"run_dir={run_dir}", *TWO, more)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {damaged}: damaged"), proc.stderr[-3000:]
+        assert line.endswith(advice), line
+        if damaged != adapter:
+            damaged.write_bytes(kept)
+    shutil.rmtree(folder)
+    _ok("run", "--config", CONFIG, f"run_dir={run_dir}", *TWO)
+    assert _adapter(folder / "ckpt") == good

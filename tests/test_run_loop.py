@@ -380,6 +380,34 @@ def test_fill_filtered_trains_on_as_many_rows_as_unfiltered(tmp_path, toy_world)
     assert rec["rollout_accuracy"] == pytest.approx(right / len(pooled))
 
 
+@pytest.mark.integration
+def test_fill_filtered_with_no_row_of_its_kind_trains_nothing_and_carries_on(tmp_path, toy_world):
+    """A pass over the prompts that finds no row of the kept kind (a correct-only run whose
+    student never gets these right: here their answers cannot be matched) is an iteration
+    without an optimizer step, not a crash; the run ends, evaluates the student it has, and
+    a rerun skips what is done."""
+    prompts = [json.loads(x) for x in toy_world.train_prompts.read_text().splitlines()[:4]]
+    bench = tmp_path / "never.jsonl"
+    bench.write_text("".join(json.dumps({**p, "answer": "never"}) + "\n" for p in prompts))
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "renio_cli.main", "run", "--config", str(CONFIG),
+           f"run_dir={run_dir}", f"prompts={bench}", f"eval_prompts={bench}", "iterations=2",
+           "prompts_per_iteration=2", "rollout.max_new_tokens=24", "eval_every=1", "eval.n=1",
+           "eval.max_new_tokens=24", "weight.filter=correct", "fill_filtered=true"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "nothing to train on" in proc.stdout + proc.stderr
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["iteration"], r["fill_kept"], r["fill_sampled"], r["policy_step"]) for r in records] \
+        == [(0, 0, 4, 0), (1, 0, 4, 0)]
+    assert all(r["train_loss"] is None and r["eval_accuracy"] == 0.0 for r in records)
+    assert not any(run_dir.glob("iter-*/ckpt"))  # no step, no checkpoint
+    assert (run_dir / "eval-final.json").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (again.stdout + again.stderr).count("done earlier, skipped") == 2
+
+
 @pytest.mark.parametrize("name", ["opd", "opd-renio"])
 def test_chain_configs_differ_from_the_addition_ones_only_in_the_world(tmp_path, name):
     """make demo runs the chain world with the same recipe as the addition world's configs."""

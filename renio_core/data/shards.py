@@ -201,9 +201,10 @@ def read_metadata(source: Path | pq.ParquetFile | pa.Schema) -> dict[str, Any] |
     if raw is None:
         return None
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
+        meta = json.loads(raw)
+    except ValueError:  # not JSON, or not even UTF-8: garbled
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def find_in_lineage(meta: dict[str, Any] | None, *keys: str) -> Any:

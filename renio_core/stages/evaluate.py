@@ -666,11 +666,11 @@ def _all_token_lengths(plan: EvalPlan, cfg: EvalConfig) -> bool:
 
 
 def _file_identity(spec: str | None) -> dict[str, Any] | None:
-    """Path, size and mtime of an input file, so a changed file is never taken as the same."""
+    """Size and sha256 of an input file: a file changed in place is new input, and one that
+    was moved, copied or restored from an archive (new path, new mtime) is still the same."""
     if spec is None or not Path(spec).is_file():
         return None
-    st = Path(spec).stat()
-    return {"path": str(Path(spec).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return shards.file_content(Path(spec))
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

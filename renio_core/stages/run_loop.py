@@ -301,6 +301,10 @@ class RunConfig:
 
         # A full fine-tune's checkpoint is the student; LoRA's is an adapter on it.
         student = adapter if (adapter is not None and not self.lora) else self.student
+        # The loop owns its iteration folders: a shard there that is not this iteration's
+        # complete output (cut short, damaged, another iteration's) is made again, and a
+        # complete one is still recognized and kept.
+        redo = {"overwrite": True}
         lora_adapter = adapter if self.lora else None
         train_section = {"steps_per_batch": 1, **self.train}
         rollouts = str(it_dir / "rollouts.parquet")
@@ -309,17 +313,18 @@ class RunConfig:
         return {
             "rollout": build(RolloutConfig, "rollout", model=student, prompts=self.prompts,
                              out=rollouts, adapter=lora_adapter, policy_step=policy_step,
-                             seed=self.seed * 100003 + iteration, grade=grade, task=self.task),
+                             seed=self.seed * 100003 + iteration, grade=grade, task=self.task,
+                             **redo),
             "score": build(ScoreConfig, "score", input=rollouts, teacher=self.teacher, out=scores,
-                           student=student, adapter=lora_adapter),
-            "weight": build(WeightConfig, "weight", input=scores, out=weights),
+                           student=student, adapter=lora_adapter, **redo),
+            "weight": build(WeightConfig, "weight", input=scores, out=weights, **redo),
             "train": build(TrainConfig, "train",
                            weights=weights, model=student, out=str(it_dir / "ckpt"),
                            adapter=lora_adapter, init_from=adapter,
                            schedule_steps=self.iterations * self.steps_per_iteration(),
                            teacher=self.teacher if LOSS_TABLE[self.train.get("loss", "jsd")].needs_teacher_model
                            else None,
-                           seed=self.seed * 100003 + iteration, overwrite=True),
+                           seed=self.seed * 100003 + iteration, **redo),
         }
 
 
@@ -550,7 +555,8 @@ class IterationRecord:
     eval_accuracy: float | None
     seconds: float
     # fill_filtered: rows sampled in all, and rows of the kept kind trained on
-    # (prompts_per_iteration x n unless the prompt file ran out).
+    # (prompts_per_iteration x n unless a pass over the prompts found fewer; with none, the
+    # iteration trains nothing and the next one continues from the last checkpoint).
     fill_sampled: int | None = None
     fill_kept: int | None = None
     # Wall seconds by phase (TIME_KEYS); "*_work" is the stage's own compute inside it.
@@ -680,9 +686,9 @@ def run_loop(
     tokenizers = _Tokenizers(cfg)
     train_prompts, eval_prompts = _fit_run_prompts(cfg, tokenizers, train_prompts, eval_spec,
                                                    eval_prompts, say)
-    say(cfg.scoring()[1])
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_run_dir(run_dir)
+    say(cfg.scoring()[1])  # once the run is surely this process's: a refused one says only why
     try:
         (run_dir / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         tracker = Tracker(wandb_project=cfg.wandb_project, run_name=run_dir.name,
@@ -810,7 +816,7 @@ def _eval_rollout_config(cfg: RunConfig, eval_spec: str, where: Path, ckpt: str 
         **{**{k: v for k, v in cfg.rollout.items() if k not in EVAL_SAMPLING}, **sampling},
         model=ckpt if full_ft else cfg.student, prompts=eval_spec,
         out=str(where / "eval_rollouts.parquet"), adapter=None if full_ft else ckpt,
-        policy_step=policy_step, seed=cfg.seed + 7919, grade=True,
+        policy_step=policy_step, seed=cfg.seed + 7919, grade=True, overwrite=True,
     )
 
 
@@ -843,22 +849,29 @@ class _Loop:
                 base_acc = self.evaluate(run_dir / "eval-base", None, 0, "base")
         records: list[IterationRecord] = []
         ckpt: str | None = None
+        ckpt_iter = -1  # the iteration whose checkpoint ckpt is
         policy_step = 0
         for i in range(cfg.iterations):
             it_ckpt = run_dir / f"iter-{i:05d}" / "ckpt"
-            if i in done and (i + 1 in done or _checkpoint_finished(it_ckpt)):
+            if i in done and (i + 1 in done or _checkpoint_finished(it_ckpt)
+                              or _trained_nothing(done[i])):
                 record = done[i]  # finished before a kill: nothing to redo
                 self.say(f"iter {i}: done earlier, skipped")
-                if i == cfg.iterations - 1:
-                    verify_checkpoint(it_ckpt)  # the run's result, handed on as it is
+                last = i if not _trained_nothing(record) else ckpt_iter
+                if i == cfg.iterations - 1 and last >= 0:
+                    self.check_checkpoint(last)  # the run's result, handed on as it is
             else:
+                if ckpt is not None:
+                    self.check_checkpoint(ckpt_iter)  # the one this iteration continues
                 record = self.iteration(i, ckpt, policy_step)
                 _append_metrics(self.metrics_path, record)
                 self.tracker.log("iter", {**dataclasses.asdict(record), **{
                     f"{k}_seconds": v for k, v in record.time.items()}}, record.policy_step)
-                self.prune(i)
+                # The checkpoint the next iteration continues from keeps its trainer state.
+                self.prune(i, keep=ckpt_iter if _trained_nothing(record) else i)
             records.append(record)
-            ckpt, policy_step = str(it_ckpt), record.policy_step
+            if not _trained_nothing(record):
+                ckpt, ckpt_iter, policy_step = str(it_ckpt), i, record.policy_step
         final = next((r.eval_accuracy for r in reversed(records) if r.eval_accuracy is not None), None)
         last_eval = next((run_dir / f"iter-{r.iteration:05d}" / "eval.json" for r in reversed(records)
                           if r.eval_accuracy is not None), None)
@@ -869,6 +882,38 @@ class _Loop:
             os.replace(tmp, run_dir / "eval-final.json")
         return RunSummary(run_dir, base_acc, records, final, Path(ckpt) if ckpt else run_dir)
 
+    def check_checkpoint(self, i: int) -> None:
+        """Refuse iteration ``i``'s damaged checkpoint in one line that says how to resume:
+        from the newest older checkpoint that is intact and kept its trainer state."""
+        ckpt = self.run_dir / f"iter-{i:05d}" / "ckpt"
+        try:
+            verify_checkpoint(ckpt)
+        except RenioInputError:
+            # Once more with the advice, which reads the older checkpoints: only when needed.
+            verify_checkpoint(ckpt, advice=self.resume_advice(i))
+
+    def resume_advice(self, damaged: int) -> str:
+        folder = self.run_dir / f"iter-{damaged:05d}"
+        if damaged == 0:
+            return f"restore it, or delete {folder} to redo iteration 0 from the start"
+        for k in range(damaged - 1, -1, -1):
+            ckpt = self.run_dir / f"iter-{k:05d}" / "ckpt"
+            if not (_checkpoint_finished(ckpt) and (ckpt / STATE_FILE).is_file()):
+                continue
+            try:
+                verify_checkpoint(ckpt)
+            except RenioInputError:
+                continue
+            if k == damaged - 1:
+                return (f"restore it, or delete {folder} to redo iteration {damaged} from "
+                        f"iteration {k}'s checkpoint")
+            return (f"restore it, or to resume from iteration {k}'s checkpoint (the newest "
+                    f"intact one with its trainer state) delete iter-{k + 1:05d} to "
+                    f"iter-{damaged:05d} in {self.run_dir} and the lines of "
+                    f"{self.metrics_path.name} from iteration {k + 1} on")
+        return ("no older checkpoint kept its trainer state (keep_checkpoint_every) to resume "
+                "from; restore the file or start the run again in a new run_dir")
+
     def iteration(self, i: int, prev_ckpt: str | None, policy_step: int) -> IterationRecord:
         cfg, resident, label = self.cfg, self.resident, f"iter {i}"
         t: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
@@ -876,6 +921,10 @@ class _Loop:
         it_dir = self.run_dir / f"iter-{i:05d}"
         c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i,
                               grade=self.graded)
+        for stage in ("rollout", "score", "weight"):
+            why = _damaged(Path(c[stage].out))
+            if why:
+                self.say(f"{label}: {c[stage].out} {why}; made again")
         resident.use_checkpoint(prev_ckpt)
 
         fill: tuple[int, int] | None = None
@@ -887,6 +936,9 @@ class _Loop:
                                 f"{label}: rollout")
         t["sample_work"] = r.seconds
         rollout_acc = r.correct / r.graded if r.graded else None
+        if fill is not None and fill[1] == 0:
+            return self.nothing_to_train(i, it_dir, prev_ckpt, policy_step, rollout_acc, fill, t,
+                                         t0)
 
         ckpt = it_dir / "ckpt"
         if self.score_in_train_step:
@@ -916,6 +968,27 @@ class _Loop:
             fill_sampled=fill[0] if fill else None, fill_kept=fill[1] if fill else None,
             time={k: round(v, 4) for k, v in t.items()},
         )
+
+    def nothing_to_train(self, i: int, it_dir: Path, prev_ckpt: str | None, policy_step: int,
+                         rollout_acc: float | None, fill: tuple[int, int],
+                         t: dict[str, float], t0: float) -> IterationRecord:
+        """An iteration whose fill pass found no row of the kept kind (an incorrect-only run
+        whose student no longer errs): no score, weights or optimizer step; the student stays
+        at ``prev_ckpt``, which a scheduled evaluation evaluates."""
+        cfg, label = self.cfg, f"iter {i}"
+        self.say(f"{label}: no {cfg.weight.get('filter')} row in one pass over the prompts: "
+                 "nothing to train on; the next iteration continues from the last checkpoint")
+        eval_acc = None
+        if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == cfg.iterations - 1):
+            with _timed(t, "eval"):
+                eval_acc = self.evaluate(it_dir, prev_ckpt, policy_step, label)
+        total = time.perf_counter() - t0
+        t["other"] = max(0.0, total - sum(t[k] for k in ("sample", "eval")))
+        return IterationRecord(
+            iteration=i, policy_step=policy_step, rollout_accuracy=rollout_acc,
+            mean_weight_correct=None, mean_weight_incorrect=None, auroc_incorrect=None,
+            pivotal_share=0.0, train_loss=None, eval_accuracy=eval_acc, seconds=total,
+            fill_sampled=fill[0], fill_kept=0, time={k: round(v, 4) for k, v in t.items()})
 
     def scorer(self, score_cfg: ScoreConfig, inputs: shards.InputSet) -> HFScorer:
         resident = self.resident
@@ -1055,19 +1128,22 @@ class _Loop:
                           completions=str(where / "eval_rollouts.parquet"),
                           n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
                           top_k=rcfg.top_k, max_new_tokens=rcfg.max_new_tokens,
-                          limit=limit, summary=str(where / "eval.json"))
+                          limit=limit, summary=str(where / "eval.json"), overwrite=True)
         result = run_eval(ecfg)
         acc = result.summary.get("metrics", {}).get("avg_at_n")
         self.say(f"{label}: eval avg@{rcfg.n} = {acc:.3f}" if acc is not None
                  else f"{label}: eval done")
         return acc
 
-    def prune(self, newest: int) -> None:
-        """Once iteration ``newest`` is recorded, older iterations keep only what was asked."""
+    def prune(self, newest: int, keep: int | None = None) -> None:
+        """Once iteration ``newest`` is recorded, older iterations keep only what was asked,
+        and iteration ``keep``'s checkpoint stays whole (the next iteration continues from it
+        where ``newest`` trained nothing)."""
         cfg = self.cfg
         for j in range(newest):
             it_dir = self.run_dir / f"iter-{j:05d}"
-            kept = cfg.keep_checkpoint_every > 0 and (j + 1) % cfg.keep_checkpoint_every == 0
+            kept = (cfg.keep_checkpoint_every > 0 and (j + 1) % cfg.keep_checkpoint_every == 0
+                    or j == keep)
             ckpt = it_dir / "ckpt"
             if not kept and cfg.prune_checkpoints:
                 shutil.rmtree(ckpt, ignore_errors=True)
@@ -1089,6 +1165,19 @@ def _timed(times: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         times[key] += time.perf_counter() - start
+
+
+def _damaged(path: Path) -> str | None:
+    """Why a shard found in an iteration folder cannot be a complete renio output, as far as
+    its footer tells; None when there is none, or it may be one (the stage compares its
+    fingerprints)."""
+    if not path.is_file():
+        return None
+    try:
+        meta = shards.read_metadata(path)
+    except RenioInputError:
+        return "cannot be read as Parquet (cut short or damaged)"
+    return None if meta is not None else "holds no renio metadata"
 
 
 def _checkpoint_finished(ckpt: Path) -> bool:
@@ -1129,6 +1218,11 @@ def _metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
             raise RenioInputError(f"line {n + 1} is not a JSON record (damaged); remove it "
                                   "and the iterations from it on to redo them", file=path) from None
     return out
+
+
+def _trained_nothing(record: IterationRecord) -> bool:
+    """The iteration found no row to train on (``fill_filtered``) and saved no checkpoint."""
+    return record.fill_kept == 0
 
 
 def _read_records(path: Path) -> dict[int, IterationRecord]:

@@ -310,6 +310,12 @@ class TrainConfig:
                 "steps_per_batch", "init_from", "weights_from")
         return {k: shards._jsonable(getattr(self, k)) for k in keep}
 
+    def data_content(self) -> dict[str, str]:
+        """What the fields of :meth:`data_fields` that name a model or checkpoint folder hold,
+        so that a run moved or restored together with those folders still resumes."""
+        return {k: shards.fingerprint_of(shards.portable_config(v, k))
+                for k, v in self.data_fields().items() if k in shards.PATH_KEYS}
+
 
 @dataclasses.dataclass
 class TrainSummary:
@@ -645,9 +651,18 @@ class Trainer:
             return
         state = read_state(out / STATE_FILE)
         saved, now = state.get("data") or {}, cfg.data_fields()
+        # --resume takes no --init-from: what that checkpoint gave (the adapter, the AdamW
+        # state, the place on the schedule) is in this checkpoint now.
+        now.pop("init_from")
+        # Folders compare by what they hold, where the checkpoint recorded it.
+        held, held_now = state.get("data_content") or {}, cfg.data_content()
+
+        def differs(k: str) -> bool:
+            return held[k] != held_now[k] if k in held else saved[k] != now[k]
+
         # A key the checkpoint does not record (made by an older renio) cannot be compared.
         changed = [f"--{k.replace('_', '-')} {saved.get(k)} (checkpoint) vs {now[k]} (now)"
-                   for k in now if k in saved and saved[k] != now[k]]
+                   for k in now if k in saved and differs(k)]
         if changed:
             raise RenioInputError(
                 "--resume: the checkpoint was made with other settings: " + "; ".join(changed)

@@ -68,11 +68,13 @@ def read_state(path: Path) -> dict[str, Any]:
                               f"{exc}", file=path) from None
 
 
-def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> None:
-    """Refuse, in one line naming the file, a checkpoint file whose bytes differ from the
-    checksum recorded when it was saved (a copy cut short, a full disk, a damaged disk).
-    A file removed since (an older iteration's pruned trainer state) is not checked; nor is
-    a checkpoint saved without checksums."""
+def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None, *,
+                      advice: str = "restore it, or remove the checkpoint and redo what made it",
+                      ) -> None:
+    """Refuse, in one line naming the file and ending in ``advice``, a checkpoint file whose
+    bytes differ from the checksum recorded when it was saved (a copy cut short, a full disk,
+    a damaged disk). A file removed since (an older iteration's pruned trainer state) is not
+    checked; nor is a checkpoint saved without checksums."""
     try:
         sums = json.loads((ckpt / CHECKSUM_FILE).read_text())
     except FileNotFoundError:
@@ -88,8 +90,7 @@ def verify_checkpoint(ckpt: Path, only: tuple[str, ...] | None = None) -> None:
         if got["sha256"] != want:
             raise RenioInputError(
                 f"damaged: its {got['size']:,} bytes do not match the sha256 recorded when "
-                f"the checkpoint was saved ({CHECKSUM_FILE}); restore it, or remove the "
-                "checkpoint and redo what made it", file=path)
+                f"the checkpoint was saved ({CHECKSUM_FILE}); {advice}", file=path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -326,6 +327,7 @@ def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Op
         "scheduler": scheduler.state_dict(),
         "rng": rng_states,
         "data": cfg.data_fields(),
+        "data_content": cfg.data_content(),
         "input_fingerprint": shards.input_fingerprint(inputs.fingerprint()),
         "world_size": d.world,
         **(schedule or {}),
