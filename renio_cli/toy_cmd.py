@@ -114,12 +114,8 @@ def build(
 
 
 def _chain_table(world, seed: int) -> None:
-    """The chain world's promised numbers against their targets (README, "The chain world")."""
+    """The chain world's promised numbers against their targets (docs/toy-worlds.md)."""
     acc = world.manifest.get("accuracy", {})
-    table = Table(title=f"chain toy world (seed {seed}) at {world.root}")
-    table.add_column("measure (test prompts, rollout sampling)")
-    table.add_column("target")
-    table.add_column("measured", justify="right")
     rows = [("teacher accuracy, sampled", ">= 85%", fmt(acc.get("teacher_sampled"), ".1%")),
             ("student accuracy, sampled", "20-60%", fmt(acc.get("student_sampled"), ".1%"))]
     for k, v in acc.get("student_by_k", {}).items():
@@ -127,28 +123,27 @@ def _chain_table(world, seed: int) -> None:
     rows += [("teacher P(wait | injected wrong line)", ">= 0.5",
               fmt(acc.get("marker_after_wrong"), ".3f")),
              ("teacher P(wait | right line)", "<= 0.05", fmt(acc.get("marker_after_right"), ".3f"))]
+    _targets_table(f"chain toy world (seed {seed}) at {world.root}", rows, acc, target_failures)
+
+
+def _reflect_table(world, seed: int) -> None:
+    """Every number the reflect world promises, against its target (docs/toy-worlds.md)."""
+    acc = world.manifest.get("accuracy", {})
+    _targets_table(f"reflect toy world (seed {seed}) at {world.root}", reflect.table_rows(acc),
+                   acc, reflect.target_failures)
+
+
+def _targets_table(title: str, rows, acc: dict, failures) -> None:
+    """A world's (measure, target, measured) rows, then which targets its build missed."""
+    table = Table(title=title)
+    table.add_column("measure (test prompts, rollout sampling)")
+    table.add_column("target")
+    table.add_column("measured", justify="right")
     for row in rows:
         table.add_row(*row)
     console.print(table)
     if not acc:
         console.print("quick build: not measured")
         return
-    missed = target_failures(acc)
-    console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))
-
-
-def _reflect_table(world, seed: int) -> None:
-    """Every number the reflect world promises, against its target (README, "Toy worlds")."""
-    acc = world.manifest.get("accuracy", {})
-    table = Table(title=f"reflect toy world (seed {seed}) at {world.root}")
-    table.add_column("measure (test prompts, rollout sampling)")
-    table.add_column("target")
-    table.add_column("measured", justify="right")
-    for label, target, value in reflect.table_rows(acc):
-        table.add_row(label, target, value)
-    console.print(table)
-    if not acc:
-        console.print("quick build: not measured")
-        return
-    missed = reflect.target_failures(acc)
+    missed = failures(acc)
     console.print("all targets met" if not missed else "targets missed: " + "; ".join(missed))
