@@ -782,28 +782,25 @@ def _fit_run_prompts(cfg: RunConfig, tokenizers: _Tokenizers, train_prompts: Pro
     the evaluation's) ``max_new_tokens``: refused, or with ``rollout.skip_long_prompts``
     dropped and counted."""
     context = tokenizers.context(cfg)
-    hint = "rollout.skip_long_prompts=true"
+
+    def fit(rcfg: RolloutConfig, prompts: PromptSet, what: str) -> PromptSet:
+        fitted = fit_to_context(rcfg, prompts, tokenizers.student, context,
+                                skip_hint="rollout.skip_long_prompts=true")
+        if fitted.skipped:
+            say(f"skipped {len(fitted.skipped):,} of {len(prompts):,} {what} longer than the "
+                f"context ({context:,} tokens with max_new_tokens {rcfg.max_new_tokens:,})")
+        return fitted.prompts
+
     rollout_cfg = cfg.stage_configs(Path(cfg.run_dir) / "iter-00000", adapter=None,
                                     policy_step=0)["rollout"]
-    fitted = fit_to_context(rollout_cfg, train_prompts, tokenizers.student, context,
-                            skip_hint=hint)
-    if fitted.skipped:
-        say(f"skipped {len(fitted.skipped):,} of {len(train_prompts):,} prompts longer than "
-            f"the context ({context:,} tokens with max_new_tokens "
-            f"{rollout_cfg.max_new_tokens:,})")
+    train_prompts = fit(rollout_cfg, train_prompts, "prompts")
     if eval_prompts is None or eval_spec is None:
-        return fitted.prompts, None
+        return train_prompts, None
     limit = cfg.eval.get("limit")
     if limit is not None:  # only the prompts the evaluations take
         eval_prompts = dataclasses.replace(eval_prompts, prompts=eval_prompts.prompts[:limit])
     eval_cfg = _eval_rollout_config(cfg, eval_spec, Path(cfg.run_dir), None, 0)
-    fitted_eval = fit_to_context(eval_cfg, eval_prompts, tokenizers.student, context,
-                                 skip_hint=hint)
-    if fitted_eval.skipped:
-        say(f"skipped {len(fitted_eval.skipped):,} of {len(eval_prompts):,} evaluation prompts "
-            f"longer than the context ({context:,} tokens with max_new_tokens "
-            f"{eval_cfg.max_new_tokens:,})")
-    return fitted.prompts, fitted_eval.prompts
+    return train_prompts, fit(eval_cfg, eval_prompts, "evaluation prompts")
 
 
 def _eval_rollout_config(cfg: RunConfig, eval_spec: str, where: Path, ckpt: str | None,
