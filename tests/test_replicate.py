@@ -231,6 +231,46 @@ def test_verdict_floor_is_not_a_null(rep):
     assert verdict_of(rep, [0.3] * 10, [0.3] * 10)[0] == "not measurable (floor)"
 
 
+def test_ceiling_is_not_a_null(rep):
+    # Baseline at 99% (less than 1.5 points of room above it), differences +/-0.003: without
+    # the ceiling rule this is "no benefit" (see above); here no benefit of the margin's size
+    # could have shown up.
+    a = [0.99] * 10
+    b = [0.99 + d for d in [0.003, -0.003] * 5]
+    assert rep.at_ceiling("acc", a) and not rep.at_ceiling("acc", [0.98] * 10)
+    assert not rep.at_ceiling("marker_share", a)
+    t = rep.paired_test(a, b)
+    assert rep.verdict(t, t["p"], "B", "A", 0.015, ceiling=True) == "not measurable (ceiling)"
+    # A significant difference at the ceiling still counts.
+    up = [0.985 + d for d in [0.0121, 0.0119] * 5]
+    t = rep.paired_test(a, up)
+    assert t["p"] < 1e-6 and rep.verdict(t, t["p"], "B", "A", 0.015, ceiling=True) == "B"
+
+
+def test_primary_and_early_tests_at_the_ceiling(rep):
+    results = synthetic_results()
+    runs = results["reflect"]["runs"]
+    # (c-opsd) at the end: baseline 99.0%, differences +/-0.3 points. At iteration 16 both
+    # conditions were at 60%, with differences of +/-3 points.
+    runs["opsd"] = [_run(0.99) for _ in range(10)]
+    runs["opsd-renio"] = [_run(0.99 + d) for d in [0.003, -0.003] * 5]
+    for r, d in zip(runs["opsd-renio"], [0.03, -0.03] * 5):
+        r["acc"][0] = 0.60 + d
+    for r in runs["opsd"]:
+        r["acc"][0] = 0.60
+    entry = rep.analyse(results)["reflect"]
+    tests = {t["key"]: t for t in entry["primary"]}
+    assert tests["c-opsd"]["verdict"] == "not measurable (ceiling)"
+    assert tests["c-opsd"]["p_holm"] == 1.0  # its p (= 1) stays in the family
+    early = {t["key"]: t for t in entry["early"]}
+    assert set(early) == {"a", "c-opd", "c-opsd"}  # accuracy tests only
+    assert early["c-opsd"]["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert early["c-opsd"]["ci"][1] == pytest.approx(0.022622, abs=1e-5)
+    assert early["c-opsd"]["verdict"] == "inconclusive"
+    text = "\n".join(rep.primary_section(rep.analyse(results)))
+    assert "| not measurable (ceiling) |" in text and "first evaluation (iteration 16)" in text
+
+
 # ----------------------------------------------------------------------------- reuse
 
 
@@ -457,7 +497,10 @@ def test_report_text(rep, tmp_path):
     assert (tmp_path / "replication.md").read_text() == text
     assert "commit abc123 (renio_core + renio_cli digest feedfacefeedface)" in text
     assert "90.0 min of wall time" in text
-    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| (")}
+    rows = {}
+    for ln in text.splitlines():  # the primary table comes before the iteration-16 one
+        if ln.startswith("| ("):
+            rows.setdefault(ln.split("|")[1].strip(), ln)
     p_a = t_two_sided_p(0.05 / (math.sqrt(10 * 1e-4 / 9) / math.sqrt(10)), 9)
     assert "accuracy: opd-incorrect-only - opd-correct-only | +5.0 pts | [+4.2 pts, +5.8 pts]" \
         in rows["(a)"]  # 0.05 -/+ 2.262 x 0.003333
