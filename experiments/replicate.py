@@ -401,6 +401,8 @@ def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
     try:
         record = record_path(records, world, name, replicate) if records else None
         if reuse_decision(run_dir, stamp, rerun_stale=rerun_stale, record=record) == "reuse":
+            if record is not None and read_record(record, stamp) is None:
+                record_run(record, stamp, run_dir, files.get(world))  # finished, not recorded
             return "reused", 0.0
     except StaleRun as exc:
         raise RuntimeError(str(exc)) from None
@@ -417,10 +419,25 @@ def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
                            f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     seconds = time.perf_counter() - t0
     if record is not None:  # at once, so that a session that ends mid-experiment keeps it
-        fw = files.get(world)
-        write_record(record, stamp, collect_run(run_dir, world, fw),
-                     collect_base(run_dir, world, fw) if name == BASE_CONDITION else None)
+        record_run(record, stamp, run_dir, files.get(world))
     return "ran", seconds
+
+
+# Collecting loads models; two runner threads doing it at once in one process is not safe.
+_COLLECT_LOCK = threading.Lock()
+
+
+def record_run(record: Path, stamp: dict, run_dir: Path, files: Path | None) -> None:
+    """Write a finished run's record; a failure is a RuntimeError naming the run, so that the
+    other runs go on and the next invocation tries again."""
+    world, name = stamp["world"], stamp["condition"]
+    try:
+        with _COLLECT_LOCK:
+            write_record(record, stamp, collect_run(run_dir, world, files),
+                         collect_base(run_dir, world, files) if name == BASE_CONDITION else None)
+    except Exception as exc:  # noqa: BLE001 - reported with the run's name, the rest go on
+        raise RuntimeError(f"{run_dir}: finished, but its record could not be written: "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 class Progress:
@@ -458,8 +475,9 @@ def run_all(tasks: list[tuple[str, str, int]], jobs: int, runner) -> list[str]:
             task = futures[fut]
             try:
                 status, seconds = fut.result()
-            except RuntimeError as exc:
-                failures.append(str(exc))
+            except Exception as exc:  # noqa: BLE001 - one run's failure must not stop the log
+                failures.append(f"{task}: {type(exc).__name__}: {exc}"
+                                if not isinstance(exc, RuntimeError) else str(exc))
                 print(f"FAILED {exc}", flush=True)
                 status, seconds = "failed", 0.0
             print(progress.line(task, status, seconds), flush=True)
