@@ -219,6 +219,39 @@ def test_full_disk_at_a_checkpoint_save_and_a_shard_write(tmp_path, toy_world):
     assert read("ls3").split() == ["filler"]  # no w.parquet.tmp, no lock file
 
 
+@pytest.mark.integration
+def test_full_disk_at_rollout_and_score_outputs(tmp_path, toy_world):
+    """`renio rollout` and `renio score` writing into a full disk end in one line that names
+    the output file, exit 2, and leave nothing behind (no 0-byte .parquet.tmp)."""
+    _full_disk_or_skip(tmp_path)
+    run_dir = tmp_path / "run"
+    _ok("run", "--config", CONFIG, f"run_dir={run_dir}", "iterations=1", *ONE_STEP)
+    it = run_dir / "iter-00000"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+{i}=",
+                                           "answer": str(2 * i)}) + "\n" for i in range(4)))
+    disk = tmp_path / "disk"
+    rollout = " ".join([*RENIO, "rollout", "--model", "toy:student", "--prompts", str(prompts),
+                        "--max-new-tokens", "16", "--out", str(disk / "r.parquet")])
+    score = " ".join([*RENIO, "score", "--in", str(it / "rollouts.parquet"), "--teacher",
+                      "toy:teacher", "--out", str(disk / "s.parquet")])
+    report = tmp_path / "report"
+    # The disk is filled to its last byte before either command writes.
+    proc = _on_small_disk(disk, 256, f"""
+        head -c 300k /dev/zero > {disk}/filler 2>/dev/null
+        {rollout} > /dev/null 2> {report}.rollout; echo $? > {report}.rc1
+        {score} > /dev/null 2> {report}.score; echo $? > {report}.rc2
+        ls -A {disk} > {report}.ls
+    """)
+    assert proc.returncode == 0, proc.stderr
+    read = lambda suffix: Path(f"{report}.{suffix}").read_text()  # noqa: E731
+    for name, rc, out in (("rollout", "rc1", "r.parquet"), ("score", "rc2", "s.parquet")):
+        assert read(rc).strip() == "2", read(name)
+        assert read(name).strip().splitlines() == [
+            f"error: {disk / out}: cannot write: No space left on device"], name
+    assert read("ls").split() == ["filler"]  # no .tmp, no lock file, no part directory
+
+
 # --------------------------------------------------------------------------------------------
 # Damaged state
 # --------------------------------------------------------------------------------------------
