@@ -105,12 +105,12 @@ def train(
     with contextlib.ExitStack() as stack:
         bar: dict[str, Any] = {}
 
-        def progress(step: int, total: int, record: dict[str, Any]) -> None:
-            # The total is known only once the shard is read, so the bar starts on step one.
+        def progress(step: int, total: int, record: dict[str, Any] | None) -> None:
+            # The total is known only once the shard is read: the bar starts at the trainer's
+            # first call (record None), at the step it resumed from.
             if "advance" not in bar:
                 bar["advance"] = stack.enter_context(progress_bar("training steps", total))
-                bar["done"] = step - 1
-                bar["advance"](step - 1)
+                bar["done"] = 0
             bar["advance"](step - bar["done"])
             bar["done"] = step
 

@@ -401,8 +401,9 @@ def test_run_writes_checkpoint_and_metrics(world, weights_file, tmp_path):
     out = tmp_path / "ckpt"
     seen = []
     summary = run_train(_cfg(world, weights_file, out, loss="topk", max_steps=3, epochs=1),
-                        progress=lambda s, t, r: seen.append((s, t)))
-    assert seen == [(1, 3), (2, 3), (3, 3)]
+                        progress=lambda s, t, r: seen.append((s, t, r is None)))
+    # Once before the first step (no metrics yet: a bar learns its total), then after each.
+    assert seen == [(0, 3, True), (1, 3, False), (2, 3, False), (3, 3, False)]
     assert summary.steps == 3 and summary.micro_batches == 4
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3]

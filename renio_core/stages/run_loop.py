@@ -1016,12 +1016,19 @@ class _Loop:
             self.say(f"{label}: checkpoint already complete, not retrained")
             self.resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
             return
-        with self.bar(f"{label}: train", c["train"].max_steps) as advance:
-            def on_step(step: int, total: int, metrics: dict[str, Any]) -> None:
+        with contextlib.ExitStack() as stack:
+            advance: list[Any] = []
+
+            def on_step(step: int, total: int, metrics: dict[str, Any] | None) -> None:
+                # The trainer's first call (metrics None) gives the total: the bar opens there.
+                if not advance:
+                    advance.append(stack.enter_context(self.bar(f"{label}: train", total)))
+                if metrics is None:
+                    return
                 self.tracker.log("train", {k: metrics[k] for k in TRACKED},
                                  metrics.get("global_step", policy_step + step))
-                if advance is not None:
-                    advance(1)
+                if advance[0] is not None:
+                    advance[0](1)
             self.resident.train(c["train"], str(ckpt), on_step,
                                 score_in_train_step=score_in_train_step)
 

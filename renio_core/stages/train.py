@@ -102,8 +102,10 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 # Per-step scalars sent to TensorBoard and W&B (renio_core/stages/tracking.py).
 TRACKED = ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr")
 
-# progress(step, total_steps, metrics of that step); called on rank 0 only.
-Progress = Callable[[int, int, dict[str, Any]], None]
+# progress(step, total_steps, metrics of that step), after each step, and once before the
+# first with metrics None (so a progress bar knows its total while that step runs); called on
+# rank 0 only.
+Progress = Callable[[int, int, "dict[str, Any] | None"], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,6 +843,8 @@ class Trainer:
         samples_seen = tokens_seen = 0
         first_loss = last_loss = None
         weight_sum = weight_n = 0.0
+        if progress is not None and d.main:
+            progress(self.step, total, None)
         while self.step < total:
             record, t = self._optimizer_step()
             samples_seen += record["samples"]
