@@ -96,7 +96,12 @@ Records: when a run has finished, its collected numbers (and its stamp) are writ
 to git: a run directory is 18 MB and lives on one machine, a record a few tens of KB. A run
 whose record matches its stamp is not run again, so the experiment continues on another
 machine or in another session from where it stopped, at the same code (check out the commit
-the records name, as a worktree, and run from there).
+the records name, as a worktree, and run from there). The code may change meanwhile:
+``--verify`` remakes, at the current code, each condition's lowest recorded replicate made by
+other code, and where every collected number is equal to the last bit (wall time aside) that
+code's records of that world count for the current code (``RECORDS/verified.json``; the report
+names every commit the numbers come from). Where one differs, those records stay apart and
+their runs are made again.
 
 Results: ``DOCS/replication.md`` and its plots, raw numbers in ``OUT/results.json``.
 ``--trial`` runs the same machinery for 2 iterations on a few prompts (a check of the
@@ -280,11 +285,116 @@ def write_record(path: Path, stamp: dict, run: dict, base: dict | None) -> None:
 
 
 def read_record(path: Path, stamp: dict) -> dict | None:
-    """The record at ``path`` if it was made with ``stamp`` (the commit aside), else None."""
+    """The record at ``path`` if it was made with ``stamp`` (the commit aside), else None. A
+    record made by other code counts where the current code was shown to reproduce that
+    code's records (``verified_digests``)."""
     if not path.is_file():
         return None
     record = json.loads(gzip.decompress(path.read_bytes()))
-    return None if stamp_differences(record["stamp"], stamp) else record
+    found = record["stamp"]
+    if found.get("code_digest") in verified_digests(path.parents[2], stamp["code_digest"],
+                                                    stamp["world"]):
+        found = {**found, "code_digest": stamp["code_digest"]}
+    return None if stamp_differences(found, stamp) else record
+
+
+# ----------------------------------------------------------------------------- verification
+#
+# The code goes on changing while the experiment runs over several sessions. Runs are
+# deterministic, so a record made by older code stands for the current code once the current
+# code has remade some of them exactly (``--verify``): one replicate of every condition of a
+# world, every collected number equal (wall times aside). Each such check is an entry of
+# ``RECORDS/verified.json``: {"world", "digest": new, "same_as": old, "commit", "runs"}; a
+# check holds for the world whose runs it remade.
+VERIFIED = "verified.json"
+NOT_REPRODUCED = ("seconds",)  # wall time: the only collected number a rerun may change
+
+
+def verified_digests(records: Path, digest: str, world: str) -> set[str]:
+    """``digest`` and every digest whose records of ``world`` it reproduces, directly or
+    through a chain of checks (new reproduces old, old reproduced older)."""
+    path = records / VERIFIED
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    found, todo = {digest}, [digest]
+    while todo:
+        d = todo.pop()
+        for e in entries:
+            if e["world"] == world and e["digest"] == d and e["same_as"] not in found:
+                found.add(e["same_as"])
+                todo.append(e["same_as"])
+    return found
+
+
+def reproduction_differences(recorded: dict, remade: dict, where: str = "") -> list[str]:
+    """Every collected number that differs between a record and a rerun (paths as
+    ``a.b[3]``), wall times aside; floats must be equal to the last bit."""
+    if isinstance(recorded, dict) and isinstance(remade, dict):
+        out = []
+        for k in sorted(set(recorded) | set(remade)):
+            if k in NOT_REPRODUCED:
+                continue
+            sub = f"{where}.{k}" if where else str(k)
+            if k not in recorded or k not in remade:
+                out.append(f"{sub}: only in the {'rerun' if k in remade else 'record'}")
+            else:
+                out.extend(reproduction_differences(recorded[k], remade[k], sub))
+        return out
+    if isinstance(recorded, list) and isinstance(remade, list):
+        if len(recorded) != len(remade):
+            return [f"{where}: {len(recorded)} values recorded, {len(remade)} remade"]
+        return [d for i, (a, b) in enumerate(zip(recorded, remade))
+                for d in reproduction_differences(a, b, f"{where}[{i}]")]
+    # Compared as JSON gives them (a record went through JSON; NaN equals NaN).
+    a, b = json.loads(json.dumps(recorded)), json.loads(json.dumps(remade))
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a)
+                      and math.isnan(b))
+    return [] if same else [f"{where}: recorded {a!r}, remade {b!r}"]
+
+
+def verification_plan(records: Path, world: str, digest: str) -> dict[str, list]:
+    """{old digest: [(world, condition, replicate), ...]} for the records of ``world`` made by
+    code not yet shown equivalent to ``digest``: each condition's lowest recorded replicate."""
+    accepted = verified_digests(records, digest, world)
+    lowest: dict[str, dict[str, int]] = {}
+    for path in sorted((records / world).glob("*/rep*.json.gz")):
+        stamp = json.loads(gzip.decompress(path.read_bytes()))["stamp"]
+        d = stamp["code_digest"]
+        if d in accepted:
+            continue
+        by_cond = lowest.setdefault(d, {})
+        name, rep = stamp["condition"], stamp["replicate"]
+        by_cond[name] = min(rep, by_cond.get(name, rep))
+    return {d: [(world, n, r) for n, r in sorted(c.items())] for d, c in lowest.items()}
+
+
+def verify_run(task: tuple[str, str, int], old: str, scratch: Path, records: Path, digest: str,
+               commit: str, threads: int) -> tuple[str, float]:
+    """Remake one recorded run at the current code in ``scratch``; RuntimeError listing the
+    differences unless every collected number equals the record's."""
+    world, name, rep = task
+    record = json.loads(gzip.decompress(record_path(records, world, name, rep).read_bytes()))
+    if record["stamp"]["code_digest"] != old:
+        raise RuntimeError(f"{task}: its record is not from code {old}")
+    status, seconds = run_one(task, scratch, digest, commit, files={}, trial=False,
+                              rerun_stale=True, threads=threads)
+    run_dir = run_dir_of(scratch, world, name, rep)
+    remade = {"run": collect_run(run_dir, world, None),
+              "base": collect_base(run_dir, world, None) if name == BASE_CONDITION else None}
+    diffs = reproduction_differences({"run": record["run"], "base": record["base"]}, remade)
+    if diffs:
+        raise RuntimeError(f"{world}/{name} replicate {rep} is not reproduced by code {digest}: "
+                           + "; ".join(diffs[:5]) + (f" (and {len(diffs) - 5} more)"
+                                                     if len(diffs) > 5 else ""))
+    return status, seconds
+
+
+def add_verified(records: Path, world: str, digest: str, same_as: str, commit: str,
+                 runs: list[tuple[str, str, int]]) -> None:
+    path = records / VERIFIED
+    entries = json.loads(path.read_text()) if path.is_file() else []
+    entries.append({"world": world, "digest": digest, "same_as": same_as, "commit": commit,
+                    "runs": [list(r) for r in runs]})
+    path.write_text(json.dumps(entries, indent=2) + "\n")
 
 
 def code_digest(root: Path | None = None) -> str:
@@ -1157,6 +1267,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--records", type=Path, default=RECORDS,
                     help="where finished runs' records are kept (committed to git): a run with "
                          "a matching record is not run again, even where its directory is gone")
+    ap.add_argument("--verify", action="store_true",
+                    help="remake, at this code, each condition's lowest recorded replicate made by "
+                         "other code; where every number is equal, that code's records count "
+                         "for this code (RECORDS/verified.json)")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: report the finished runs on disk")
     ap.add_argument("--trial", action="store_true",
@@ -1167,6 +1281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-dir", action="append", default=[], metavar="WORLD=DIR",
                     help="with --trial: use a world built into DIR (renio toy build --quick)")
     args = ap.parse_args(argv)
+    if args.verify and (args.trial or args.report_only):
+        ap.error("--verify checks the experiment's records: not with --trial or --report-only")
     if not args.trial and (args.conditions or args.world_dir):
         ap.error("--conditions and --world-dir are for --trial only: the experiment's "
                  "conditions and worlds are fixed")
@@ -1196,6 +1312,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
     failures: list[str] = []
+    if args.verify:
+        return verify(args, digest, commit, threads)
     tasks = [] if args.report_only else plan(args.worlds, replicates, only)
     if tasks:
         print(f"{len(tasks)} runs, {args.jobs} at a time; code {commit} (digest {digest})",
@@ -1246,6 +1364,27 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def verify(args: argparse.Namespace, digest: str, commit: str, threads: int) -> int:
+    """``--verify``: remake the planned runs; record each old digest all of whose runs agree."""
+    failed = 0
+    for world in args.worlds:
+        for old, tasks in verification_plan(args.records, world, digest).items():
+            print(f"{world}: {len(tasks)} runs of code {old} remade at code {commit} "
+                  f"(digest {digest})", flush=True)
+            scratch = args.out / f"verify-{digest}"
+            failures = run_all(tasks, args.jobs, lambda t, old=old: verify_run(
+                t, old, scratch, args.records, digest, commit, threads))
+            if failures:
+                failed += 1
+                print(f"{world}: code {old}'s records are NOT reproduced; they stay apart",
+                      flush=True)
+            else:
+                add_verified(args.records, world, digest, old, commit, tasks)
+                print(f"{world}: every number of the {len(tasks)} runs is reproduced; code "
+                      f"{old}'s records count for this code", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -357,6 +357,47 @@ def test_records_stand_for_finished_runs_across_machines(rep, tmp_path):
         rep.collect(out, "reflect", conditions, [4], digest, "abc", **args)
 
 
+def test_records_of_older_code_count_once_the_current_code_remade_them(rep, tmp_path):
+    records = tmp_path / "records"
+    old, mid, new = "a" * 16, "b" * 16, "c" * 16
+    for world, name, r in (("reflect", "opd", 0), ("reflect", "opd", 1), ("reflect", "opsd", 2),
+                           ("chain", "opd", 0)):
+        rep.write_record(rep.record_path(records, world, name, r),
+                         rep.run_stamp(world, name, r, old, "c1"), {"final": {"acc": 0.5}}, None)
+    path = rep.record_path(records, "reflect", "opd", 1)
+    now = rep.run_stamp("reflect", "opd", 1, new, "c3")
+    assert rep.read_record(path, now) is None  # other code, not checked
+    # The plan: each condition's lowest replicate made by unchecked code, per world.
+    assert rep.verification_plan(records, "reflect", new) == {
+        old: [("reflect", "opd", 0), ("reflect", "opsd", 2)]}
+    # mid remade old's reflect runs, new remade mid's: old's reflect records count for new.
+    rep.add_verified(records, "reflect", mid, old, "c2", [("reflect", "opd", 0)])
+    assert rep.read_record(path, now) is None
+    rep.add_verified(records, "reflect", new, mid, "c3", [("reflect", "opd", 0)])
+    assert rep.verified_digests(records, new, "reflect") == {new, mid, old}
+    assert rep.read_record(path, now)["run"] == {"final": {"acc": 0.5}}
+    assert rep.verification_plan(records, "reflect", new) == {}
+    # A check holds for its own world only; and never for another config.
+    assert rep.verified_digests(records, new, "chain") == {new}
+    assert rep.read_record(rep.record_path(records, "chain", "opd", 0),
+                           rep.run_stamp("chain", "opd", 0, new, "c3")) is None
+    assert rep.read_record(path, {**now, "seed": 7}) is None
+
+
+def test_reproduction_differences_name_every_number_but_wall_time(rep):
+    recorded = {"run": {"acc": [0.5, 0.75], "seconds": 61.0, "final": {"acc": 0.75,
+                        "p": float("nan")}}, "base": None}
+    same = {"run": {"acc": [0.5, 0.75], "seconds": 99.0, "final": {"acc": 0.75,
+                    "p": float("nan")}}, "base": None}
+    assert rep.reproduction_differences(recorded, same) == []
+    off = {"run": {"acc": [0.5, 0.75 + 2 ** -40], "seconds": 61.0,
+                   "final": {"acc": 0.75, "p": float("nan"), "extra": 1}}, "base": None}
+    assert rep.reproduction_differences(recorded, off) == [
+        f"run.acc[1]: recorded 0.75, remade {0.75 + 2 ** -40!r}", "run.final.extra: only in the rerun"]
+    assert rep.reproduction_differences({"x": [1, 2]}, {"x": [1]}) == [
+        "x: 2 values recorded, 1 remade"]
+
+
 def test_stamp_tracks_seed_config_and_code(rep):
     a = rep.run_stamp("reflect", "opd", 0, "d", "c")
     assert rep.run_stamp("reflect", "opd", 1, "d", "c")["seed"] != a["seed"]
