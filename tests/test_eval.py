@@ -19,6 +19,7 @@ from conftest import require_component
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.grading.sandbox import bwrap_problem
+from renio_core.stages import evaluate
 from renio_core.stages.evaluate import EvalConfig, compare, load_bench
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
@@ -276,6 +277,40 @@ def test_config_validation_names_the_field() -> None:
         EvalConfig(bench="toy", out="o.parquet", completions="c.jsonl", adapter="a")
     with pytest.raises(RenioInputError, match="backend"):
         EvalConfig(bench="toy", out="o.parquet", model="m", backend="tgi")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_eval_closes_its_sampler(monkeypatch, fails: bool) -> None:
+    """The sampler an eval makes (a vLLM engine's worker processes) is closed when sampling
+    ends, and when it fails."""
+    closed = []
+
+    class Fake:
+        def sample(self, prompts, cfg, progress=None):
+            if fails:
+                raise RuntimeError("sampling failed")
+            return pa.table({"prompt_id": [p.id for p in prompts], "sample_index": [0],
+                             "completion_text": ["x"], "completion_ids": [[1]],
+                             "finish_reason": ["stop"]})
+
+        def close(self):
+            closed.append(True)
+
+    made = []
+    monkeypatch.setattr(evaluate, "make_sampler",
+                        lambda cfg, tok, **kw: made.append((cfg, tok, kw)) or Fake())
+    monkeypatch.setattr(evaluate.models, "load_tokenizer", lambda name: "tok")
+    monkeypatch.setattr(evaluate.models, "tokenizer_fingerprint", lambda tok: "fp")
+    cfg = EvalConfig(bench="toy", out="o.parquet", model="m", n=1, backend="hf")
+    problems = [evaluate.Problem(id="p", problem="1+1?", task="math", answer="2")]
+    if fails:
+        with pytest.raises(RuntimeError, match="sampling failed"):
+            evaluate._generate(cfg, problems, None)
+    else:
+        samples, fp = evaluate._generate(cfg, problems, None)
+        assert [(s.prompt_id, s.completion_text) for s in samples] == [("p", "x")] and fp == "fp"
+    assert closed == [True]
+    assert made[0][0] == evaluate._rollout_config(cfg) and made[0][1:] == ("tok", {})
 
 
 def test_bench_file_rows(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ problems.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import gzip
@@ -44,7 +45,6 @@ from typing import Any
 import pyarrow as pa
 
 from renio_core.backends import vllm as vllm_backend
-from renio_core.backends.hf import HFSampler
 from renio_core.data import shards
 from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
 from renio_core.data.prompts import TASKS
@@ -56,7 +56,7 @@ from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation, gra
 from renio_core.modeling import models
 from renio_core.modeling.toy import ensure_toy_world
 from renio_core.stages import option_help
-from renio_core.stages.rollout import RolloutConfig, fit_to_context
+from renio_core.stages.rollout import RolloutConfig, fit_to_context, make_sampler
 from renio_core.stages.train_checkpoint import verify_checkpoint
 
 Advance = Callable[[int], None]
@@ -427,15 +427,9 @@ def _generate(cfg: EvalConfig, problems: list[Problem], progress: Advance | None
 
     rollout_cfg = _rollout_config(cfg)
     tok = models.load_tokenizer(cfg.model)
-    sampler: Any
-    if cfg.backend == "vllm":
-        sampler = vllm_backend.VllmSampler(rollout_cfg, tok)
-    else:
-        model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
-                                  device=cfg.device, device_map=cfg.device_map)
-        sampler = HFSampler(model, tok)
     prompts = [Prompt(id=p.id, problem=p.problem or "", task=p.task) for p in problems]
-    table = sampler.sample(prompts, rollout_cfg, progress)
+    with contextlib.closing(make_sampler(rollout_cfg, tok)) as sampler:
+        table = sampler.sample(prompts, rollout_cfg, progress)
     d = table.select(["prompt_id", "sample_index", "completion_text", "completion_ids",
                       "finish_reason"]).to_pydict()
     out = [Sample(pid, int(k), text, len(ids), finish, list(ids))

@@ -265,6 +265,21 @@ def fit_rollout_prompts(cfg: RolloutConfig, prompt_set: PromptSet, tokenizer: An
     return fit_to_context(cfg, prompt_set, tokenizer, models.context_length(config, tokenizer))
 
 
+def make_sampler(cfg: RolloutConfig, tokenizer: Any, *, model: Any = None,
+                 lora_rank: int | None = None) -> Sampler:
+    """The one place a sampler is chosen by ``cfg.backend`` (for ``rollout``, ``eval`` and the
+    ``renio run`` loop): a ``VllmSampler`` (its engine built with LoRA up to ``lora_rank``
+    when given, else to ``cfg.adapter``'s rank), or an ``HFSampler`` over ``model`` (loaded
+    from ``cfg.model`` plus ``cfg.adapter`` when not given) that refills with ``cfg.refill``.
+    The caller closes it (``Sampler.close``: a vLLM engine's worker processes)."""
+    if cfg.backend == "vllm":
+        return vllm_backend.VllmSampler(cfg, tokenizer, lora_rank=lora_rank)
+    if model is None:
+        model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
+                                  device=cfg.device, device_map=cfg.device_map)
+    return HFSampler(model, tokenizer, refill=cfg.refill)
+
+
 def num_chunks(num_prompts: int, cfg: RolloutConfig) -> int:
     return -(-num_prompts // cfg.chunk_prompts)
 
@@ -348,21 +363,15 @@ def run_rollout(
         own_sampler = sampler is None  # one made here is closed here; a caller's is kept
 
         def get_sampler() -> Sampler:
-            nonlocal sampler, model
+            nonlocal sampler
             if sampler is None:
-                if cfg.backend == "vllm":
-                    sampler = vllm_backend.VllmSampler(cfg, tokenizer)
-                    summary.sampler = "vLLM"
-                else:
-                    if model is None:
-                        model = models.load_model(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype,
-                                                  device=cfg.device, device_map=cfg.device_map)
-                    hf = HFSampler(model, tokenizer, refill=cfg.refill)
-                    # A refill the model's cache cannot take falls back; say so.
-                    summary.sampler = ("refilled batches" if hf.refill else
-                                       "fixed batches (this model's cache cannot be refilled)"
-                                       if cfg.refill else "fixed batches")
-                    sampler = hf
+                sampler = make_sampler(cfg, tokenizer, model=model)
+                # A refill the model's cache cannot take falls back; say so.
+                summary.sampler = (
+                    "vLLM" if not isinstance(sampler, HFSampler) else
+                    "refilled batches" if sampler.refill else
+                    "fixed batches (this model's cache cannot be refilled)" if cfg.refill else
+                    "fixed batches")
             return sampler
 
         fresh_tokens = 0

@@ -68,14 +68,19 @@ import yaml
 
 from renio_core.backends.hf import HFScorer
 from renio_core.backends.rows import prompt_task
-from renio_core.backends.vllm import VllmSampler
 from renio_core.data import shards
 from renio_core.data.prompt_io import PromptSet, load_prompts
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
 from renio_core.modeling.toy import chain, ensure_toy_world, reflect
 from renio_core.stages.evaluate import EvalConfig, run_eval
-from renio_core.stages.rollout import RolloutConfig, RolloutSummary, fit_to_context, run_rollout
+from renio_core.stages.rollout import (
+    RolloutConfig,
+    RolloutSummary,
+    fit_to_context,
+    make_sampler,
+    run_rollout,
+)
 from renio_core.stages.score import ScoreConfig, resolve, run_score
 from renio_core.stages.score_in_train_step import StepScorer, live_spec, micro_batches, row_keys
 from renio_core.stages.tracking import Tracker, check_available
@@ -612,9 +617,8 @@ class _Resident:
         if rollout_cfg.backend != "vllm":
             return None
         if self.vllm_sampler is None:
-            self.vllm_sampler = VllmSampler(
-                dataclasses.replace(rollout_cfg, adapter=None),
-                self.tokenizer, lora_rank=lora_rank)
+            self.vllm_sampler = make_sampler(dataclasses.replace(rollout_cfg, adapter=None),
+                                             self.tokenizer, lora_rank=lora_rank)
         self.vllm_sampler.set_adapter(rollout_cfg.adapter)
         return self.vllm_sampler
 
