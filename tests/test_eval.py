@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +21,8 @@ from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.grading.sandbox import bwrap_problem
 from renio_core.stages import evaluate
-from renio_core.stages.evaluate import EvalConfig, compare, load_bench
+from renio_core.stages.evaluate import ROLLOUT_SETTINGS, EvalConfig, compare, load_bench
+from renio_core.stages.rollout import RolloutConfig
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 
@@ -277,6 +279,24 @@ def test_config_validation_names_the_field() -> None:
         EvalConfig(bench="toy", out="o.parquet", completions="c.jsonl", adapter="a")
     with pytest.raises(RenioInputError, match="backend"):
         EvalConfig(bench="toy", out="o.parquet", model="m", backend="tgi")
+
+
+def test_rollout_settings_are_the_fields_both_configs_share() -> None:
+    """``ROLLOUT_SETTINGS`` names fields of EvalConfig and RolloutConfig with one type, and every
+    other field the two share is set apart on purpose (model and out by ``_rollout_config``,
+    overwrite means another file); ``_rollout_config`` hands each one over by name."""
+    eval_types = typing.get_type_hints(EvalConfig)
+    rollout_types = typing.get_type_hints(RolloutConfig)
+    for name in ROLLOUT_SETTINGS:
+        assert eval_types[name] == rollout_types[name], name
+    assert set(eval_types) & set(rollout_types) == {*ROLLOUT_SETTINGS, "model", "out", "overwrite"}
+    cfg = EvalConfig(bench="toy", out="o.parquet", model="m", adapter="a", n=3, temperature=0.7,
+                     top_p=0.9, top_k=5, max_new_tokens=77, seed=4, batch_size=8, dtype="float32",
+                     device="cpu", skip_long_prompts=True)
+    rcfg = evaluate._rollout_config(cfg)
+    assert (rcfg.model, rcfg.prompts, rcfg.out) == ("m", "toy", "o.parquet")
+    for name in ROLLOUT_SETTINGS:
+        assert getattr(rcfg, name) == getattr(cfg, name), name
 
 
 @pytest.mark.parametrize("fails", [False, True])

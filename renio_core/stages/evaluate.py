@@ -76,6 +76,12 @@ NAMED_BENCHES: dict[str, dict[str, Any]] = {
                "answer": "answer", "id": "problem_idx"},
 }
 SUMMARY_VERSION = 1
+# The EvalConfig fields that are RolloutConfig's settings of the same name and meaning: an eval
+# samples with them exactly as ``renio rollout`` would (``_rollout_config``). Each keeps eval's
+# own default and help (n 16 and temperature 1.0 here, 1 and the official 1.1 there).
+ROLLOUT_SETTINGS = ("adapter", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                    "backend", "vllm_memory", "tensor_parallel_size", "device_map",
+                    "batch_size", "device", "dtype", "skip_long_prompts")
 
 
 @dataclasses.dataclass
@@ -397,14 +403,10 @@ def _number_samples(samples: list[Sample]) -> list[Sample]:
 
 
 def _rollout_config(cfg: EvalConfig) -> RolloutConfig:
-    return RolloutConfig(
-        model=str(cfg.model), prompts=cfg.bench, out=cfg.out, adapter=cfg.adapter, n=cfg.n,
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-        dtype=cfg.dtype, device=cfg.device, backend=cfg.backend, vllm_memory=cfg.vllm_memory,
-        tensor_parallel_size=cfg.tensor_parallel_size, device_map=cfg.device_map,
-        skip_long_prompts=cfg.skip_long_prompts,
-    )
+    """The rollout settings an eval samples with: ``ROLLOUT_SETTINGS`` by name, the rest
+    ``renio rollout``'s defaults."""
+    return RolloutConfig(model=str(cfg.model), prompts=cfg.bench, out=cfg.out,
+                         **{name: getattr(cfg, name) for name in ROLLOUT_SETTINGS})
 
 
 def _fit_problems(cfg: EvalConfig, problems: list[Problem]) -> tuple[list[Problem], list[str]]:
