@@ -917,62 +917,68 @@ class _Loop:
 
     def iteration(self, i: int, prev_ckpt: str | None, policy_step: int) -> IterationRecord:
         cfg, resident, label = self.cfg, self.resident, f"iter {i}"
-        t: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
+        timings: dict[str, float] = dict.fromkeys(TIME_KEYS, 0.0)
         t0 = time.perf_counter()
         it_dir = self.run_dir / f"iter-{i:05d}"
-        c = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step, iteration=i,
-                              grade=self.graded)
+        stage_cfgs = cfg.stage_configs(it_dir, adapter=prev_ckpt, policy_step=policy_step,
+                                       iteration=i, grade=self.graded)
         for stage in ("rollout", "score", "weight"):
-            why = _damaged(Path(c[stage].out))
+            why = _damaged(Path(stage_cfgs[stage].out))
             if why:
-                self.say(f"{label}: {c[stage].out} {why}; made again")
+                self.say(f"{label}: {stage_cfgs[stage].out} {why}; made again")
         resident.use_checkpoint(prev_ckpt)
 
         fill: tuple[int, int] | None = None
-        with _timed(t, "sample"):
+        with _timed(timings, "sample"):
             if cfg.fill_filtered:
-                r, fill = self.sample_filled(c, i, label)
+                rollout_summary, fill = self.sample_filled(stage_cfgs, i, label)
             else:
-                r = self.sample(c["rollout"], _iteration_prompts(self.train_prompts, cfg, i),
-                                f"{label}: rollout")
-        t["sample_work"] = r.seconds
-        rollout_acc = r.correct / r.graded if r.graded else None
+                rollout_summary = self.sample(
+                    stage_cfgs["rollout"], _iteration_prompts(self.train_prompts, cfg, i),
+                    f"{label}: rollout")
+        timings["sample_work"] = rollout_summary.seconds
+        rollout_acc = (rollout_summary.correct / rollout_summary.graded
+                       if rollout_summary.graded else None)
         if fill is not None and fill[1] == 0:
-            return self.nothing_to_train(i, it_dir, prev_ckpt, policy_step, rollout_acc, fill, t,
-                                         t0)
+            return self.nothing_to_train(i, it_dir, prev_ckpt, policy_step, rollout_acc, fill,
+                                         timings, t0)
 
         ckpt = it_dir / "ckpt"
         if self.score_in_train_step:
-            w = self.train_with_score_in_train_step(c, ckpt, label, policy_step, t)
-            self.say_weights(label, w, rollout_acc)
+            weight_summary = self.train_with_score_in_train_step(stage_cfgs, ckpt, label,
+                                                                 policy_step, timings)
+            self.say_weights(label, weight_summary, rollout_acc)
         else:
-            w = self.score_and_weight(c, label, t)
-            self.say_weights(label, w, rollout_acc)
-            with _timed(t, "train"):
-                self.train(c, ckpt, label, policy_step)
+            weight_summary = self.score_and_weight(stage_cfgs, label, timings)
+            self.say_weights(label, weight_summary, rollout_acc)
+            with _timed(timings, "train"):
+                self.train(stage_cfgs, ckpt, label, policy_step)
         steps = _checkpoint_metrics(ckpt)
-        t["train_steps"] = sum(s.get("step_seconds", 0.0) for s in steps)
+        timings["train_steps"] = sum(s.get("step_seconds", 0.0) for s in steps)
         policy_step = max((s.get("global_step", policy_step + s.get("step", 0)) for s in steps),
                           default=policy_step)
         eval_acc = None
         if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == cfg.iterations - 1):
-            with _timed(t, "eval"):
+            with _timed(timings, "eval"):
                 eval_acc = self.evaluate(it_dir, str(ckpt), policy_step, label)
         total = time.perf_counter() - t0
-        t["other"] = max(0.0, total - sum(t[k] for k in ("sample", "score", "weight", "train", "eval")))
+        timings["other"] = max(0.0, total - sum(timings[k] for k in ("sample", "score", "weight",
+                                                                     "train", "eval")))
         return IterationRecord(
             iteration=i, policy_step=policy_step, rollout_accuracy=rollout_acc,
-            mean_weight_correct=w.mean_weight_correct,
-            mean_weight_incorrect=w.mean_weight_incorrect, auroc_incorrect=w.auroc_incorrect,
-            pivotal_share=w.pivotal_share, train_loss=steps[-1].get("loss") if steps else None,
+            mean_weight_correct=weight_summary.mean_weight_correct,
+            mean_weight_incorrect=weight_summary.mean_weight_incorrect,
+            auroc_incorrect=weight_summary.auroc_incorrect,
+            pivotal_share=weight_summary.pivotal_share,
+            train_loss=steps[-1].get("loss") if steps else None,
             eval_accuracy=eval_acc, seconds=total,
             fill_sampled=fill[0] if fill else None, fill_kept=fill[1] if fill else None,
-            time={k: round(v, 4) for k, v in t.items()},
+            time={k: round(v, 4) for k, v in timings.items()},
         )
 
     def nothing_to_train(self, i: int, it_dir: Path, prev_ckpt: str | None, policy_step: int,
                          rollout_acc: float | None, fill: tuple[int, int],
-                         t: dict[str, float], t0: float) -> IterationRecord:
+                         timings: dict[str, float], t0: float) -> IterationRecord:
         """An iteration whose fill pass found no row of the kept kind (an incorrect-only run
         whose student no longer errs): no score, weights or optimizer step; the student stays
         at ``prev_ckpt``, which a scheduled evaluation evaluates."""
@@ -981,15 +987,15 @@ class _Loop:
                  "nothing to train on; the next iteration continues from the last checkpoint")
         eval_acc = None
         if cfg.eval_every and ((i + 1) % cfg.eval_every == 0 or i == cfg.iterations - 1):
-            with _timed(t, "eval"):
+            with _timed(timings, "eval"):
                 eval_acc = self.evaluate(it_dir, prev_ckpt, policy_step, label)
         total = time.perf_counter() - t0
-        t["other"] = max(0.0, total - sum(t[k] for k in ("sample", "eval")))
+        timings["other"] = max(0.0, total - sum(timings[k] for k in ("sample", "eval")))
         return IterationRecord(
             iteration=i, policy_step=policy_step, rollout_accuracy=rollout_acc,
             mean_weight_correct=None, mean_weight_incorrect=None, auroc_incorrect=None,
             pivotal_share=0.0, train_loss=None, eval_accuracy=eval_acc, seconds=total,
-            fill_sampled=fill[0], fill_kept=0, time={k: round(v, 4) for k, v in t.items()})
+            fill_sampled=fill[0], fill_kept=0, time={k: round(v, 4) for k, v in timings.items()})
 
     def scorer(self, score_cfg: ScoreConfig, inputs: shards.InputSet) -> HFScorer:
         resident = self.resident
@@ -999,22 +1005,24 @@ class _Loop:
             scorer.teacher_model = resident.teacher  # the frozen base
         return scorer
 
-    def score_and_weight(self, c: dict[str, Any], label: str, t: dict[str, float]) -> Any:
-        with _timed(t, "score"):
-            inputs = shards.open_inputs(c["score"].input, [])
-            scorer = self.scorer(c["score"], inputs)
+    def score_and_weight(self, stage_cfgs: dict[str, Any], label: str,
+                         timings: dict[str, float]) -> Any:
+        with _timed(timings, "score"):
+            inputs = shards.open_inputs(stage_cfgs["score"].input, [])
+            scorer = self.scorer(stage_cfgs["score"], inputs)
             with self.bar(f"{label}: score", inputs.total_rows) as advance:
-                t["score_work"] = run_score(c["score"], advance, scorer=scorer).seconds
-        with _timed(t, "weight"):
-            return run_weight(c["weight"])
+                timings["score_work"] = run_score(stage_cfgs["score"], advance,
+                                                  scorer=scorer).seconds
+        with _timed(timings, "weight"):
+            return run_weight(stage_cfgs["weight"])
 
-    def say_weights(self, label: str, w: Any, rollout_acc: float | None) -> None:
-        self.say(f"{label}: {w.rows} rollouts, accuracy "
+    def say_weights(self, label: str, summary: Any, rollout_acc: float | None) -> None:
+        self.say(f"{label}: {summary.rows} rollouts, accuracy "
                  f"{'-' if rollout_acc is None else f'{rollout_acc:.3f}'}, pivotal share "
-                 f"{w.pivotal_share:.2%}, AUROC "
-                 f"{'-' if w.auroc_incorrect is None else f'{w.auroc_incorrect:.3f}'}")
+                 f"{summary.pivotal_share:.2%}, AUROC "
+                 f"{'-' if summary.auroc_incorrect is None else f'{summary.auroc_incorrect:.3f}'}")
 
-    def train(self, c: dict[str, Any], ckpt: Path, label: str, policy_step: int,
+    def train(self, stage_cfgs: dict[str, Any], ckpt: Path, label: str, policy_step: int,
               score_in_train_step: ScoreInTrainStep | None = None) -> None:
         if _checkpoint_finished(ckpt):
             self.say(f"{label}: checkpoint already complete, not retrained")
@@ -1033,16 +1041,17 @@ class _Loop:
                                  metrics.get("global_step", policy_step + step))
                 if advance[0] is not None:
                     advance[0](1)
-            self.resident.train(c["train"], str(ckpt), on_step,
+            self.resident.train(stage_cfgs["train"], str(ckpt), on_step,
                                 score_in_train_step=score_in_train_step)
 
-    def train_with_score_in_train_step(self, c: dict[str, Any], ckpt: Path, label: str,
-                              policy_step: int, t: dict[str, float]) -> Any:
+    def train_with_score_in_train_step(self, stage_cfgs: dict[str, Any], ckpt: Path,
+                                       label: str, policy_step: int,
+                                       timings: dict[str, float]) -> Any:
         """``score_in_train_step``: train on the rollouts, the step scoring them; the scores
         and weights shards are written from the step's log-probs before the checkpoint
         (renio_core/stages/score_in_train_step.py). A checkpoint already complete had its shards
         written first, so only the weight summary is read again."""
-        score_cfg = c["score"]
+        score_cfg = stage_cfgs["score"]
         inputs = shards.open_inputs(score_cfg.input, [])
         scorer = self.scorer(score_cfg, inputs)
         table = shards.read_table(score_cfg.input)
@@ -1053,21 +1062,22 @@ class _Loop:
         def write_shards(logprobs: dict[int, tuple[list[float], list[float]]]) -> None:
             rows = {keys[row]: (teacher_prompts[row], *pair) for row, pair in logprobs.items()}
             step_scorer = StepScorer(rows, scorer.student_model, scorer.teacher_model)
-            with _timed(t, "score"):
+            with _timed(timings, "score"):
                 run_score(score_cfg, scorer=step_scorer, extra_meta={"score_in_train_step": True})
-            with _timed(t, "weight"):
-                done["weight"] = run_weight(c["weight"])
+            with _timed(timings, "weight"):
+                done["weight"] = run_weight(stage_cfgs["weight"])
 
         in_step = ScoreInTrainStep(
-            inputs=inputs, micro=micro_batches(table, teacher_prompts, c["weight"]),
-            temperature=scorer.resolved.temperature, teacher=c["train"].teacher,
-            live=live_spec(c["weight"]), before_save=write_shards)
-        with _timed(t, "train"):
-            self.train(c, ckpt, label, policy_step, score_in_train_step=in_step)
-        t["train"] -= t["score"] + t["weight"]  # the shards were written inside the train call
+            inputs=inputs, micro=micro_batches(table, teacher_prompts, stage_cfgs["weight"]),
+            temperature=scorer.resolved.temperature, teacher=stage_cfgs["train"].teacher,
+            live=live_spec(stage_cfgs["weight"]), before_save=write_shards)
+        with _timed(timings, "train"):
+            self.train(stage_cfgs, ckpt, label, policy_step, score_in_train_step=in_step)
+        # The shards were written inside the train call.
+        timings["train"] -= timings["score"] + timings["weight"]
         if "weight" not in done:  # the checkpoint was complete: its shards exist
-            with _timed(t, "weight"):
-                done["weight"] = run_weight(c["weight"])
+            with _timed(timings, "weight"):
+                done["weight"] = run_weight(stage_cfgs["weight"])
         return done["weight"]
 
     def sample(self, rollout_cfg: RolloutConfig, prompt_set: PromptSet, desc: str) -> Any:
@@ -1076,13 +1086,14 @@ class _Loop:
                                model=self.resident.student, tokenizer=self.resident.tokenizer,
                                sampler=self.resident.sampler(rollout_cfg, self.lora_rank))
 
-    def sample_filled(self, c: dict[str, Any], i: int, label: str) -> tuple[Any, tuple[int, int]]:
+    def sample_filled(self, stage_cfgs: dict[str, Any], i: int,
+                      label: str) -> tuple[Any, tuple[int, int]]:
         """Rollout rounds over the next prompts until ``prompts_per_iteration x n`` rows of
         the kind ``weight.filter`` keeps exist; those rows (first ones first) become the
         iteration's ``rollouts.parquet``. Each round is an ordinary, resumable rollout shard
         under ``fill/``; rows depend only on (seed, prompt, sample), not on the rounds."""
-        cfg, rollout_cfg = self.cfg, c["rollout"]
-        keep = c["weight"].filter == "correct"
+        cfg, rollout_cfg = self.cfg, stage_cfgs["rollout"]
+        keep = stage_cfgs["weight"].filter == "correct"
         n_prompts = len(self.train_prompts.prompts)
         target = min(cfg.prompts_per_iteration, n_prompts) * rollout_cfg.n
         fill_dir = Path(rollout_cfg.out).parent / "fill"
@@ -1094,9 +1105,9 @@ class _Loop:
             window = _prompt_window(self.train_prompts, start + first,
                                     min(cfg.prompts_per_iteration, n_prompts - first))
             round_cfg = dataclasses.replace(rollout_cfg, out=str(fill_dir / f"rollouts-{j:03d}.parquet"))
-            r = self.sample(round_cfg, window, f"{label}: rollout (fill round {j})")
-            seconds += r.seconds
-            graded, correct = graded + r.graded, correct + r.correct
+            round_summary = self.sample(round_cfg, window, f"{label}: rollout (fill round {j})")
+            seconds += round_summary.seconds
+            graded, correct = graded + round_summary.graded, correct + round_summary.correct
             table = shards.read_table(round_cfg.out)
             meta = meta or shards.read_metadata(Path(round_cfg.out))
             sampled += table.num_rows
@@ -1107,12 +1118,12 @@ class _Loop:
                 break
         rows = pa.concat_tables(tables).slice(0, target)
         meta = {**(meta or {}), "fill_filtered": {
-            "filter": c["weight"].filter, "target_rows": target, "rows": rows.num_rows,
+            "filter": stage_cfgs["weight"].filter, "target_rows": target, "rows": rows.num_rows,
             "rows_sampled": sampled, "rounds": j + 1}}
         shards.write_table_atomic(Path(rollout_cfg.out), rows.replace_schema_metadata(None), meta)
         if rows.num_rows < target:
             self.say(f"{label}: fill_filtered found {rows.num_rows} of {target} "
-                     f"{c['weight'].filter} rows in one pass over the prompts")
+                     f"{stage_cfgs['weight'].filter} rows in one pass over the prompts")
         # The record's rollout accuracy is the student's, over every row sampled.
         summary = RolloutSummary(out=Path(rollout_cfg.out), rows=rows.num_rows, graded=graded,
                                  correct=correct, seconds=seconds)
