@@ -526,20 +526,20 @@ def run_train(cfg: TrainConfig, progress: Progress | None = None, *,
     # full disk at its save) then leaves it as it found it, so the same command can be run
     # again once the cause is fixed.
     fresh = out.is_dir() and not any(out.iterdir()) if out.exists() else None
-    d = init_distributed(cfg.device)
+    dist_state = init_distributed(cfg.device)
     try:
-        trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, d,
+        trainer = Trainer(cfg, inputs, micro, temperature, teacher_name, out, dist_state,
                           score_in_train_step=score_in_train_step)
         trainer.setup(student, teacher, tokenizer)
         return trainer.train(progress, t_start)
     except BaseException:
-        if d.main and fresh is not False and not (out / STATE_FILE).exists():
+        if dist_state.main and fresh is not False and not (out / STATE_FILE).exists():
             shutil.rmtree(out, ignore_errors=True)
             if fresh:
                 out.mkdir()
         raise
     finally:
-        if d.initialized_here:
+        if dist_state.initialized_here:
             dist.destroy_process_group()
 
 
@@ -562,8 +562,8 @@ class StepTotals:
         self.tokens += sum(lengths)
         self.micro_batches += 1
 
-    def all_reduced(self, d: Dist, device: torch.device) -> StepTotals:
-        return StepTotals(*all_reduce_sum(list(dataclasses.astuple(self)), d, device))
+    def all_reduced(self, dist_state: Dist, device: torch.device) -> StepTotals:
+        return StepTotals(*all_reduce_sum(list(dataclasses.astuple(self)), dist_state, device))
 
 
 class Trainer:
@@ -572,9 +572,10 @@ class Trainer:
     micro-batch."""
 
     def __init__(self, cfg: TrainConfig, inputs: shards.InputSet, micro: list[MicroBatch | None],
-                 temperature: float, teacher_name: str | None, out: Path, d: Dist,
+                 temperature: float, teacher_name: str | None, out: Path, dist_state: Dist,
                  score_in_train_step: ScoreInTrainStep | None = None):
-        self.cfg, self.inputs, self.micro, self.out, self.d = cfg, inputs, micro, out, d
+        self.cfg, self.inputs, self.micro, self.out = cfg, inputs, micro, out
+        self.dist_state = dist_state
         self.temperature, self.teacher_name = temperature, teacher_name
         self.score_in_train_step = score_in_train_step
         # {row: (student log-probs, teacher log-probs)} from the step (score_in_train_step).
@@ -594,9 +595,9 @@ class Trainer:
         self._setup_metrics()
 
     def _setup_device_and_precision(self) -> None:
-        cfg, d = self.cfg, self.d
-        if d.on and torch.cuda.is_available() and cfg.device != "cpu":
-            self.device = torch.device("cuda", d.local_rank)
+        cfg, dist_state = self.cfg, self.dist_state
+        if dist_state.on and torch.cuda.is_available() and cfg.device != "cpu":
+            self.device = torch.device("cuda", dist_state.local_rank)
         else:
             self.device = models.choose_device(cfg.device)
         # LoRA on a GPU: the frozen base in bf16, the adapter in fp32 (peft upcasts it). A full
@@ -615,20 +616,22 @@ class Trainer:
 
     def _setup_step_plan(self) -> None:
         """Micro-batches per optimizer step, steps per epoch, and the run's total steps."""
-        cfg, d, n_micro, file = self.cfg, self.d, len(self.micro), self.inputs.files[0]
+        cfg, dist_state = self.cfg, self.dist_state
+        n_micro, file = len(self.micro), self.inputs.files[0]
         self.grad_accum = cfg.grad_accum
         if cfg.steps_per_batch is not None:
-            self.grad_accum = n_micro // (d.world * cfg.steps_per_batch)
+            self.grad_accum = n_micro // (dist_state.world * cfg.steps_per_batch)
             if self.grad_accum == 0:
                 raise RenioInputError(
                     f"{n_micro} micro-batches (batch_id groups) cannot make {cfg.steps_per_batch} "
-                    f"optimizer steps on {d.world} processes (--steps-per-batch)", file=file)
-        self.per_step = d.world * self.grad_accum
+                    f"optimizer steps on {dist_state.world} processes (--steps-per-batch)",
+                    file=file)
+        self.per_step = dist_state.world * self.grad_accum
         self.steps_per_epoch = n_micro // self.per_step
         if self.steps_per_epoch == 0:
             raise RenioInputError(
                 f"{n_micro} micro-batches (batch_id groups) are fewer than one optimizer step "
-                f"needs ({d.world} processes x --grad-accum {cfg.grad_accum})", file=file,
+                f"needs ({dist_state.world} processes x --grad-accum {cfg.grad_accum})", file=file,
             )
         self.total_steps = (cfg.max_steps if cfg.max_steps is not None
                             else cfg.epochs * self.steps_per_epoch)
@@ -695,7 +698,8 @@ class Trainer:
             chunk, teacher=teacher, self_teacher=self_teacher,
             live=(self.score_in_train_step.live if self.score_in_train_step is not None else
                   live_weight_spec(cfg, self.inputs.metadata, self.inputs.files[0])))
-        self.wrapped = wrap(self.module, self.d, device, fsdp=cfg.fsdp, autocast=self.autocast)
+        self.wrapped = wrap(self.module, self.dist_state, device, fsdp=cfg.fsdp,
+                            autocast=self.autocast)
 
     def _teacher(self, preloaded: Any) -> tuple[Any, bool]:
         """(separate teacher model or None, whether the teacher is the student's own base with
@@ -722,24 +726,24 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         """AdamW and the schedule, continued from --resume or --init-from; seeds otherwise."""
-        cfg, d, module = self.cfg, self.d, self.module
+        cfg, dist_state, module = self.cfg, self.dist_state, self.module
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
         self.offset, self.sched_total = schedule_position(cfg, self.state, self.total_steps,
-                                                          self.optimizer, module, d)
+                                                          self.optimizer, module, dist_state)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(self.offset + s, schedule=cfg.lr_schedule,
                                                 warmup=cfg.warmup_steps, total=self.sched_total))
         if self.state is not None:
-            load_optimizer(self.optimizer, self.state["optimizer"], module, d, cfg.fsdp)
+            load_optimizer(self.optimizer, self.state["optimizer"], module, dist_state, cfg.fsdp)
             self.scheduler.load_state_dict(self.state["scheduler"])
             self.step = int(self.state["step"])
             rng = self.state["rng"]
-            set_rng_state(rng[d.rank] if d.rank < len(rng) else rng[0])
+            set_rng_state(rng[dist_state.rank] if dist_state.rank < len(rng) else rng[0])
         else:
-            torch.manual_seed(cfg.seed + d.rank)
-            np.random.seed((cfg.seed + d.rank) % 2**32)  # numpy's legacy seed is 32-bit
-            random.seed(cfg.seed + d.rank)
+            torch.manual_seed(cfg.seed + dist_state.rank)
+            np.random.seed((cfg.seed + dist_state.rank) % 2**32)  # numpy's legacy seed is 32-bit
+            random.seed(cfg.seed + dist_state.rank)
         self.resumed_from = self.step
 
     def _setup_metrics(self) -> None:
@@ -747,7 +751,7 @@ class Trainer:
         cfg, out = self.cfg, self.out
         self.metrics_path = out / METRICS_FILE
         self.tracker = None
-        if not self.d.main:
+        if not self.dist_state.main:
             return
         if cfg.overwrite and out.exists() and not cfg.resume:
             shutil.rmtree(out)
@@ -768,12 +772,12 @@ class Trainer:
     def _loss_step(self, mb: MicroBatch, sync: bool, totals: StepTotals,
                    step_weights: list[float]) -> None:
         """Forward and backward of one micro-batch; gradients accumulate until ``sync``."""
-        d, fsdp = self.d, self.cfg.fsdp
+        dist_state, fsdp = self.dist_state, self.cfg.fsdp
         packed = pack(mb, self.pad_id, self.device)
         # DDP: all-reduce the gradients once, after the step's last micro-batch.
-        ctx = (self.wrapped.no_sync() if (d.on and not fsdp and not sync)
+        ctx = (self.wrapped.no_sync() if (dist_state.on and not fsdp and not sync)
                else contextlib.nullcontext())
-        if d.on and fsdp:
+        if dist_state.on and fsdp:
             self.wrapped.set_requires_gradient_sync(sync)
         with ctx, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss, _per_token = self.wrapped(packed)
@@ -793,13 +797,13 @@ class Trainer:
 
     def _optimizer_step(self) -> tuple[dict[str, Any], StepTotals]:
         """One optimizer step over ``grad_accum`` micro-batches per process; its metrics."""
-        cfg, d = self.cfg, self.d
+        cfg, dist_state = self.cfg, self.dist_state
         t0 = time.perf_counter()
         base = (self.step % self.steps_per_epoch) * self.per_step
         self.optimizer.zero_grad(set_to_none=True)
         totals, step_weights = StepTotals(), []
         for a in range(self.grad_accum):
-            mb = self.micro[base + a * d.world + d.rank]
+            mb = self.micro[base + a * dist_state.world + dist_state.rank]
             assert mb is not None, "micro-batch of another rank"
             self._loss_step(mb, a == self.grad_accum - 1, totals, step_weights)
         grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -809,7 +813,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        t = totals.all_reduced(d, self.device)
+        t = totals.all_reduced(dist_state, self.device)
         seconds = time.perf_counter() - t0
         record = {
             "step": self.step,
@@ -831,7 +835,7 @@ class Trainer:
 
     def _save(self, at_step: int) -> None:
         save_checkpoint(self.cfg, self.module, self.optimizer, self.scheduler, self.tok,
-                        self.out, at_step, self.d, self.inputs, self.temperature,
+                        self.out, at_step, self.dist_state, self.inputs, self.temperature,
                         self.teacher_name,
                         schedule={"global_offset": self.offset, "schedule_total": self.sched_total,
                                   "finished": at_step >= self.total_steps})
@@ -839,11 +843,11 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
 
     def train(self, progress: Progress | None, t_start: float) -> TrainSummary:
-        cfg, d, total = self.cfg, self.d, self.total_steps
+        cfg, dist_state, total = self.cfg, self.dist_state, self.total_steps
         samples_seen = tokens_seen = 0
         first_loss = last_loss = None
         weight_sum = weight_n = 0.0
-        if progress is not None and d.main:
+        if progress is not None and dist_state.main:
             progress(self.step, total, None)
         while self.step < total:
             record, t = self._optimizer_step()
@@ -853,14 +857,14 @@ class Trainer:
             weight_n += t.samples
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
-            if d.main:
+            if dist_state.main:
                 with open(self.metrics_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
                 if self.tracker is not None:
                     self.tracker.log("train", {k: record[k] for k in TRACKED}, self.step)
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < total:
                 self._save(self.step)
-            if progress is not None and d.main:
+            if progress is not None and dist_state.main:
                 progress(self.step, total, record)
         if self.score_in_train_step is not None:
             self.score_in_train_step.before_save(self.step_logprobs)  # the shards, then the checkpoint
@@ -873,6 +877,6 @@ class Trainer:
             micro_batches_dropped=self.dropped, samples_seen=samples_seen,
             tokens_seen=tokens_seen, first_loss=first_loss, last_loss=last_loss,
             mean_weight=(weight_sum / weight_n) if weight_n else None,
-            seconds=time.perf_counter() - t_start, world_size=d.world,
+            seconds=time.perf_counter() - t_start, world_size=dist_state.world,
             temperature=self.temperature, teacher=self.teacher_name, loss=cfg.loss,
         )

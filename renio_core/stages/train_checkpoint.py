@@ -179,8 +179,8 @@ def swap_dir(tmp: Path, out: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
-                    module: DistillModule, d: Dist, fsdp: bool) -> None:
-    if fsdp and d.on:
+                    module: DistillModule, dist_state: Dist, fsdp: bool) -> None:
+    if fsdp and dist_state.on:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_optimizer_state_dict,
@@ -195,7 +195,7 @@ def load_optimizer(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
 
 def schedule_position(cfg: Any, state: dict[str, Any] | None, total_steps: int,
                       optimizer: torch.optim.Optimizer, module: DistillModule,
-                      d: Dist) -> tuple[int, int]:
+                      dist_state: Dist) -> tuple[int, int]:
     """Where this run starts on the learning-rate schedule and the schedule's total steps.
 
     ``--resume``: the checkpoint's own values. ``--init-from``: continue that checkpoint's
@@ -223,7 +223,7 @@ def schedule_position(cfg: Any, state: dict[str, Any] | None, total_steps: int,
         raise RenioInputError("--init-from: the checkpoint's optimizer ran with other settings: "
                               + "; ".join(changed), file=src)
     try:
-        load_optimizer(optimizer, init["optimizer"], module, d, cfg.fsdp)
+        load_optimizer(optimizer, init["optimizer"], module, dist_state, cfg.fsdp)
     except (ValueError, KeyError) as exc:
         raise RenioInputError(f"--init-from: its optimizer state does not fit this model's "
                               f"trainable parameters ({exc})", file=src) from None
@@ -258,14 +258,14 @@ def save_adapter(model: Any, out: Path) -> None:
 
 
 def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Optimizer,
-                     scheduler: Any, tok: Any, out: Path, step: int, d: Dist,
+                     scheduler: Any, tok: Any, out: Path, step: int, dist_state: Dist,
                      inputs: shards.InputSet, temperature: float, teacher_name: str | None,
                      schedule: dict[str, Any] | None = None) -> None:
     """Write the HF-format model or adapter plus the trainer state, then swap it into place."""
     rng_states: list[Any] = [rng_state()]
     model_sd = optim_sd = None
-    if d.on:
-        gathered: list[Any] = [None] * d.world
+    if dist_state.on:
+        gathered: list[Any] = [None] * dist_state.world
         dist.all_gather_object(gathered, rng_states[0])
         rng_states = gathered
         if cfg.fsdp:
@@ -286,14 +286,15 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
                 if key != name and key in model_sd and name in model_sd:
                     model_sd[name] = model_sd[key]
             optim_sd = get_optimizer_state_dict(module, optimizer, options=opts)
-    if not d.main:
-        if d.on:
+    if not dist_state.main:
+        if dist_state.on:
                 dist.barrier()
         return
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        _write_checkpoint(cfg, module, optimizer, scheduler, tok, out, tmp, step, d, inputs,
-                          temperature, teacher_name, schedule, rng_states, model_sd, optim_sd)
+        _write_checkpoint(cfg, module, optimizer, scheduler, tok, out, tmp, step, dist_state,
+                          inputs, temperature, teacher_name, schedule, rng_states, model_sd,
+                          optim_sd)
     except BaseException as exc:
         # A half-written checkpoint would fill the disk further; ``out`` is still the
         # previous one, untouched.
@@ -302,12 +303,12 @@ def save_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Opti
         if named is None:
             raise
         raise named from None
-    if d.on:
+    if dist_state.on:
         dist.barrier()
 
 
 def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Optimizer,
-                      scheduler: Any, tok: Any, out: Path, tmp: Path, step: int, d: Dist,
+                      scheduler: Any, tok: Any, out: Path, tmp: Path, step: int, dist_state: Dist,
                       inputs: shards.InputSet, temperature: float, teacher_name: str | None,
                       schedule: dict[str, Any] | None, rng_states: list[Any],
                       model_sd: dict[str, Any] | None, optim_sd: dict[str, Any] | None) -> None:
@@ -329,7 +330,7 @@ def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Op
         "data": cfg.data_fields(),
         "data_content": cfg.data_content(),
         "input_fingerprint": shards.input_fingerprint(inputs.fingerprint()),
-        "world_size": d.world,
+        "world_size": dist_state.world,
         **(schedule or {}),
         "global_step": (schedule or {}).get("global_offset", 0) + step,
     }
@@ -351,6 +352,6 @@ def _write_checkpoint(cfg: Any, module: DistillModule, optimizer: torch.optim.Op
     global _last_saved
     # A finished run's optimizer steps no more, so its state tensors can be handed on as they
     # are; a mid-run save's would change under the memo.
-    _last_saved = ((_file_identity(out / STATE_FILE), state) if info["finished"] and d.main
+    _last_saved = ((_file_identity(out / STATE_FILE), state) if info["finished"] and dist_state.main
                    else None)
 

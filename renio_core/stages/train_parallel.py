@@ -49,8 +49,8 @@ def init_distributed(device_pref: str) -> Dist:
     return Dist(rank, world, local_rank, created)
 
 
-def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[float]:
-    if not d.on:
+def all_reduce_sum(values: list[float], dist_state: Dist, device: torch.device) -> list[float]:
+    if not dist_state.on:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -58,11 +58,11 @@ def all_reduce_sum(values: list[float], d: Dist, device: torch.device) -> list[f
 
 
 
-def wrap(module: torch.nn.Module, d: Dist, device: torch.device, *, fsdp: bool,
+def wrap(module: torch.nn.Module, dist_state: Dist, device: torch.device, *, fsdp: bool,
          autocast: bool) -> torch.nn.Module:
     """The module as the step calls it: itself (one process), DDP, or FSDP (``fully_shard``
     on each decoder layer and on the whole, in place)."""
-    if d.on and fsdp:
+    if dist_state.on and fsdp:
         # Imported here: builds of torch without distributed support cannot import them.
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -77,10 +77,10 @@ def wrap(module: torch.nn.Module, d: Dist, device: torch.device, *, fsdp: bool,
                 fully_shard(sub, mp_policy=mp)
         fully_shard(module, mp_policy=mp)
         return module
-    if d.on:
+    if dist_state.on:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(
-            module, device_ids=[d.local_rank] if device.type == "cuda" else None)
+            module, device_ids=[dist_state.local_rank] if device.type == "cuda" else None)
     return module
 
