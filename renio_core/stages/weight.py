@@ -30,8 +30,6 @@ from renio_core.errors import RenioInputError
 from renio_core.formulas import weighting
 from renio_core.stages import option_help
 
-NEW_COLUMNS = WEIGHT_COLUMNS
-
 INPUT_COLUMNS = [
     spec("completion_ids"),
     spec("student_logprobs"),
@@ -164,10 +162,10 @@ def _check_filter_column(cfg: WeightConfig, inputs: shards.InputSet) -> None:
 
 def _output_schema(inputs: shards.InputSet) -> pa.Schema:
     base = inputs.parquet_files[0].schema_arrow.remove_metadata()
-    for name in NEW_COLUMNS:
+    for name in WEIGHT_COLUMNS:
         if name in base.names:
             base = base.remove(base.get_field_index(name))
-    for name, dtype in NEW_COLUMNS.items():
+    for name, dtype in WEIGHT_COLUMNS.items():
         base = base.append(pa.field(name, dtype))
     return base
 
@@ -258,7 +256,7 @@ def _new_columns(stats: _RowStats, keep_R: np.ndarray, cfg: WeightConfig) -> dic
 
 def _new_table(cols: dict[str, np.ndarray], start: int, stop: int) -> pa.Table:
     return pa.table({name: pa.array(cols[name][start:stop], type=dtype)
-                     for name, dtype in NEW_COLUMNS.items()})
+                     for name, dtype in WEIGHT_COLUMNS.items()})
 
 
 def _plan_parts(total: int, target: shards.OutputTarget, cfg: WeightConfig) -> list[tuple[int, int]]:
@@ -334,7 +332,7 @@ def run_weight(
     target = shards.OutputTarget(cfg.out, overwrite=cfg.overwrite)
     target.remove_stale_tmp()
     schema = _output_schema(inputs)
-    input_names = [n for n in schema.names if n not in NEW_COLUMNS]
+    input_names = [n for n in schema.names if n not in WEIGHT_COLUMNS]
     base_meta = shards.build_metadata(
         stage="weight",
         config=cfg,
