@@ -10,9 +10,8 @@ from rich.table import Table
 from renio_cli.common import console, err_console, fmt, handle_errors, progress_bar
 from renio_core.stages.run_loop import RunSummary, load_run_config, run_loop
 
-# Phases of the time-split table: (column, keys of IterationRecord.time summed into it).
-TIME_COLUMNS = (("sample", ("sample",)), ("score", ("score",)), ("weight", ("weight",)),
-                ("train", ("train",)), ("eval", ("eval",)), ("other", ("other",)))
+# Phases of the time-split table, each a key of IterationRecord.time.
+TIME_COLUMNS = ("sample", "score", "weight", "train", "eval", "other")
 
 
 def summary_table(summary: RunSummary) -> Table:
@@ -41,7 +40,7 @@ def time_table(summary: RunSummary) -> Table:
     table = Table(title="time per iteration, seconds (mean over the iterations run now)",
                   caption="work: sampling, scoring and optimizer-step compute, without loading, "
                           "shard writes or checkpoint saves")
-    for name, _ in TIME_COLUMNS:
+    for name in TIME_COLUMNS:
         table.add_column(name, justify="right")
     table.add_column("work", justify="right")
     table.add_column("total", justify="right")
@@ -53,7 +52,7 @@ def time_table(summary: RunSummary) -> Table:
         return sum(sum(r.time.get(k, 0.0) for k in keys) for r in rows) / len(rows)
 
     work = mean(("sample_work", "score_work", "weight", "train_steps"))
-    table.add_row(*(f"{mean(keys):.2f}" for _, keys in TIME_COLUMNS), f"{work:.2f}",
+    table.add_row(*(f"{mean((name,)):.2f}" for name in TIME_COLUMNS), f"{work:.2f}",
                   f"{sum(r.seconds for r in rows) / len(rows):.2f}")
     return table
 
