@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
@@ -115,8 +116,6 @@ def device_map_problem(device_map: str, device: str, backend: str, cuda_count: i
 def check_device_map(device_map: str, device: str = "auto", backend: str = "hf",
                      flag: str = "--device-map") -> None:
     """:func:`device_map_problem` on this machine, as one ``RenioInputError`` line."""
-    import importlib.util
-
     cuda = torch.cuda.device_count() if device_map == "auto" else 0
     has_accelerate = importlib.util.find_spec("accelerate") is not None
     problem = device_map_problem(device_map, device, backend, cuda, has_accelerate)

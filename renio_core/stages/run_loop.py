@@ -674,12 +674,10 @@ def run_loop(
 ) -> RunSummary:
     """Run (or resume) ``cfg``. ``log`` gets one line per stage; ``progress_factory(desc,
     total)`` returns a context manager yielding ``advance(n)`` for a stage's progress bar."""
-    from contextlib import nullcontext
-
     say = log or (lambda _msg: None)
 
     def bar(desc: str, total: int | None):
-        return progress_factory(desc, total) if progress_factory else nullcontext(None)
+        return progress_factory(desc, total) if progress_factory else contextlib.nullcontext(None)
 
     # Every check runs before the first write: a refused run leaves no trace.
     train_prompts = load_prompts(_resolve_prompts(cfg.prompts, "prompts"))
