@@ -152,8 +152,8 @@ def child_renio(a: argparse.Namespace) -> dict:
     ends = [time.perf_counter()]
     prune = loop_module._Loop.prune
 
-    def timed_prune(self, newest: int) -> None:
-        prune(self, newest)
+    def timed_prune(self, newest: int, keep: int | None = None) -> None:
+        prune(self, newest, keep)
         ends.append(time.perf_counter())
 
     loop_module._Loop.prune = timed_prune

@@ -64,3 +64,27 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("gpu_check: no GPU ("), proc.stdout
     assert "CUDA devices: 0" in lines[0] and "exiting 0" in lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_bench_peer_renio_child_runs_the_loop(tmp_path):
+    """The renio side of bench_peer on its own: the loop it times must run at this code (the
+    benchmark's timing hook wraps one of the loop's methods, whose signature can change)."""
+    work = tmp_path / "work"
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import bench_peer
+student, teacher, problems = bench_peer.build_models(Path({str(tmp_path / 'models')!r}),
+                                                     bench_peer.CASES[1]["vocab"])
+pfile = Path({str(tmp_path / 'problems.json')!r})
+pfile.write_text(json.dumps(problems))
+r = bench_peer.run_child("renio", student, teacher, pfile, Path({str(work)!r}), 2, 8, "cpu")
+print(json.dumps({{"steps": len(r["step_seconds"]), "peak": r.get("peak_mib")}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["steps"] == 2  # one time per optimizer step
