@@ -465,6 +465,23 @@ def flat_values(arr: pa.Array, dtype: Any = None) -> np.ndarray:
     return out if dtype is None else out.astype(dtype, copy=False)
 
 
+def row_offsets(lengths_B: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Where each row starts in the flat values of rows of ``lengths_B`` values: ``offsets_B1``
+    (int64, B + 1 entries); row ``i`` is ``flat[offsets_B1[i]:offsets_B1[i + 1]]``, the layout
+    :mod:`renio_core.formulas.weighting` takes. Every per-row offset into flat token arrays is
+    built here."""
+    offsets_B1 = np.zeros(len(lengths_B) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths_B, dtype=np.int64), out=offsets_B1[1:])
+    return offsets_B1
+
+
+def flat_position(lengths_B: Sequence[int] | np.ndarray, flat_index: int) -> tuple[int, int]:
+    """The row that flat value ``flat_index`` belongs to, and its position in that row."""
+    offsets_B1 = row_offsets(lengths_B)
+    row = int(np.searchsorted(offsets_B1[1:], flat_index, side="right"))
+    return row, flat_index - int(offsets_B1[row])
+
+
 def check_logprobs(batch: Batch, column: str, values: np.ndarray, lengths: np.ndarray) -> None:
     """Finite and at most 0 (a log-probability; 1e-6 allows for float rounding)."""
     check_finite(batch, column, values, lengths)
@@ -502,9 +519,7 @@ def _refuse_first(batch: Batch, column: str, values: np.ndarray, lengths: np.nda
     """Name the row and position of the first flat value marked ``bad``."""
     if bad.any():
         flat_index = int(np.flatnonzero(bad)[0])
-        ends = np.cumsum(lengths)
-        row = int(np.searchsorted(ends, flat_index, side="right"))
-        position = flat_index - (int(ends[row - 1]) if row else 0)
+        row, position = flat_position(lengths, flat_index)
         raise RenioInputError(f"value {values[flat_index]} at position {position}; {expected}",
                               file=batch.file, row=batch.first_row + row, column=column)
 

@@ -315,7 +315,7 @@ def collect_rows(view: ShardView, settings: Settings | None, batch_rows: int = 2
                 acc[name].append(_np(arr, np.int64))
         if scores:
             student_N, teacher_N = _checked_logprobs(batch, lengths_B)
-            offsets_B1 = _offsets(lengths_B)
+            offsets_B1 = shards.row_offsets(lengths_B)
             mean_B, count_B = weighting.trajectory_log_ratios(
                 student_N, teacher_N, offsets_B1, clip=settings.clip, threshold=settings.threshold)
             acc["pc"].append(count_B)
@@ -338,12 +338,6 @@ def collect_rows(view: ShardView, settings: Settings | None, batch_rows: int = 2
         pivotal_count=cat("pc", np.int64) if scores else None,
         log_ratio_mean=cat("lrm", np.float64) if scores else None,
     )
-
-
-def _offsets(lengths_B: np.ndarray) -> np.ndarray:
-    offsets_B1 = np.zeros(len(lengths_B) + 1, dtype=np.int64)
-    np.cumsum(lengths_B, out=offsets_B1[1:])
-    return offsets_B1
 
 
 def _checked_logprobs(batch: shards.Batch, lengths_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -304,7 +304,7 @@ def check_ids_in_vocab(inputs: shards.InputSet, vocab: int, who: str) -> None:
             if flat.size and (int(flat.max()) >= vocab or int(flat.min()) < 0):
                 lengths = shards.list_lengths(batch.column(col))
                 idx = int(np.flatnonzero((flat >= vocab) | (flat < 0))[0])
-                row = int(np.searchsorted(np.cumsum(lengths), idx, side="right"))
+                row, _ = shards.flat_position(lengths, idx)
                 raise RenioInputError(
                     f"token id {int(flat[idx])} is outside the {who}'s vocabulary ({vocab})",
                     file=batch.file, row=batch.first_row + row, column=col,

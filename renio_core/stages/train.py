@@ -789,9 +789,9 @@ class Trainer:
             step_weights.extend(weights)
         if self.score_in_train_step is not None and mb.rows is not None:
             student_N, teacher_N = self.module.last_logprobs
-            ends = np.cumsum([len(c) for c in mb.completion_ids])
-            for row, s_lp, t_lp in zip(mb.rows, np.split(student_N, ends[:-1]),
-                                       np.split(teacher_N, ends[:-1])):
+            starts = shards.row_offsets([len(c) for c in mb.completion_ids])[1:-1]
+            for row, s_lp, t_lp in zip(mb.rows, np.split(student_N, starts),
+                                       np.split(teacher_N, starts)):
                 self.step_logprobs[row] = (s_lp.tolist(), t_lp.tolist())
         totals.add(float(loss.detach()), weights, pivotal, [len(c) for c in mb.completion_ids])
 
