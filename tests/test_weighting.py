@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from renio_core.data.shards import flat_position, row_offsets
 from renio_core.formulas import weighting as W
 
 
@@ -36,6 +37,32 @@ def test_log_ratio_means_and_counts_by_hand():
 def test_raw_weight_is_exp_of_mean_over_tem():
     raw = W.raw_weights(np.array([1.75, 0.0, 1.05]), tem=2.0)
     np.testing.assert_allclose(raw, [math.exp(0.875), 1.0, math.exp(0.525)], rtol=1e-12)
+
+
+def test_trajectory_weights_are_steps_one_to_four_by_hand():
+    mean_B, count_B, raw_B = W.trajectory_weights(S, Q, OFF, clip=2.0, threshold=1.0, tem=0.5)
+    assert count_B.tolist() == [2, 0, 0, 2]
+    np.testing.assert_allclose(mean_B, [1.75, 0.0, 0.0, 1.0625], atol=1e-6)
+    np.testing.assert_allclose(raw_B, [math.exp(3.5), 1.0, 1.0, math.exp(2.125)], rtol=1e-6)
+
+
+def test_sample_weights_normalize_under_renio_and_are_one_under_uniform():
+    raw = np.array([1.0, 3.0, 2.0, 2.0])
+    groups = np.array([0, 0, 1, 1])
+    renio = W.sample_weights(raw, groups, scheme="renio", norm="batch_mean")
+    np.testing.assert_allclose(renio, [0.5, 1.5, 1.0, 1.0], rtol=1e-12)
+    uniform = W.sample_weights(raw, groups, scheme="uniform", norm="batch_mean")
+    assert uniform.dtype == np.float64 and uniform.tolist() == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_row_offsets_and_flat_position_by_hand():
+    assert row_offsets([3, 1, 0, 2]).tolist() == [0, 3, 4, 4, 6]
+    assert row_offsets([3, 1, 0, 2]).dtype == np.int64
+    assert row_offsets([]).tolist() == [0]
+    # flat value 4 is the first of row 3 (row 2 is empty); value 2 the last of row 0
+    assert flat_position([3, 1, 0, 2], 4) == (3, 0)
+    assert flat_position([3, 1, 0, 2], 2) == (0, 2)
+    assert flat_position([3, 1, 0, 2], 5) == (3, 1)
 
 
 def test_batch_mean_by_hand():

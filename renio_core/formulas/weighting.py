@@ -89,6 +89,23 @@ def raw_weights(log_ratio_mean_B: np.ndarray, tem: float) -> np.ndarray:
     return np.exp(np.asarray(log_ratio_mean_B, dtype=np.float64) / tem)
 
 
+def trajectory_weights(
+    student_logprobs_N: np.ndarray,
+    teacher_logprobs_N: np.ndarray,
+    offsets_B1: np.ndarray,
+    *,
+    clip: float,
+    threshold: float,
+    tem: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 1-4 for each row: ``(log_ratio_mean_B, pivotal_count_B, raw_B)``. The weight
+    stage and the train step's live weights both start here, then call
+    :func:`sample_weights` on the rows of each group."""
+    log_ratio_mean_B, pivotal_count_B = trajectory_log_ratios(
+        student_logprobs_N, teacher_logprobs_N, offsets_B1, clip=clip, threshold=threshold)
+    return log_ratio_mean_B, pivotal_count_B, raw_weights(log_ratio_mean_B, tem)
+
+
 @dataclasses.dataclass
 class EmaState:
     """The running mean of the ``ema`` norm, carried from one group to the next."""
@@ -143,6 +160,21 @@ def normalize_groups(
     for g, mean in enumerate(means_G):  # one step per group, never per token
         divisors_G[g] = state.update(float(mean))
     return raw_B / divisors_G[dense_B]
+
+
+def sample_weights(
+    raw_B: np.ndarray,
+    group_ids_B: np.ndarray,
+    *,
+    scheme: str,
+    norm: str,
+    ema: EmaState | None = None,
+) -> np.ndarray:
+    """Step 5 under ``scheme``: ``renio`` normalizes the raw weights within their groups
+    (:func:`normalize_groups`); ``uniform`` gives every row 1 (plain OPD/OPSD)."""
+    if scheme == "uniform":
+        return np.ones(len(raw_B), dtype=np.float64)
+    return normalize_groups(raw_B, group_ids_B, norm, ema)
 
 
 def distinct_prompt_groups(prompt_ids_B: np.ndarray, group_size: int) -> np.ndarray:

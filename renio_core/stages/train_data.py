@@ -196,14 +196,12 @@ def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,
                  teacher_logprobs_N: np.ndarray, lengths_B: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ReNIO weights of one micro-batch (one normalization group), the weight stage's formula
     on this step's student log-probs. Returns ``(weights_B, pivotal_count_B)``."""
-    offsets_B1 = np.r_[0, np.cumsum(lengths_B)].astype(np.int64)
-    mean_B, pivotal_B = weighting.trajectory_log_ratios(
-        student_logprobs_N, teacher_logprobs_N, offsets_B1, clip=spec.clip,
-        threshold=spec.threshold)
-    if spec.scheme == "uniform":
-        return np.ones(len(lengths_B)), pivotal_B
-    raw_B = weighting.raw_weights(mean_B, spec.tem)
-    return weighting.normalize_groups(raw_B, np.zeros(len(raw_B), dtype=np.int64), spec.norm), pivotal_B
+    _, pivotal_B, raw_B = weighting.trajectory_weights(
+        student_logprobs_N, teacher_logprobs_N, shards.row_offsets(lengths_B), clip=spec.clip,
+        threshold=spec.threshold, tem=spec.tem)
+    one_group_B = np.zeros(len(raw_B), dtype=np.int64)
+    return weighting.sample_weights(raw_B, one_group_B, scheme=spec.scheme,
+                                    norm=spec.norm), pivotal_B
 
 
 def pack(mb: MicroBatch, pad_id: int, device: torch.device) -> PackedBatch:

@@ -202,14 +202,12 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
         teacher_N = shards.flat_values(rb.column("teacher_logprobs"), np.float32)
         shards.check_logprobs(batch, "student_logprobs", student_N, lengths_B)
         shards.check_logprobs(batch, "teacher_logprobs", teacher_N, lengths_B)
-        offsets_B1 = np.zeros(len(lengths_B) + 1, dtype=np.int64)
-        np.cumsum(lengths_B, out=offsets_B1[1:])
-        mean_B, count_B = weighting.trajectory_log_ratios(
-            student_N, teacher_N, offsets_B1, clip=cfg.clip, threshold=cfg.threshold
-        )
+        mean_B, count_B, raw_B = weighting.trajectory_weights(
+            student_N, teacher_N, shards.row_offsets(lengths_B), clip=cfg.clip,
+            threshold=cfg.threshold, tem=cfg.tem)
         means.append(mean_B)
         counts.append(count_B)
-        raws.append(weighting.raw_weights(mean_B, cfg.tem))
+        raws.append(raw_B)
         lens.append(lengths_B)
         if has_correct:
             arr = rb.column("correct")
@@ -241,10 +239,7 @@ def _new_columns(stats: _RowStats, keep_R: np.ndarray, cfg: WeightConfig) -> dic
     raw_K = stats.raw[keep_R]
     group_ids_K = group_ids(cfg, stats.prompt_ids[keep_R] if stats.prompt_ids is not None
                             else None, len(raw_K))
-    if cfg.scheme == "uniform":
-        weights_K = np.ones(len(raw_K), dtype=np.float64)
-    else:
-        weights_K = weighting.normalize_groups(raw_K, group_ids_K, cfg.norm, weighting.EmaState())
+    weights_K = weighting.sample_weights(raw_K, group_ids_K, scheme=cfg.scheme, norm=cfg.norm)
     return {
         "batch_id": group_ids_K,
         "pivotal_count": stats.pivotal_count[keep_R].astype(np.int32),

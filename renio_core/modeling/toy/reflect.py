@@ -54,8 +54,9 @@ from typing import Any
 import numpy as np
 
 from renio_core.data.prompts import privileged_messages, render_ids, student_messages
+from renio_core.data.shards import row_offsets
 from renio_core.errors import RenioInputError
-from renio_core.formulas.weighting import auroc, raw_weights, trajectory_log_ratios
+from renio_core.formulas.weighting import auroc, trajectory_weights
 from renio_core.modeling.toy import task as toy_task
 from renio_core.modeling.toy.build import (
     ROLLOUT_SAMPLING,
@@ -404,10 +405,9 @@ def measure_reflect(teacher: Any, student: Any, tok: Any, problems: Sequence[Cha
     s_lp = _sampled_logprobs(student, tok, many_prompts, completions)
     tick()
     t_lp = _sampled_logprobs(teacher, tok, many_prompts, completions)
-    offsets = np.concatenate([[0], np.cumsum([len(c) for c in completions])])
-    mean_B, _ = trajectory_log_ratios(np.concatenate(s_lp), np.concatenate(t_lp), offsets,
-                                      clip=WEIGHT_CLIP, threshold=WEIGHT_THRESHOLD)
-    raw_B = raw_weights(mean_B, WEIGHT_TEM)
+    _, _, raw_B = trajectory_weights(
+        np.concatenate(s_lp), np.concatenate(t_lp), row_offsets([len(c) for c in completions]),
+        clip=WEIGHT_CLIP, threshold=WEIGHT_THRESHOLD, tem=WEIGHT_TEM)
     out["raw_weight_auroc_incorrect"] = auroc(raw_B, ~ok)
     recovered = np.array([a.redos_right > 0 for a in info]) & ok
     out["recovered_rollouts"] = int(recovered.sum())
