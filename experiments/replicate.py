@@ -284,13 +284,17 @@ def write_record(path: Path, stamp: dict, run: dict, base: dict | None) -> None:
     os.replace(tmp, path)
 
 
+def load_record(path: Path) -> dict:
+    return json.loads(gzip.decompress(path.read_bytes()))
+
+
 def read_record(path: Path, stamp: dict) -> dict | None:
     """The record at ``path`` if it was made with ``stamp`` (the commit aside), else None. A
     record made by other code counts where the current code was shown to reproduce that
     code's records (``verified_digests``)."""
     if not path.is_file():
         return None
-    record = json.loads(gzip.decompress(path.read_bytes()))
+    record = load_record(path)
     found = record["stamp"]
     if found.get("code_digest") in verified_digests(path.parents[2], stamp["code_digest"],
                                                     stamp["world"]):
@@ -357,7 +361,7 @@ def verification_plan(records: Path, world: str, digest: str) -> dict[str, list]
     accepted = verified_digests(records, digest, world)
     lowest: dict[str, dict[str, int]] = {}
     for path in sorted((records / world).glob("*/rep*.json.gz")):
-        stamp = json.loads(gzip.decompress(path.read_bytes()))["stamp"]
+        stamp = load_record(path)["stamp"]
         d = stamp["code_digest"]
         if d in accepted:
             continue
@@ -372,14 +376,12 @@ def verify_run(task: tuple[str, str, int], old: str, scratch: Path, records: Pat
     """Remake one recorded run at the current code in ``scratch``; RuntimeError listing the
     differences unless every collected number equals the record's."""
     world, name, rep = task
-    record = json.loads(gzip.decompress(record_path(records, world, name, rep).read_bytes()))
+    record = load_record(record_path(records, world, name, rep))
     if record["stamp"]["code_digest"] != old:
         raise RuntimeError(f"{task}: its record is not from code {old}")
     status, seconds = run_one(task, scratch, digest, commit, files={}, trial=False,
                               rerun_stale=True, threads=threads)
-    run_dir = run_dir_of(scratch, world, name, rep)
-    remade = {"run": collect_run(run_dir, world, None),
-              "base": collect_base(run_dir, world, None) if name == BASE_CONDITION else None}
+    remade = collect_numbers(run_dir_of(scratch, world, name, rep), world, name, None)
     diffs = reproduction_differences({"run": record["run"], "base": record["base"]}, remade)
     if diffs:
         raise RuntimeError(f"{world}/{name} replicate {rep} is not reproduced by code {digest}: "
@@ -537,14 +539,19 @@ def run_one(task: tuple[str, str, int], out: Path, digest: str, commit: str, *,
 _COLLECT_LOCK = threading.Lock()
 
 
+def collect_numbers(run_dir: Path, world: str, name: str, files: Path | None) -> dict:
+    """A finished run's numbers as a record holds them ({"run", "base"}), one run at a time."""
+    with _COLLECT_LOCK:
+        return {"run": collect_run(run_dir, world, files),
+                "base": collect_base(run_dir, world, files) if name == BASE_CONDITION else None}
+
+
 def record_run(record: Path, stamp: dict, run_dir: Path, files: Path | None) -> None:
     """Write a finished run's record; a failure is a RuntimeError naming the run, so that the
     other runs go on and the next invocation tries again."""
-    world, name = stamp["world"], stamp["condition"]
     try:
-        with _COLLECT_LOCK:
-            write_record(record, stamp, collect_run(run_dir, world, files),
-                         collect_base(run_dir, world, files) if name == BASE_CONDITION else None)
+        numbers = collect_numbers(run_dir, stamp["world"], stamp["condition"], files)
+        write_record(record, stamp, numbers["run"], numbers["base"])
     except Exception as exc:  # noqa: BLE001 - reported with the run's name, the rest go on
         raise RuntimeError(f"{run_dir}: finished, but its record could not be written: "
                            f"{type(exc).__name__}: {exc}") from exc
