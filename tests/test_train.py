@@ -8,6 +8,7 @@ models and tokenizer, trained a few steps only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -218,6 +219,70 @@ def test_chunked_loss_equals_naive_full_vocabulary(world, weights_file, loss, op
     loss_n, g_n = _grads(module, packed, naive=True)
     assert loss_c.item() == pytest.approx(loss_n.item(), rel=1e-5, abs=1e-7)
     assert loss_c.item() != 0  # rkl's surrogate may be negative
+    assert g_c.keys() == g_n.keys() and len(g_c) > 0
+    for name in g_c:
+        assert torch.allclose(g_c[name], g_n[name], rtol=1e-4, atol=1e-7), name
+
+
+def _naive_live_reference(module, packed, spec):
+    """Live weights the independent way: each sampled token's log-prob from the whole
+    micro-batch's full logits (log_softmax, not the chunks), the weight formula by
+    ``live_weights``, then the naive loss with those weights."""
+    from renio_core.stages.train_data import live_weights
+
+    lm = models.causal_lm(module.model)
+    with torch.no_grad():
+        logits = lm(input_ids=packed.input_ids_BL, attention_mask=packed.attention_BL).logits
+        s_N = torch.log_softmax(logits[packed.rows_N, packed.cols_N].float() / 1.3, -1)
+        s_N = s_N.gather(1, packed.targets_N[:, None])[:, 0]
+        if packed.teacher_logprobs_N is not None:
+            t_N = packed.teacher_logprobs_N
+        else:
+            ids, attn = packed.teacher_input_ids_BL, packed.teacher_attention_BL
+            if module.self_teacher:
+                with module.model.disable_adapter():
+                    t_logits = lm(input_ids=ids, attention_mask=attn).logits
+            else:
+                t_logits = module.teacher(input_ids=ids, attention_mask=attn).logits
+            t_N = torch.log_softmax(t_logits[packed.rows_N, packed.teacher_cols_N].float() / 1.3,
+                                    -1).gather(1, packed.targets_N[:, None])[:, 0]
+    lengths_B = packed.lengths_B.numpy()
+    weights_B, _ = live_weights(spec, s_N.numpy(), t_N.numpy(), lengths_B)
+    ref = dataclasses.replace(packed, weights_B=torch.as_tensor(weights_B, dtype=torch.float32))
+    return weights_B, (s_N.numpy(), t_N.numpy()), ref
+
+
+@pytest.mark.parametrize("loss,opsd,stored,lora,threshold", [
+    ("jsd", False, False, True, 0.2), ("jsd", True, False, True, -1.0),
+    ("rkl", False, True, True, 0.2), ("jsd", False, False, False, 0.2)])
+def test_live_weights_in_the_loss_pass_equal_the_naive_reference(world, weights_file, loss,
+                                                                 opsd, stored, lora, threshold):
+    """Live ReNIO weights (renio run's score_in_train_step; train.weights_from=live): with a
+    frozen head (LoRA) the loss pass's own chunks give the sampled-token log-probs, the weights
+    are computed after the last chunk and scale the kept gradients; with a trained head (full
+    fine-tuning) a log-prob pass runs first. Either way: the same log-probs, weights, loss and
+    gradients as the full-logits reference weighted by hand."""
+    from renio_core.stages.train_data import LiveWeightSpec
+
+    # The self-teacher's log-ratios are small here: every token pivotal, so the weights differ.
+    spec = LiveWeightSpec(1.0, threshold, 1.0, "batch_mean", "renio")
+    micro = read_micro_batches(shards.open_inputs(str(weights_file), []), loss)
+    module = _module(world, loss, opsd=opsd, lora=lora, chunk=3)
+    if not lora:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    module.live = spec
+    mb = micro[0] if stored else dataclasses.replace(micro[0], teacher_logprobs=None)
+    packed = pack(mb, 0, torch.device("cpu"))
+    weights_B, logprobs, ref = _naive_live_reference(module, packed, spec)
+    assert len(set(np.round(weights_B, 6))) > 1  # the weights differ between rows
+    loss_c, g_c = _grads(module, packed, naive=False)
+    np.testing.assert_allclose(module.last_live[0], weights_B, rtol=1e-5)
+    for got, want in zip(module.last_logprobs, logprobs):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    module.live = None
+    loss_n, g_n = _grads(module, ref, naive=True)
+    assert loss_c.item() == pytest.approx(loss_n.item(), rel=1e-5)
     assert g_c.keys() == g_n.keys() and len(g_c) > 0
     for name in g_c:
         assert torch.allclose(g_c[name], g_n[name], rtol=1e-4, atol=1e-7), name

@@ -65,6 +65,18 @@ class TeacherHead:
     hidden_NH: torch.Tensor
     weight_VH: torch.Tensor
     config: object
+    # When set (live weights in one pass), the loss's chunks write the teacher's log-prob of
+    # each sampled token here, from the logits they make anyway.
+    sampled_logprobs_N: torch.Tensor | None = None
+
+
+def sampled_logprobs(logits_CV: torch.Tensor, targets_C: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """``log_softmax(logits / T)`` at each sampled token, in float32: the arithmetic of
+    ``models.sequence_logprobs`` (the score stage's), so the train step's live weights and
+    ``renio score``'s agree."""
+    logits_CV = logits_CV.float() / temperature
+    return logits_CV.gather(1, targets_C[:, None])[:, 0] - torch.logsumexp(logits_CV, dim=-1)
 
 
 @dataclasses.dataclass
@@ -97,6 +109,9 @@ def _jsd_chunks(spec: LossSpec, p: PackedBatch, teacher: TeacherHead | None) -> 
         with torch.no_grad():
             t_logits_CV = models.postprocess_logits(
                 teacher.config, F.linear(teacher.hidden_NH[lo:hi], teacher.weight_VH))
+            if teacher.sampled_logprobs_N is not None:
+                teacher.sampled_logprobs_N[lo:hi] = sampled_logprobs(
+                    t_logits_CV, p.targets_N[lo:hi], spec.temperature)
         V = min(logits_CV.shape[-1], t_logits_CV.shape[-1])  # padded vocabularies: real rows
         return losses.token_divergence(logits_CV[None, :, :V], t_logits_CV[None, :, :V],
                                        spec.beta, spec.temperature, spec.token_clip)[0]

@@ -10,6 +10,8 @@ unchunked reference the tests hold the chunked path to.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,18 @@ from renio_core.stages.train_losses import (
     LossSpec,
     PackedBatch,
     TeacherHead,
+    sampled_logprobs,
 )
+
+
+@dataclasses.dataclass
+class LiveCoef:
+    """Loss coefficients that depend on the same pass's sampled-token log-probs (live ReNIO
+    weights): ``coef_of(student_logprobs_N)`` gives ``coef_N`` once every chunk has run."""
+
+    targets_N: torch.Tensor
+    temperature: float
+    coef_of: Callable[[torch.Tensor], torch.Tensor]
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
@@ -36,6 +49,14 @@ class ChunkedHeadLoss(torch.autograd.Function):
     gradients with respect to the hidden states (N x H) and the head weight (V x H); the chunk's
     logits are freed before the next chunk. Backward scales those by the incoming gradient.
     Returns the scalar and the detached per-position values (for metrics).
+
+    With a :class:`LiveCoef` in place of ``coef_N`` the coefficients are not known before the
+    pass: each chunk also records the student's log-prob of its sampled tokens and keeps its
+    gradients unscaled (position n's value depends on hidden state n alone, so the gradient of
+    the chunk's sum is each position's own), and the coefficients, computed once the last chunk
+    has run, scale them afterwards. So the head runs once per micro-batch, not once for the
+    log-probs and again for the loss. A trained head (full fine-tuning) cannot take this path:
+    its weight's gradient sums over positions before any scaling.
     """
 
     @staticmethod
@@ -43,8 +64,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
         n_total = hidden_NH.shape[0]
         grad_hidden_NH = torch.zeros_like(hidden_NH)
         need_w = weight_VH.requires_grad
+        live = coef_N if isinstance(coef_N, LiveCoef) else None
+        if live is not None and need_w:
+            raise ValueError("live loss coefficients need a frozen LM head")
         grad_weight_VH = torch.zeros_like(weight_VH) if need_w else None
         per_token_N = torch.zeros(n_total, dtype=torch.float32, device=hidden_NH.device)
+        student_lp_N = (torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
+                        if live is not None else None)
         total = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
         w_leaf = weight_VH.detach().requires_grad_(need_w)
         for lo in range(0, n_total, chunk):
@@ -53,15 +79,27 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 h_leaf = hidden_NH[lo:hi].detach().requires_grad_(True)
                 logits_CV = models.postprocess_logits(config, F.linear(h_leaf, w_leaf))
                 values_C = chunk_fn(logits_CV, lo, hi)
-                scalar = (values_C * coef_N[lo:hi]).sum()
+                if live is None:
+                    scalar = (values_C * coef_N[lo:hi]).sum()
+                else:
+                    scalar = values_C.sum()
+                    student_lp_N[lo:hi] = sampled_logprobs(
+                        logits_CV.detach(), live.targets_N[lo:hi], live.temperature)
                 inputs = (h_leaf, w_leaf) if need_w else (h_leaf,)
                 grads = torch.autograd.grad(scalar, inputs)
             grad_hidden_NH[lo:hi] = grads[0]
             if need_w:
                 grad_weight_VH += grads[1]
             per_token_N[lo:hi] = values_C.detach().float()
-            total += scalar.detach().float()
+            if live is None:
+                total += scalar.detach().float()
             del logits_CV, values_C, scalar, grads
+        if live is not None:
+            coef_N = live.coef_of(student_lp_N)
+            grad_hidden_NH *= coef_N[:, None].to(grad_hidden_NH.dtype)
+            for lo in range(0, n_total, chunk):  # the same sums, chunk by chunk, as above
+                hi = min(n_total, lo + chunk)
+                total += (per_token_N[lo:hi] * coef_N[lo:hi]).sum()
         ctx.save_for_backward(grad_hidden_NH, grad_weight_VH if need_w else torch.empty(0))
         ctx.need_w = need_w
         ctx.mark_non_differentiable(per_token_N)
@@ -120,14 +158,18 @@ class DistillModule(torch.nn.Module):
         hidden_BLH = _final_hidden(lm, p.input_ids_BL, p.attention_BL)
         hidden_NH = hidden_BLH[p.rows_N, p.cols_N]
         head = lm_head(lm)
-        chunk_fn = entry.chunk_fn(self.spec, p, teacher)
-        coef_N = p.coef_N
-        if self.live is not None:
-            coef_N = self._live_coef(p, hidden_NH, lm, teacher)
         if hidden_NH.shape[0] == 0:
+            if self.live is not None:
+                self._live_coef(p, hidden_NH, lm, teacher)  # the rows' weights, for the shards
             # Nothing to learn from, but every parameter must still take part (DDP).
             zero = hidden_BLH.sum() * 0.0 + head.weight.sum() * 0.0
             return zero.float(), torch.zeros(0, device=zero.device)
+        coef_N: torch.Tensor | LiveCoef = p.coef_N
+        if self.live is not None and head.weight.requires_grad:
+            coef_N = self._live_coef(p, hidden_NH, lm, teacher)
+        elif self.live is not None:
+            coef_N = self._live_coef_in_pass(p, teacher)
+        chunk_fn = entry.chunk_fn(self.spec, p, teacher)
         return ChunkedHeadLoss.apply(hidden_NH, head.weight, coef_N, chunk_fn, self.chunk,
                                      lm.config)
 
@@ -149,10 +191,8 @@ class DistillModule(torch.nn.Module):
 
     def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any,
                    teacher: TeacherHead | None) -> torch.Tensor:
-        """This forward's sampled-token log-probs (as ``renio score`` computes them) -> the
-        micro-batch's ReNIO weights -> the per-token loss coefficients. Without stored teacher
-        log-probs (``renio run``'s ``score_in_train_step``) the teacher's come from this
-        forward too."""
+        """The loss coefficients from live weights, with a log-prob pass of its own before the
+        loss (a trained head; see :class:`ChunkedHeadLoss`)."""
         lp_N = self._sampled_logprobs(hidden_NH, lm_head(lm).weight, lm.config, p.targets_N)
         if p.teacher_logprobs_N is not None:
             t_lp_N = p.teacher_logprobs_N
@@ -160,8 +200,27 @@ class DistillModule(torch.nn.Module):
             t_lp_N = self._sampled_logprobs(teacher.hidden_NH, teacher.weight_VH, teacher.config,
                                             p.targets_N)
         else:
-            raise RenioInputError("scoring in the train step needs the teacher's logits "
-                                  "(loss jsd)")
+            raise _no_teacher_logprobs()
+        return self._coef_from_logprobs(p, lp_N, t_lp_N)
+
+    def _live_coef_in_pass(self, p: PackedBatch, teacher: TeacherHead | None) -> LiveCoef:
+        """The loss coefficients from live weights, computed inside the loss pass from its own
+        chunks (a frozen head): the teacher's log-probs are stored in the shard or recorded by
+        the ``jsd`` chunks as they make the teacher's logits."""
+        if p.teacher_logprobs_N is not None:
+            t_lp_N = p.teacher_logprobs_N
+        elif teacher is not None:
+            t_lp_N = teacher.sampled_logprobs_N = torch.empty(
+                p.targets_N.shape[0], dtype=torch.float32, device=p.targets_N.device)
+        else:
+            raise _no_teacher_logprobs()
+        return LiveCoef(p.targets_N, self.spec.temperature,
+                        lambda lp_N: self._coef_from_logprobs(p, lp_N, t_lp_N))
+
+    def _coef_from_logprobs(self, p: PackedBatch, lp_N: torch.Tensor,
+                            t_lp_N: torch.Tensor) -> torch.Tensor:
+        """Sampled-token log-probs (as ``renio score`` computes them) -> the micro-batch's
+        ReNIO weights -> the per-token loss coefficients."""
         lengths_B = p.lengths_B.cpu().numpy()
         student_N, teacher_N = lp_N.cpu().numpy(), t_lp_N.cpu().numpy()
         weights_B, pivotal_B = live_weights(self.live, student_N, teacher_N, lengths_B)
@@ -170,23 +229,24 @@ class DistillModule(torch.nn.Module):
         B = len(lengths_B)
         coef_B = torch.as_tensor(weights_B, dtype=torch.float32) / (
             torch.as_tensor(lengths_B).clamp(min=1).float() * B)
-        return coef_B.to(hidden_NH.device)[p.rows_N]
+        return coef_B.to(p.rows_N.device)[p.rows_N]
 
     @torch.no_grad()
     def _sampled_logprobs(self, hidden_NH: torch.Tensor, weight_VH: torch.Tensor, config: Any,
                           targets_N: torch.Tensor) -> torch.Tensor:
-        """``log_softmax(logits / T)`` at each sampled token, ``chunk`` positions at a time:
-        the arithmetic of ``models.sequence_logprobs`` (the score stage's)."""
+        """Each sampled token's log-prob, ``chunk`` positions at a time."""
         n_total = hidden_NH.shape[0]
         lp_N = torch.empty(n_total, dtype=torch.float32, device=hidden_NH.device)
         for lo in range(0, n_total, self.chunk):
             hi = min(n_total, lo + self.chunk)
-            logits_CV = models.postprocess_logits(
-                config, F.linear(hidden_NH[lo:hi].detach(), weight_VH)).float()
-            logits_CV = logits_CV / self.spec.temperature
-            lp_N[lo:hi] = (logits_CV.gather(1, targets_N[lo:hi, None])[:, 0]
-                           - torch.logsumexp(logits_CV, dim=-1))
+            logits_CV = models.postprocess_logits(config, F.linear(hidden_NH[lo:hi].detach(),
+                                                                   weight_VH))
+            lp_N[lo:hi] = sampled_logprobs(logits_CV, targets_N[lo:hi], self.spec.temperature)
         return lp_N
+
+
+def _no_teacher_logprobs() -> RenioInputError:
+    return RenioInputError("scoring in the train step needs the teacher's logits (loss jsd)")
 
 
 def naive_loss(module: DistillModule, p: PackedBatch) -> torch.Tensor:
