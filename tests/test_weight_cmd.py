@@ -128,6 +128,34 @@ def test_streaming_in_small_batches_equals_one_batch(tmp_path, norm):
     np.testing.assert_allclose(a.column("weight").to_numpy(), b.column("weight").to_numpy(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("batch_rows,out", [(10000, "w.parquet"), (7, "w.parquet"), (7, "parts")])
+def test_scores_in_memory_write_what_the_file_writes(tmp_path, batch_rows, out):
+    """run_weight(scores=...) (renio run's score_in_train_step hands over the scores it has
+    just written) reads the rows from memory: the same output, bytes of every data column and
+    metadata, as reading the file; a table that is not the file's rows is refused."""
+    from renio_core.stages.weight import WeightConfig, run_weight
+
+    src = F.write(F.random_scores(203, 40, seed=5), tmp_path / "s.parquet")
+    cfg = dict(input=str(src), group_size=8, batch_rows=batch_rows, rows_per_part=50)
+    a = run_weight(WeightConfig(out=str(tmp_path / "a" / out), **cfg))
+    b = run_weight(WeightConfig(out=str(tmp_path / "b" / out), **cfg), scores=pq.read_table(src))
+    assert (a.auroc_incorrect, a.weight_share_incorrect, a.rows) == (
+        b.auroc_incorrect, b.weight_share_incorrect, b.rows)
+    ta, tb = pq.read_table(a.out), pq.read_table(b.out)
+    assert ta.equals(tb) and ta.num_rows == 203
+    files = [sorted(Path(t.out).glob("*.parquet")) if Path(t.out).is_dir() else [Path(t.out)]
+             for t in (a, b)]
+    assert len(files[0]) == len(files[1]) == (5 if out == "parts" else 1)
+    for fa, fb in zip(*files):
+        meta = [shards.read_metadata(f) for f in (fa, fb)]
+        for m in meta:  # when and where it was written: the output's own path
+            del m["created_at"], m["config"]["out"]
+        assert meta[0] == meta[1]
+    with pytest.raises(ValueError, match="rows of cfg.input"):
+        run_weight(WeightConfig(out=str(tmp_path / "c" / out), **cfg),
+                   scores=pq.read_table(src).slice(1))
+
+
 def test_directory_and_glob_inputs_and_part_outputs(tmp_path):
     whole = F.random_scores(100, 20, seed=4)
     src_dir = tmp_path / "scores"

@@ -24,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -380,15 +382,25 @@ def iter_batches(
             ) from None
 
 
+def table_batches(table: pa.Table, file: str | os.PathLike[str],
+                  columns: Sequence[str] | None = None,
+                  batch_rows: int = DEFAULT_BATCH_ROWS) -> Iterator[Batch]:
+    """:func:`iter_batches` over one file's rows already in memory (the same batches: pyarrow
+    cuts a file's rows into ``batch_rows`` across its row groups, as here)."""
+    if columns is not None:
+        table = table.select([c for c in columns if c in table.column_names])
+    first = 0
+    for rb in table.combine_chunks().to_batches(max_chunksize=batch_rows):
+        yield Batch(Path(file), first, rb)
+        first += rb.num_rows
+
+
 def prefetch(items: Iterator[Any], depth: int = 2) -> Iterator[Any]:
     """Produce ``items`` in a background thread, up to ``depth`` ahead of the consumer.
 
     Parquet decoding releases the GIL, so reading the next record batch overlaps with numpy
     work on the current one. Exceptions are re-raised in the consumer, in order.
     """
-    import queue
-    import threading
-
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()

@@ -82,7 +82,7 @@ from renio_core.stages.rollout import (
     run_rollout,
 )
 from renio_core.stages.score import ScoreConfig, resolve, run_score
-from renio_core.stages.score_in_train_step import StepScorer, live_spec, micro_batches, row_keys
+from renio_core.stages.score_in_train_step import ScoreInTrainStep
 from renio_core.stages.tracking import Tracker, check_available
 from renio_core.stages.train import TRACKED, TrainConfig, attach_lora, run_train
 from renio_core.stages.train_checkpoint import (
@@ -91,7 +91,6 @@ from renio_core.stages.train_checkpoint import (
     STATE_FILE,
     verify_checkpoint,
 )
-from renio_core.stages.train_data import ScoreInTrainStep
 from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig, run_weight
 
@@ -1021,11 +1020,13 @@ class _Loop:
                  f"{'-' if summary.auroc_incorrect is None else f'{summary.auroc_incorrect:.3f}'}")
 
     def train(self, stage_cfgs: dict[str, Any], ckpt: Path, label: str, policy_step: int,
-              score_in_train_step: ScoreInTrainStep | None = None) -> None:
+              score_in_train_step: ScoreInTrainStep | None = None) -> Any:
+        """The train stage into ``ckpt``; its summary, or None where the checkpoint was
+        already complete."""
         if _checkpoint_finished(ckpt):
             self.say(f"{label}: checkpoint already complete, not retrained")
             self.resident.use_checkpoint(str(ckpt))  # it holds prev_ckpt: this reloads
-            return
+            return None
         with contextlib.ExitStack() as stack:
             advance: list[Any] = []
 
@@ -1039,44 +1040,38 @@ class _Loop:
                                  metrics.get("global_step", policy_step + step))
                 if advance[0] is not None:
                     advance[0](1)
-            self.resident.train(stage_cfgs["train"], str(ckpt), on_step,
-                                score_in_train_step=score_in_train_step)
+            return self.resident.train(stage_cfgs["train"], str(ckpt), on_step,
+                                       score_in_train_step=score_in_train_step)
 
     def train_with_score_in_train_step(self, stage_cfgs: dict[str, Any], ckpt: Path,
                                        label: str, policy_step: int,
                                        timings: dict[str, float]) -> Any:
-        """``score_in_train_step``: train on the rollouts, the step scoring them; the scores
-        and weights shards are written from the step's log-probs before the checkpoint
-        (renio_core/stages/score_in_train_step.py). A checkpoint already complete had its shards
-        written first, so only the weight summary is read again."""
+        """``score_in_train_step``: train on the rollouts, the step scoring them; the trainer
+        writes the scores and weights shards from the step's log-probs before the checkpoint
+        (renio_core/stages/score_in_train_step.py) and says how long each took. A checkpoint
+        already complete had its shards written first, so only the weight summary is read
+        again."""
         score_cfg = stage_cfgs["score"]
         inputs = shards.open_inputs(score_cfg.input, [])
         scorer = self.scorer(score_cfg, inputs)
         table = shards.read_table(score_cfg.input)
-        keys = row_keys(table)
-        teacher_prompts = scorer.teacher_prompts(table)
-        done: dict[str, Any] = {}
-
-        def write_shards(logprobs: dict[int, tuple[list[float], list[float]]]) -> None:
-            rows = {keys[row]: (teacher_prompts[row], *pair) for row, pair in logprobs.items()}
-            step_scorer = StepScorer(rows, scorer.student_model, scorer.teacher_model)
-            with _timed(timings, "score"):
-                run_score(score_cfg, scorer=step_scorer, extra_meta={"score_in_train_step": True})
-            with _timed(timings, "weight"):
-                done["weight"] = run_weight(stage_cfgs["weight"])
-
-        in_step = ScoreInTrainStep(
-            inputs=inputs, micro=micro_batches(table, teacher_prompts, stage_cfgs["weight"]),
+        in_step = ScoreInTrainStep.of(
+            table, inputs, scorer.teacher_prompts(table), score_cfg, stage_cfgs["weight"],
             temperature=scorer.resolved.temperature, teacher=stage_cfgs["train"].teacher,
-            live=live_spec(stage_cfgs["weight"]), before_save=write_shards)
-        with _timed(timings, "train"):
-            self.train(stage_cfgs, ckpt, label, policy_step, score_in_train_step=in_step)
-        # The shards were written inside the train call.
-        timings["train"] -= timings["score"] + timings["weight"]
-        if "weight" not in done:  # the checkpoint was complete: its shards exist
+            vocab_sizes={"student": models.vocab_rows(scorer.student_model),
+                         "teacher": models.vocab_rows(scorer.teacher_model)})
+        start = time.perf_counter()
+        summary = self.train(stage_cfgs, ckpt, label, policy_step, score_in_train_step=in_step)
+        written = summary.step_shards if summary is not None else None
+        if written is None:  # the checkpoint was complete: its shards exist
+            timings["train"] += time.perf_counter() - start
             with _timed(timings, "weight"):
-                done["weight"] = run_weight(stage_cfgs["weight"])
-        return done["weight"]
+                return run_weight(stage_cfgs["weight"])
+        timings["score"] += written.score_seconds
+        timings["weight"] += written.weight_seconds
+        timings["train"] += (time.perf_counter() - start - written.score_seconds
+                             - written.weight_seconds)
+        return written.weight
 
     def sample(self, rollout_cfg: RolloutConfig, prompt_set: PromptSet, desc: str) -> Any:
         with self.bar(desc, len(prompt_set.prompts) * rollout_cfg.n) as advance:

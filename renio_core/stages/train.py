@@ -81,12 +81,12 @@ from renio_core.stages.train_checkpoint import (
 from renio_core.stages.train_data import (
     LiveWeightSpec,
     MicroBatch,
-    ScoreInTrainStep,
     check_token_ids,
     columns,
     pack,
     read_micro_batches,
 )
+from renio_core.stages.score_in_train_step import ScoreInTrainStep, StepLogprobs, StepShards
 from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec, losses_help
 from renio_core.stages.train_module import DistillModule, lm_head
 from renio_core.stages.train_parallel import (
@@ -337,6 +337,8 @@ class TrainSummary:
     temperature: float
     teacher: str | None
     loss: str
+    # The scores and weights shards written before the checkpoint (score_in_train_step).
+    step_shards: StepShards | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,8 +580,8 @@ class Trainer:
         self.dist_state = dist_state
         self.temperature, self.teacher_name = temperature, teacher_name
         self.score_in_train_step = score_in_train_step
-        # {row: (student log-probs, teacher log-probs)} from the step (score_in_train_step).
-        self.step_logprobs: dict[int, tuple[list[float], list[float]]] = {}
+        # The step's log-probs of each row it trained on (score_in_train_step).
+        self.step_logprobs: StepLogprobs = {}
         self.state: dict[str, Any] | None = None  # the checkpoint's trainer state (--resume)
         self.step = 0
 
@@ -866,8 +868,9 @@ class Trainer:
                 self._save(self.step)
             if progress is not None and dist_state.main:
                 progress(self.step, total, record)
-        if self.score_in_train_step is not None:
-            self.score_in_train_step.before_save(self.step_logprobs)  # the shards, then the checkpoint
+        step_shards = None
+        if self.score_in_train_step is not None:  # the shards, then the checkpoint
+            step_shards = self.score_in_train_step.write_shards(self.step_logprobs)
         self._save(self.step)
         if self.tracker is not None:
             self.tracker.close()
@@ -879,4 +882,5 @@ class Trainer:
             mean_weight=(weight_sum / weight_n) if weight_n else None,
             seconds=time.perf_counter() - t_start, world_size=dist_state.world,
             temperature=self.temperature, teacher=self.teacher_name, loss=cfg.loss,
+            step_shards=step_shards,
         )

@@ -8,7 +8,6 @@ A micro-batch is one ``batch_id`` group of the weight stage, in file order (docs
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -175,21 +174,6 @@ class LiveWeightSpec:
     tem: float
     norm: str
     scheme: str
-
-
-@dataclasses.dataclass
-class ScoreInTrainStep:
-    """Rollouts that the train step scores itself (``renio run``'s ``score_in_train_step``):
-    its one forward of student and teacher gives the sampled-token log-probs, the live ReNIO
-    weights and the loss; ``before_save(logprobs)`` gets ``{row: (student, teacher)}`` before the
-    checkpoint is written, so the loop can write the scores and weights shards first."""
-
-    inputs: shards.InputSet  # the rollouts shard: the checkpoint's input identity
-    micro: list[MicroBatch]  # teacher_logprobs None, rows set
-    temperature: float
-    teacher: str
-    live: LiveWeightSpec
-    before_save: Callable[[dict[int, tuple[list[float], list[float]]]], None]
 
 
 def live_weights(spec: LiveWeightSpec, student_logprobs_N: np.ndarray,

@@ -17,7 +17,7 @@ same inputs and config.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,10 @@ def _output_schema(inputs: shards.InputSet) -> pa.Schema:
     return base
 
 
+# Record batches of the input's columns (all of them for None), in file order.
+_Batches = Callable[[list[str] | None], Iterator[shards.Batch]]
+
+
 @dataclasses.dataclass
 class _RowStats:
     """Per input row, in file order: what pass 1 computes."""
@@ -182,7 +186,7 @@ class _RowStats:
     prompt_ids: np.ndarray | None  # (R,) object: prompt_id, None where the column is absent
 
 
-def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
+def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet, batches: _Batches,
                   progress: Callable[[int], None] | None) -> _RowStats:
     """Pass 1: read only the columns the formula needs, validate them, weigh every row."""
     means, counts, raws, lens, corrects, pids = [], [], [], [], [], []
@@ -194,7 +198,7 @@ def _compute_rows(cfg: WeightConfig, inputs: shards.InputSet,
     columns = ["completion_ids", "student_logprobs", "teacher_logprobs"]
     columns += ["correct"] if has_correct else []
     columns += ["prompt_id"] if has_pid else []
-    for batch in shards.prefetch(shards.iter_batches(inputs, columns, batch_rows=cfg.batch_rows)):
+    for batch in batches(columns):
         rb = batch.data
         lengths_B = shards.check_same_lengths(batch, "student_logprobs", "completion_ids")
         shards.check_same_lengths(batch, "teacher_logprobs", "completion_ids")
@@ -262,10 +266,9 @@ def _plan_parts(total: int, target: shards.OutputTarget, cfg: WeightConfig) -> l
 
 
 def _write_parts_rewriting(target: shards.OutputTarget, parts: list[tuple[int, int]],
-                           todo: list[bool], metas: list[dict[str, Any]],
-                           inputs: shards.InputSet, input_names: list[str], keep_R: np.ndarray,
-                           cols: dict[str, np.ndarray], schema: pa.Schema,
-                           batch_rows: int) -> None:
+                           todo: list[bool], metas: list[dict[str, Any]], batches: _Batches,
+                           input_names: list[str], keep_R: np.ndarray,
+                           cols: dict[str, np.ndarray], schema: pa.Schema) -> None:
     """Decode the input once and write the kept rows with the new columns into the parts
     marked in ``todo``."""
     if not any(todo):
@@ -275,7 +278,7 @@ def _write_parts_rewriting(target: shards.OutputTarget, parts: list[tuple[int, i
     kept = 0  # kept rows seen so far = position in the output
     row0 = 0  # input row number of the batch's first row, across files
     try:
-        for batch in shards.iter_batches(inputs, None, batch_rows=batch_rows):
+        for batch in batches(None):
             n = batch.data.num_rows
             idx = np.flatnonzero(keep_R[row0:row0 + n])
             row0 += n
@@ -313,6 +316,8 @@ def _write_parts_rewriting(target: shards.OutputTarget, parts: list[tuple[int, i
 def run_weight(
     cfg: WeightConfig,
     progress: Callable[[int], None] | None = None,
+    *,
+    scores: pa.Table | None = None,
 ) -> WeightSummary:
     """Compute ReNIO weights for ``cfg.input`` and write ``cfg.out``.
 
@@ -320,8 +325,24 @@ def run_weight(
     weight, so bad input is reported before anything is written. Pass 2 decodes the input
     again and writes the kept rows with the new columns.
     ``progress(n)`` is called with the number of input rows weighed in pass 1.
+    ``scores``: the rows of ``cfg.input`` (one file), already in memory where they were just
+    written (``renio run``'s score_in_train_step); both passes then read them instead of the
+    file, whose footer still gives the metadata.
     """
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
+    if scores is not None and (
+            len(inputs.files) != 1 or scores.num_rows != inputs.total_rows
+            or not scores.schema.remove_metadata().equals(
+                inputs.parquet_files[0].schema_arrow.remove_metadata())):
+        raise ValueError("run_weight: scores must hold the rows of cfg.input's one file")
+
+    def batches(columns: list[str] | None) -> Iterator[shards.Batch]:
+        if scores is not None:
+            return shards.table_batches(scores, inputs.files[0], columns, cfg.batch_rows)
+        read = shards.iter_batches(inputs, columns, batch_rows=cfg.batch_rows)
+        # Pass 1 reads a few columns: decoding the next batch overlaps the formula's work.
+        return shards.prefetch(read) if columns is not None else read
+
     shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files)
     _check_filter_column(cfg, inputs)
     target = shards.OutputTarget(cfg.out, overwrite=cfg.overwrite)
@@ -336,7 +357,7 @@ def run_weight(
         tokenizer_fingerprint=shards.find_in_lineage(inputs.metadata, "tokenizer_fingerprint"),
     )
 
-    stats = _compute_rows(cfg, inputs, progress)
+    stats = _compute_rows(cfg, inputs, batches, progress)
     if cfg.filter == "all":
         keep_R = np.ones(len(stats.raw), dtype=bool)
     else:
@@ -356,8 +377,8 @@ def run_weight(
     metas = [dict(base_meta, part={"index": i, "first_row": a, "rows": b - a})
              for i, (a, b) in enumerate(parts)]
     todo = [not target.existing_part(i, meta) for i, meta in enumerate(metas)]
-    _write_parts_rewriting(target, parts, todo, metas, inputs, input_names, keep_R,
-                           cols, schema, cfg.batch_rows)
+    _write_parts_rewriting(target, parts, todo, metas, batches, input_names, keep_R,
+                           cols, schema)
     parts_written, parts_skipped = sum(todo), len(todo) - sum(todo)
 
     weights = cols["weight"]
