@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
-from renio_cli.common import ConfigOpt, console, fmt, handle_errors, progress_bar
-from renio_cli.options import field_option
+from renio_cli.common import console, fmt, handle_errors, progress_bar
+from renio_cli.options import Flag, config_options
 from renio_core.data import shards
 from renio_core.stages.weight import WeightConfig, WeightSummary, run_weight
 
@@ -44,30 +45,17 @@ def summary_table(summary: WeightSummary, cfg: WeightConfig) -> Table:
 
 
 @handle_errors
-def weight(
+@config_options(
+    WeightConfig,
     # --in and --out are required here; the dataclass's '' is a placeholder that WeightConfig
     # rejects.
-    input_: str = field_option(WeightConfig, "input", "--in", default=...),
-    out: Path = field_option(WeightConfig, "out", "--out", default=...),
-    clip: float = field_option(WeightConfig, "clip"),
-    threshold: float = field_option(WeightConfig, "threshold"),
-    tem: float = field_option(WeightConfig, "tem"),
-    norm: str = field_option(WeightConfig, "norm"),
-    group_size: int = field_option(WeightConfig, "group_size"),
-    grouping: str = field_option(WeightConfig, "grouping"),
-    scheme: str = field_option(WeightConfig, "scheme"),
-    filter_: str = field_option(WeightConfig, "filter", "--filter"),
-    rows_per_part: int = field_option(WeightConfig, "rows_per_part"),
-    batch_rows: int = field_option(WeightConfig, "batch_rows"),
-    overwrite: bool = field_option(WeightConfig, "overwrite", "--overwrite"),
-    config: Path | None = ConfigOpt,
-) -> None:
+    input=Flag("--in", default=...),
+    out=Flag(type=Path, default=...),
+    order=(..., "rows_per_part", "batch_rows", "overwrite"),
+)
+def weight(fields: dict[str, Any]) -> None:
     """Turn teacher-scored rollouts into ReNIO sample weights (docs/design.md, 'ReNIO weights')."""
-    cfg = WeightConfig(
-        input=input_, out=str(out), clip=clip, threshold=threshold, tem=tem, norm=norm,
-        group_size=group_size, grouping=grouping, scheme=scheme, filter=filter_, overwrite=overwrite,
-        batch_rows=batch_rows, rows_per_part=rows_per_part,
-    )
+    cfg = WeightConfig(**fields)
     total = shards.open_inputs(cfg.input, []).total_rows  # footers only: cheap
     with progress_bar("weighting rows", total) as advance:
         summary = run_weight(cfg, progress=advance)
