@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.table import Table
 
-from renio_cli.common import ConfigOpt, console, handle_errors, progress_bar
-from renio_cli.options import field_option
+from renio_cli.common import console, handle_errors, progress_bar
+from renio_cli.options import Flag, config_options
 from renio_core.data import shards
 from renio_core.stages.score import (
     INPUT_COLUMNS,
@@ -39,41 +40,18 @@ def summary_table(s: ScoreSummary, cfg: ScoreConfig) -> Table:
 
 
 @handle_errors
-def score(
+@config_options(
+    ScoreConfig,
     # --in, --teacher and --out are required here; the dataclass's '' is a placeholder that
     # ScoreConfig rejects.
-    input_: str = field_option(ScoreConfig, "input", "--in", default=...),
-    teacher: str = field_option(ScoreConfig, "teacher", "--teacher", default=...),
-    out: Path = field_option(ScoreConfig, "out", "--out", default=...),
-    student: str | None = field_option(ScoreConfig, "student", "--student"),
-    adapter: str | None = field_option(ScoreConfig, "adapter", "--adapter"),
-    temperature: float | None = field_option(ScoreConfig, "temperature"),
-    topk: int = field_option(ScoreConfig, "topk"),
-    max_batch_tokens: int = field_option(ScoreConfig, "max_batch_tokens"),
-    chunk: int | None = field_option(ScoreConfig, "chunk"),
-    chunk_budget_mb: float = field_option(ScoreConfig, "chunk_budget_mb"),
-    shard: str = field_option(ScoreConfig, "shard", "--shard"),
-    backend: str = field_option(ScoreConfig, "backend", "--backend"),
-    vllm_memory: float = field_option(ScoreConfig, "vllm_memory", "--vllm-memory"),
-    tensor_parallel_size: int = field_option(ScoreConfig, "tensor_parallel_size",
-                                             "--tensor-parallel-size"),
-    device_map: str = field_option(ScoreConfig, "device_map", "--device-map"),
-    rows_per_part: int = field_option(ScoreConfig, "rows_per_part"),
-    dtype: str = field_option(ScoreConfig, "dtype", "--dtype"),
-    device: str = field_option(ScoreConfig, "device", "--device"),
-    teacher_prompt: str | None = field_option(ScoreConfig, "teacher_prompt"),
-    overwrite: bool = field_option(ScoreConfig, "overwrite", "--overwrite"),
-    config: Path | None = ConfigOpt,
-) -> None:
+    input=Flag("--in", default=...),
+    teacher=Flag(default=...),
+    out=Flag(type=Path, default=...),
+    order=(..., "overwrite"),
+)
+def score(fields: dict[str, Any]) -> None:
     """Score each sampled token under the student and the teacher (docs/design.md, 'score adds')."""
-    cfg = ScoreConfig(
-        input=input_, teacher=teacher, out=str(out), student=student, adapter=adapter,
-        temperature=temperature, topk=topk, max_batch_tokens=max_batch_tokens, chunk=chunk,
-        chunk_budget_mb=chunk_budget_mb,
-        shard=shard, backend=backend, vllm_memory=vllm_memory,
-        tensor_parallel_size=tensor_parallel_size, device_map=device_map, rows_per_part=rows_per_part, dtype=dtype,
-        device=device, overwrite=overwrite, teacher_prompt=teacher_prompt,
-    )
+    cfg = ScoreConfig(**fields)
     total = shards.open_inputs(cfg.input, INPUT_COLUMNS).total_rows  # footers only: cheap
     with progress_bar("scoring", planned_rows(cfg, total)) as advance:
         summary = run_score(cfg, progress=advance)
