@@ -12,6 +12,12 @@ separate teacher, LoRA student), both ways, in the same process:
 * ``naive``: ``naive_loss`` — the model's full ``batch x length x vocabulary`` logits for
   student and teacher, then ``token_divergence`` and ``weighted_loss`` on them.
 
+``--live`` times instead the chunked step with live ReNIO weights (``train.weights_from: live``,
+``renio run``'s score_in_train_step), both ways, in the same process: the sampled-token
+log-probs taken from the loss pass's own chunks (what a frozen head, LoRA, runs) against a
+log-prob pass over both heads before the loss (what a trained head runs), in two alternating
+rounds (median); ratio pass-first / one-pass.
+
 Peak memory is the extra resident memory of the step: on a GPU ``max_memory_allocated``; on a
 CPU the kernel's peak-RSS counter (VmHWM), reset before each variant through
 ``/proc/self/clear_refs``, with glibc's mmap threshold fixed so that freed tensors leave RSS. It prints the times, the peaks, and the ratios naive / chunked.
@@ -35,7 +41,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from renio_core.stages.train_data import MicroBatch, pack  # noqa: E402
 from renio_core.stages.train_losses import LossSpec  # noqa: E402
+from renio_core.stages.train_data import LiveWeightSpec  # noqa: E402
 from renio_core.stages.train_module import DistillModule, naive_loss  # noqa: E402
+
+
+class LogprobPassFirst(DistillModule):
+    """Live weights from a log-prob pass before the loss, even for a frozen head: the baseline
+    of ``--live``."""
+
+    def _live(self, p, hidden_NH, lm, teacher):
+        return self._live_coef(p, hidden_NH, lm, teacher)
 
 # --------------------------------------------------------------------------------------------
 # Memory
@@ -177,6 +192,46 @@ def run_case(name: str, student, teacher, mb: MicroBatch, chunk: int, steps: int
             "chunked_mb": m_c / 2**20, "naive_mb": m_n / 2**20}
 
 
+def run_live_case(name: str, student, teacher, mb: MicroBatch, chunk: int, steps: int,
+                  device: torch.device) -> dict:
+    student = with_lora(student).to(device)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    mb.teacher_logprobs = None  # the teacher's come from the step, as in score_in_train_step
+    packed = pack(mb, 0, device)
+    live = LiveWeightSpec(2.0, 1.0, 1.0, "batch_mean", "renio")
+    row = {"case": name, "vocab": student.get_output_embeddings().weight.shape[0],
+           "tokens": sum(len(c) for c in mb.completion_ids), "batch": len(mb.completion_ids)}
+    times: dict[str, list[float]] = {"one_pass": [], "pass_first": []}
+    for _ in range(2):  # alternating, so that a change of load falls on both
+        for key, cls in (("one_pass", DistillModule), ("pass_first", LogprobPassFirst)):
+            module = cls(student, LossSpec("jsd", 0.0, 0.05, 1.1), chunk, teacher=teacher,
+                         live=live)
+            t, peak, row[f"{key}_loss"] = measure(module, packed, naive=False, steps=steps,
+                                                  device=device)
+            times[key].append(t)
+            row[f"{key}_mb"] = max(row.get(f"{key}_mb", 0.0), peak / 2**20)
+            row[f"{key}_weights"] = module.last_live[0]
+    for key, ts in times.items():
+        row[f"{key}_s"] = statistics.median(ts)
+    if (abs(row["one_pass_loss"] - row["pass_first_loss"]) > 1e-5 * max(1.0, abs(row["one_pass_loss"]))
+            or (row["one_pass_weights"] != row["pass_first_weights"]).any()):
+        raise SystemExit(f"{name}: the two live paths disagree")
+    return row
+
+
+def print_live(rows: list[dict]) -> None:
+    header = (f"{'case':44s} {'V':>7s} {'B x tok':>9s} {'one pass s':>10s} {'pass first s':>12s} "
+              f"{'time ratio':>10s} {'one pass MiB':>12s} {'pass first MiB':>14s}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['case']:44s} {r['vocab']:7d} {r['batch']:>3d} x {r['tokens']:<4d} "
+              f"{r['one_pass_s']:10.3f} {r['pass_first_s']:12.3f} "
+              f"{r['pass_first_s'] / r['one_pass_s']:9.2f}x {r['one_pass_mb']:12.1f} "
+              f"{r['pass_first_mb']:14.1f}")
+    print("ratio is pass first / one pass: above 1 means the one-pass step is faster.")
+
+
 def main() -> None:
     if not torch.cuda.is_available() and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc keeps freed heap memory and raises its mmap threshold as big blocks come and
@@ -186,6 +241,8 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    ap.add_argument("--live", action="store_true",
+                    help="live weights: one pass against a log-prob pass first")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant (median)")
     ap.add_argument("--chunk", type=int, default=128, help="positions per LM-head chunk")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -199,20 +256,25 @@ def main() -> None:
     if args.quick:
         args.vocab, args.batch, args.completion, args.steps = 32768, 2, 96, 2
 
+    case = run_live_case if args.live else run_case
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         student, teacher = toy_models(Path(tmp))
         vocab = student.get_output_embeddings().weight.shape[0]
         mb = micro_batch(vocab, 8, 20, 48, seed=0)
-        rows.append(run_case("toy world (hidden 96/128, char vocab)", student, teacher, mb,
-                             args.chunk, args.steps, device))
+        rows.append(case("toy world (hidden 96/128, char vocab)", student, teacher, mb,
+                         args.chunk, args.steps, device))
     del student, teacher
     gc.collect()
     student = _qwen3(args.vocab, 256, 2, seed=1)
     teacher = _qwen3(args.vocab, 256, 2, seed=2)
     mb = micro_batch(args.vocab, args.batch, 32, args.completion, seed=1)
-    rows.append(run_case(f"synthetic Qwen3, vocab {args.vocab}", student, teacher, mb,
-                         args.chunk, args.steps, device))
+    rows.append(case(f"synthetic Qwen3, vocab {args.vocab}", student, teacher, mb,
+                     args.chunk, args.steps, device))
+    if args.live:
+        print(f"device: {device}, torch threads: {torch.get_num_threads()}, chunk: {args.chunk}, "
+              f"loss: jsd beta 0 clip 0.05, LoRA r 8 student, separate teacher, live weights")
+        return print_live(rows)
 
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, chunk: {args.chunk}, "
           f"loss: jsd beta 0 clip 0.05, LoRA r 8 student, separate teacher")

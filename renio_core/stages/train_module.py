@@ -164,11 +164,7 @@ class DistillModule(torch.nn.Module):
             # Nothing to learn from, but every parameter must still take part (DDP).
             zero = hidden_BLH.sum() * 0.0 + head.weight.sum() * 0.0
             return zero.float(), torch.zeros(0, device=zero.device)
-        coef_N: torch.Tensor | LiveCoef = p.coef_N
-        if self.live is not None and head.weight.requires_grad:
-            coef_N = self._live_coef(p, hidden_NH, lm, teacher)
-        elif self.live is not None:
-            coef_N = self._live_coef_in_pass(p, teacher)
+        coef_N = p.coef_N if self.live is None else self._live(p, hidden_NH, lm, teacher)
         chunk_fn = entry.chunk_fn(self.spec, p, teacher)
         return ChunkedHeadLoss.apply(hidden_NH, head.weight, coef_N, chunk_fn, self.chunk,
                                      lm.config)
@@ -188,6 +184,14 @@ class DistillModule(torch.nn.Module):
         device = p.rows_N.device
         return TeacherHead(t_hidden.to(device)[p.rows_N, p.teacher_cols_N],
                            lm_head(t_lm).weight.detach().to(device), t_lm.config)
+
+    def _live(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any,
+              teacher: TeacherHead | None) -> torch.Tensor | LiveCoef:
+        """Live weights' loss coefficients: from the loss pass itself for a frozen head, else
+        from a log-prob pass first."""
+        if lm_head(lm).weight.requires_grad:
+            return self._live_coef(p, hidden_NH, lm, teacher)
+        return self._live_coef_in_pass(p, teacher)
 
     def _live_coef(self, p: PackedBatch, hidden_NH: torch.Tensor, lm: Any,
                    teacher: TeacherHead | None) -> torch.Tensor:
