@@ -5,9 +5,7 @@ The toy cache (``build.ensure_world``, behind ``ensure_toy_world``, ``ensure_cha
 into a temporary folder beside the world and rename it into place, one build at a time: a
 failed or killed build never leaves a world that looks finished, and the next build is clean.
 The cache shares a build between callers; ``--out`` refuses a second one. Both are
-``atomic.put_world``; the cache tests run on ``build.ensure_world`` and on ``put_world`` itself,
-the protocol ``ensure_world`` is to call once its cache keys may change (build.py's source is
-the key).
+``atomic.put_world``.
 """
 
 from __future__ import annotations
@@ -21,9 +19,7 @@ import pytest
 
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.modeling.toy import build
-from renio_core.modeling.toy.atomic import put_world
-from renio_core.modeling.toy.build import ToyWorld
+from renio_core.modeling.toy.build import ToyWorld, ensure_world
 from renio_core.modeling.toy.place import build_toy_world_into
 
 
@@ -52,17 +48,7 @@ def _names(folder: Path) -> list[str]:
 # ----------------------------------------------------------------------------- the toy cache
 
 
-def _put_cached(base: Path, name: str, builder, *, seed: int = 0, progress=None) -> ToyWorld:
-    put_world(base / name, lambda tmp: builder(tmp, seed=seed, progress=progress), reuse=True)
-    return ToyWorld.at(base / name)
-
-
-@pytest.fixture(params=["build.ensure_world", "atomic.put_world"])
-def ensure_world(request):
-    return build.ensure_world if request.param == "build.ensure_world" else _put_cached
-
-
-def test_cache_failed_build_leaves_nothing_and_the_next_builds(ensure_world, tmp_path: Path) -> None:
+def test_cache_failed_build_leaves_nothing_and_the_next_builds(tmp_path: Path) -> None:
     failing = Builder(fail=True)
     with pytest.raises(RuntimeError, match="build failed"):
         ensure_world(tmp_path, "seed3-abc", failing, seed=3)
@@ -78,8 +64,7 @@ def test_cache_failed_build_leaves_nothing_and_the_next_builds(ensure_world, tmp
     assert len(builder.calls) == 1
 
 
-def test_cache_removes_a_killed_build_and_ignores_an_unfinished_world(ensure_world,
-                                                                    tmp_path: Path) -> None:
+def test_cache_removes_a_killed_build_and_ignores_an_unfinished_world(tmp_path: Path) -> None:
     (tmp_path / ".w.tmp-999999").mkdir()  # a killed build's temporary folder
     (tmp_path / "w").mkdir()  # an empty folder is no world: built over
     builder = Builder()
@@ -89,7 +74,7 @@ def test_cache_removes_a_killed_build_and_ignores_an_unfinished_world(ensure_wor
     assert _names(tmp_path / "w") == ["train.jsonl", "world.json"]
 
 
-def test_cache_concurrent_callers_share_one_build(ensure_world, tmp_path: Path) -> None:
+def test_cache_concurrent_callers_share_one_build(tmp_path: Path) -> None:
     builder = Builder(delay=0.5)
     roots: list[Path] = []
 

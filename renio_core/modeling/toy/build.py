@@ -27,13 +27,11 @@ taught rather than from limited capacity alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from typing import Any
 
 from renio_core.data.prompts import privileged_messages, render_ids, student_messages
 from renio_core.modeling.toy import task as toy_task
+from renio_core.modeling.toy.atomic import put_world
 from renio_core.modeling.toy.tokenizer import build_tokenizer
 
 Progress = Callable[[str, int, int], None]
@@ -379,28 +378,11 @@ def ensure_toy_world(cache_dir: str | os.PathLike[str] | None = None, *, seed: i
 
 def ensure_world(base: Path, name: str, builder: Callable[..., ToyWorld], *, seed: int = 0,
                  progress: Progress | None = None) -> ToyWorld:
-    """The cached world ``base/name``, built first by ``builder`` if missing: into a temporary
-    folder of this process, renamed into place when complete, so an interrupted build is never
-    used. A lock makes concurrent callers wait for one build instead of failing. Every toy
-    world's cache goes through here."""
-    base.mkdir(parents=True, exist_ok=True)
-    final = base / name
-    if (final / "world.json").is_file():
-        return ToyWorld.at(final)
-    with open(base / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "world.json").is_file():
-            return ToyWorld.at(final)
-        # Holding the lock, a temporary folder left for this world is from a killed build.
-        for stale in base.glob(f".{name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = base / f".{name}.tmp-{os.getpid()}"
-        try:
-            builder(tmp, seed=seed, progress=progress)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return ToyWorld.at(final)
+    """The cached world ``base/name``, built first by ``builder`` if missing; concurrent
+    callers wait for one build (``atomic.put_world``). Every toy world's cache goes through
+    here."""
+    put_world(base / name, lambda tmp: builder(tmp, seed=seed, progress=progress), reuse=True)
+    return ToyWorld.at(base / name)
 
 
 def resolve_model(name: str, cache_dir: str | os.PathLike[str] | None = None) -> str:
