@@ -297,6 +297,9 @@ def test_rollout_settings_are_the_fields_both_configs_share() -> None:
     assert (rcfg.model, rcfg.prompts, rcfg.out) == ("m", "toy", "o.parquet")
     for name in ROLLOUT_SETTINGS:
         assert getattr(rcfg, name) == getattr(cfg, name), name
+    # renio run's eval section samples with a subset of them, handed to both configs by name.
+    from renio_core.stages.run_loop import EVAL_SAMPLING
+    assert set(EVAL_SAMPLING) < set(ROLLOUT_SETTINGS)
 
 
 @pytest.mark.parametrize("fails", [False, True])

@@ -105,6 +105,8 @@ LOOP_OWNED = {
               "init_from", "schedule_steps", "grad_accum", "wandb_project"},
     "eval": {"bench", "out", "model", "adapter", "completions", "overwrite", "summary"},
 }
+# The eval section's sampling keys: RolloutConfig's and EvalConfig's settings of the same
+# name (evaluate.ROLLOUT_SETTINGS), handed from the run's rollout settings to both.
 EVAL_SAMPLING = ("n", "temperature", "top_p", "top_k", "max_new_tokens")
 
 
@@ -1138,8 +1140,7 @@ class _Loop:
                         sampler=resident.sampler(rcfg, self.lora_rank))
         ecfg = EvalConfig(bench=self.eval_spec, out=str(where / "eval.parquet"),
                           completions=str(where / "eval_rollouts.parquet"),
-                          n=rcfg.n, temperature=rcfg.temperature, top_p=rcfg.top_p,
-                          top_k=rcfg.top_k, max_new_tokens=rcfg.max_new_tokens,
+                          **{k: getattr(rcfg, k) for k in EVAL_SAMPLING},
                           limit=limit, summary=str(where / "eval.json"), overwrite=True)
         result = run_eval(ecfg)
         acc = result.summary.get("metrics", {}).get("avg_at_n")
