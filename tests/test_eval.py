@@ -23,6 +23,7 @@ from renio_core.grading.sandbox import bwrap_problem
 from renio_core.stages import evaluate
 from renio_core.stages.evaluate import ROLLOUT_SETTINGS, EvalConfig, compare, load_bench
 from renio_core.stages.rollout import RolloutConfig
+from renio_core.stages.run_loop import EVAL_SAMPLING
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 
@@ -298,7 +299,6 @@ def test_rollout_settings_are_the_fields_both_configs_share() -> None:
     for name in ROLLOUT_SETTINGS:
         assert getattr(rcfg, name) == getattr(cfg, name), name
     # renio run's eval section samples with a subset of them, handed to both configs by name.
-    from renio_core.stages.run_loop import EVAL_SAMPLING
     assert set(EVAL_SAMPLING) < set(ROLLOUT_SETTINGS)
 
 
