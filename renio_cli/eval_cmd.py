@@ -8,8 +8,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from renio_cli.common import ConfigOpt, console, fail, handle_errors, progress_bar
-from renio_cli.options import field_option
+from renio_cli.common import console, fail, handle_errors, progress_bar
+from renio_cli.options import Flag, config_options
 from renio_core.stages.evaluate import (
     EvalConfig,
     compare,
@@ -83,45 +83,26 @@ def compare_table(paths: list[Path], summaries: list[dict[str, Any]]) -> Table:
 
 
 @handle_errors
+@config_options(
+    EvalConfig,
+    # --bench and --out are not required here (--compare takes neither); unset, they leave
+    # the dataclass's '', which EvalConfig rejects with its own message.
+    bench=Flag(type=str | None, default=None),
+    out=Flag(type=Path | None, default=None),
+    summary=Flag(type=Path | None),
+    code_timeout_s=Flag("--code-timeout"),
+    overwrite=Flag("--overwrite/--no-overwrite"),
+    order=("runs", "compare_", "model", "adapter", "completions", "bench", ...,
+           "out", "summary", "skip_long_prompts", "overwrite"),
+)
 def eval_cmd(
+    fields: dict[str, Any],
     runs: list[Path] = typer.Argument(None, help="With --compare: the summary JSON files to compare."),
     compare_: bool = typer.Option(False, "--compare", help="Compare summary JSON files side by side, with deltas against the first."),
-    model: str | None = field_option(EvalConfig, "model"),
-    adapter: str | None = field_option(EvalConfig, "adapter"),
-    completions: str | None = field_option(EvalConfig, "completions"),
-    # --bench and --out are not required here (--compare takes neither); None becomes the
-    # dataclass's '', which EvalConfig rejects with its own message.
-    bench: str | None = field_option(EvalConfig, "bench", default=None),
-    n: int = field_option(EvalConfig, "n"),
-    temperature: float = field_option(EvalConfig, "temperature"),
-    top_p: float = field_option(EvalConfig, "top_p"),
-    top_k: int = field_option(EvalConfig, "top_k"),
-    max_new_tokens: int = field_option(EvalConfig, "max_new_tokens"),
-    seed: int = field_option(EvalConfig, "seed"),
-    backend: str = field_option(EvalConfig, "backend", "--backend"),
-    vllm_memory: float = field_option(EvalConfig, "vllm_memory", "--vllm-memory"),
-    tensor_parallel_size: int = field_option(EvalConfig, "tensor_parallel_size",
-                                             "--tensor-parallel-size"),
-    device_map: str = field_option(EvalConfig, "device_map", "--device-map"),
-    limit: int | None = field_option(EvalConfig, "limit"),
-    batch_size: int = field_option(EvalConfig, "batch_size"),
-    device: str = field_option(EvalConfig, "device"),
-    dtype: str = field_option(EvalConfig, "dtype"),
-    code_timeout_s: float = field_option(EvalConfig, "code_timeout_s", "--code-timeout"),
-    code_memory_mb: int = field_option(EvalConfig, "code_memory_mb"),
-    workers: int = field_option(EvalConfig, "workers"),
-    unsafe_inprocess_sandbox: bool = field_option(EvalConfig, "unsafe_inprocess_sandbox",
-                                                  "--unsafe-inprocess-sandbox"),
-    out: Path | None = field_option(EvalConfig, "out", "--out", default=None),  # as --bench
-    summary: Path | None = field_option(EvalConfig, "summary"),
-    skip_long_prompts: bool = field_option(EvalConfig, "skip_long_prompts",
-                                           "--skip-long-prompts"),
-    overwrite: bool = field_option(EvalConfig, "overwrite"),
-    config: Path | None = ConfigOpt,
 ) -> None:
     """Measure accuracy, pass@k, length and reflection markers (correct vs incorrect)."""
     if compare_:
-        if model or completions or bench or out:
+        if any(fields[name] for name in ("model", "completions", "bench", "out")):
             raise fail("--compare takes only summary JSON files; drop --model/--completions/--bench/--out")
         paths = list(runs or [])
         summaries = [load_summary(p) for p in paths]
@@ -131,17 +112,7 @@ def eval_cmd(
         return
     if runs:
         raise fail(f"unexpected argument {str(runs[0])!r}; summary files need --compare")
-    cfg = EvalConfig(
-        bench=bench or "", out=str(out) if out else "", model=model, adapter=adapter,
-        completions=completions, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, seed=seed, backend=backend, vllm_memory=vllm_memory,
-        tensor_parallel_size=tensor_parallel_size, device_map=device_map, limit=limit,
-        batch_size=batch_size, device=device, dtype=dtype,
-        summary=str(summary) if summary else None, code_timeout_s=code_timeout_s,
-        code_memory_mb=code_memory_mb, workers=workers,
-        unsafe_inprocess_sandbox=unsafe_inprocess_sandbox,
-        skip_long_prompts=skip_long_prompts, overwrite=overwrite,
-    )
+    cfg = EvalConfig(**fields)
     plan = prepare_eval(cfg)
     if plan.samples is None:
         # One bar for both phases: rich shows one live display at a time.

@@ -70,7 +70,7 @@ def config_options(config_cls: type, *, order: tuple[Any, ...] = (...,),
 
     The function's first parameter, ``fields``, receives ``{field name: value}``, ready for
     ``config_cls(**fields)``: a ``Path`` passed on as text, and an option made optional with
-    ``default=None`` that was left unset left out (so the field's default holds). Its other
+    ``default=None`` that was left unset passed on as the field's default. Its other
     parameters are options of its own (``typer.Option``/``typer.Argument`` defaults).
 
     ``--help`` lists the options in ``order``: names of fields or of the function's own
@@ -88,14 +88,14 @@ def config_options(config_cls: type, *, order: tuple[Any, ...] = (...,),
                for p in list(inspect.signature(fn).parameters.values())[1:]]
         params: dict[str, inspect.Parameter] = {}  # field or own name -> parameter
         param_field: dict[str, str] = {}  # parameter name -> field name
-        unset_is_default: set[str] = set()  # fields whose option takes None for "unset"
+        unset_default: dict[str, Any] = {}  # field -> its default, where the option's None is unset
         for name, field in fields.items():
             flag = flags.get(name, Flag())
             annotation = flag.type or types[name]
             decls = flag.decls or (_plain_flag(name, annotation, field.default),)
             option = field_option(config_cls, name, *decls, **flag.overrides)
             if flag.overrides.get("default", ...) is None and field.default is not None:
-                unset_is_default.add(name)
+                unset_default[name] = field.default
             # A field named like a builtin (input, filter) is the parameter input_, filter_:
             # that is also a key a --config YAML file may use.
             pname = f"{name}_" if hasattr(builtins, name) else name
@@ -118,8 +118,8 @@ def config_options(config_cls: type, *, order: tuple[Any, ...] = (...,),
             values = {}
             for pname, name in param_field.items():
                 value = kwargs.pop(pname)
-                if value is None and name in unset_is_default:
-                    continue
+                if value is None and name in unset_default:
+                    value = unset_default[name]
                 values[name] = str(value) if isinstance(value, Path) else value
             return fn(values, **kwargs)
 
