@@ -36,7 +36,7 @@ def test_help_lists_commands_in_pipeline_order() -> None:
 
 # --------------------------------------------------------------------------------------------
 # Each option written once: a command's option takes its default and help from the field of
-# the stage's config dataclass (renio_cli.options.field_option); nothing here may drift.
+# the stage's config dataclass (renio_cli.options.config_options); nothing here may drift.
 # --------------------------------------------------------------------------------------------
 
 REQUIRED = "<required>"  # a required option (typer's ...) or a field without a default
