@@ -219,17 +219,20 @@ def run_live_case(name: str, student, teacher, mb: MicroBatch, chunk: int, steps
     return row
 
 
-def print_live(rows: list[dict]) -> None:
-    header = (f"{'case':44s} {'V':>7s} {'B x tok':>9s} {'one pass s':>10s} {'pass first s':>12s} "
-              f"{'time ratio':>10s} {'one pass MiB':>12s} {'pass first MiB':>14s}")
+def print_table(rows: list[dict], new: str, base: str, note: str) -> None:
+    """One line per case: the times and peaks of the row keys ``new`` and ``base`` (``chunked``
+    against ``naive``, ``one_pass`` against ``pass_first``), with the ratios base / new."""
+    n, b = new.replace("_", " "), base.replace("_", " ")
+    header = (f"{'case':44s} {'V':>7s} {'B x tok':>9s} {n + ' s':>12s} {b + ' s':>12s} "
+              f"{'time ratio':>10s} {n + ' MiB':>14s} {b + ' MiB':>14s} {'mem ratio':>9s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['case']:44s} {r['vocab']:7d} {r['batch']:>3d} x {r['tokens']:<4d} "
-              f"{r['one_pass_s']:10.3f} {r['pass_first_s']:12.3f} "
-              f"{r['pass_first_s'] / r['one_pass_s']:9.2f}x {r['one_pass_mb']:12.1f} "
-              f"{r['pass_first_mb']:14.1f}")
-    print("ratio is pass first / one pass: above 1 means the one-pass step is faster.")
+              f"{r[new + '_s']:12.3f} {r[base + '_s']:12.3f} {r[base + '_s'] / r[new + '_s']:9.2f}x "
+              f"{r[new + '_mb']:14.1f} {r[base + '_mb']:14.1f} "
+              f"{r[base + '_mb'] / max(r[new + '_mb'], 1e-9):8.2f}x")
+    print(note)
 
 
 def main() -> None:
@@ -274,20 +277,12 @@ def main() -> None:
     if args.live:
         print(f"device: {device}, torch threads: {torch.get_num_threads()}, chunk: {args.chunk}, "
               f"loss: jsd beta 0 clip 0.05, LoRA r 8 student, separate teacher, live weights")
-        return print_live(rows)
-
+        return print_table(rows, "one_pass", "pass_first", "ratios are pass first / one "
+                           "pass: above 1 means the one-pass step is faster or smaller.")
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, chunk: {args.chunk}, "
           f"loss: jsd beta 0 clip 0.05, LoRA r 8 student, separate teacher")
-    header = (f"{'case':44s} {'V':>7s} {'B x tok':>9s} {'chunked s':>10s} {'naive s':>9s} "
-              f"{'time ratio':>10s} {'chunked MiB':>12s} {'naive MiB':>10s} {'mem ratio':>9s}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['case']:44s} {r['vocab']:7d} {r['batch']:>3d} x {r['tokens']:<4d} "
-              f"{r['chunked_s']:10.3f} {r['naive_s']:9.3f} {r['naive_s'] / r['chunked_s']:9.2f}x "
-              f"{r['chunked_mb']:12.1f} {r['naive_mb']:10.1f} "
-              f"{r['naive_mb'] / max(r['chunked_mb'], 1e-9):8.2f}x")
-    print("ratios are naive / chunked: above 1 means the chunked path is faster or smaller.")
+    print_table(rows, "chunked", "naive", "ratios are naive / chunked: above 1 means the chunked "
+                "path is faster or smaller.")
 
 
 if __name__ == "__main__":
