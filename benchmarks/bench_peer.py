@@ -126,7 +126,8 @@ def child_trl(a: argparse.Namespace) -> dict:
 
 
 def child_renio(a: argparse.Namespace) -> dict:
-    from renio_core.stages.run_loop import load_run_config, run_loop
+    from renio_core.run.config import load_run_config
+    from renio_core.run.loop import run_loop
 
     problems = json.loads(Path(a.problems).read_text())
     prompts = Path(a.work) / "prompts.jsonl"
@@ -147,7 +148,7 @@ def child_renio(a: argparse.Namespace) -> dict:
         f"train.device={a.device}"])
     # Wall time from one iteration's end to the next (its metrics line written and older
     # iterations pruned), as TRL's side is timed from one step's end to the next.
-    from renio_core.stages import run_loop as loop_module
+    from renio_core.run import loop as loop_module
 
     ends = [time.perf_counter()]
     prune = loop_module._Loop.prune

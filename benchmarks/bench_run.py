@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from renio_core.modeling.toy import ensure_toy_world  # noqa: E402
-from renio_core.stages.run_loop import load_run_config, run_loop  # noqa: E402
+from renio_core.run.config import load_run_config  # noqa: E402
+from renio_core.run.loop import run_loop  # noqa: E402
 
 CONFIG = ROOT / "sample_configs" / "toy-opd-renio.yaml"
 WORK = ("sample_work", "score_work", "weight", "train_steps")

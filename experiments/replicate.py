@@ -201,7 +201,7 @@ METRIC_NAMES = {"acc": "accuracy", "marker_share": "completions with a marker",
 POINTS = ("acc", "marker_share")  # metrics shown in percentage points
 
 # renio run derives, from its seed s: rollout seeds s * 100003 + it, train seeds the same,
-# eval seed s + 7919 (renio_core/stages/run_loop.py). A stride larger than 7919 + iterations
+# eval seed s + 7919 (renio_core/run/loop.py). A stride larger than 7919 + iterations
 # keeps different replicates' ranges apart (tests/test_replicate.py checks it, modulo 2**32
 # where a generator truncates).
 SEED_STRIDE = 10_000

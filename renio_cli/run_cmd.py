@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from renio_cli.common import console, err_console, fmt, handle_errors, progress_bar
-from renio_core.stages.run_loop import RunSummary, load_run_config, run_loop
+from renio_core.run.config import load_run_config
+from renio_core.run.loop import RunSummary, run_loop
 
 # Phases of the time-split table, each a key of IterationRecord.time.
 TIME_COLUMNS = ("sample", "score", "weight", "train", "eval", "other")

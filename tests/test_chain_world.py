@@ -157,7 +157,7 @@ def test_cli_quick_build_and_unknown_names(tmp_path: Path) -> None:
 
 def test_run_resolves_chain_prompt_names(quick_chain, monkeypatch) -> None:
     from renio_core.data.prompt_io import load_prompts
-    from renio_core.stages import run_loop
+    from renio_core.run import config as run_config
 
     calls = []
 
@@ -166,11 +166,11 @@ def test_run_resolves_chain_prompt_names(quick_chain, monkeypatch) -> None:
         return quick_chain
 
     monkeypatch.setattr(chain, "ensure_chain_world", fake_ensure)
-    train = run_loop._resolve_prompts("toy-chain:train", "prompts")
-    test = run_loop._resolve_prompts("toy-chain:test", "eval_prompts")
+    train = run_config.resolve_prompts("toy-chain:train", "prompts")
+    test = run_config.resolve_prompts("toy-chain:test", "eval_prompts")
     assert (train, test) == (str(quick_chain.train_prompts), str(quick_chain.test_prompts))
     assert len(load_prompts(train).prompts) == chain.N_TRAIN
     assert len(load_prompts(test).prompts) == chain.N_TEST
     with pytest.raises(RenioInputError, match="toy-chain:train or toy-chain:test"):
-        run_loop._resolve_prompts("toy-chain:nope", "prompts")
+        run_config.resolve_prompts("toy-chain:nope", "prompts")
     assert len(calls) == 2  # an unknown name fails before building anything

@@ -24,7 +24,7 @@ from renio_cli import (
     weight_cmd,
 )
 from renio_core.report import inspect_report
-from renio_core.stages.run_loop import RunConfig
+from renio_core.run.config import RunConfig
 
 
 def test_help_lists_commands_in_pipeline_order() -> None:
@@ -186,7 +186,7 @@ def test_inspect_falls_back_to_the_weight_stages_defaults() -> None:
 
 def test_core_stages_import_neither_typer_nor_rich() -> None:
     code = ("import sys; import renio_core.stages.rollout, renio_core.stages.score, "
-            "renio_core.stages.weight, renio_core.stages.evaluate, renio_core.stages.run_loop; "
+            "renio_core.stages.weight, renio_core.stages.evaluate, renio_core.run.loop; "
             "print(sorted(m for m in ('typer', 'rich', 'click') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout

@@ -20,10 +20,10 @@ from conftest import require_component
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.grading.sandbox import bwrap_problem
+from renio_core.run.config import EVAL_SAMPLING
 from renio_core.stages import evaluate
 from renio_core.stages.evaluate import ROLLOUT_SETTINGS, EvalConfig, compare, load_bench
 from renio_core.stages.rollout import RolloutConfig
-from renio_core.stages.run_loop import EVAL_SAMPLING
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from renio_core.errors import RenioInputError
-from renio_core.stages.run_loop import load_run_config
+from renio_core.run.config import load_run_config
 
 RENIO = [sys.executable, "-m", "renio_cli.main"]
 CONFIG = Path(__file__).resolve().parents[1] / "sample_configs" / "toy-opd-renio.yaml"
@@ -138,7 +138,7 @@ def _step_lrs(ckpt: Path) -> list[float]:
 @pytest.mark.integration
 def test_one_optimizer_across_iterations_equals_the_stages_by_hand(tmp_path, toy_world):
     """Three iterations of `renio run` == rollout, score, weight, train --init-from by hand."""
-    from renio_core.stages.run_loop import run_loop
+    from renio_core.run.loop import run_loop
 
     cfg = load_run_config(CONFIG, [f"run_dir={tmp_path / 'run'}", "iterations=3", *ONE_STEP])
     run_loop(cfg)
@@ -228,7 +228,8 @@ def test_sigkill_mid_iteration_then_rerun_is_exact(tmp_path, toy_world, moment):
 def test_disk_stays_bounded(tmp_path, toy_world):
     """Only the newest checkpoint keeps its optimizer state (and every k-th if asked);
     pruning removes older checkpoints and shards; the time split is recorded."""
-    from renio_core.stages.run_loop import TIME_KEYS, run_loop
+    from renio_core.run.loop import run_loop
+    from renio_core.run.records import TIME_KEYS
 
     run_dir = tmp_path / "run"
     run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=4", *ONE_STEP,
@@ -284,7 +285,7 @@ def test_live_weights_equal_the_weight_stage_with_one_step_per_batch(tmp_path, t
     """train.weights_from=live recomputes each row's ReNIO weight inside the train step from
     that forward pass; before the step's update the student is the one that was scored, so
     the weights equal the weight stage's (LoRA dropout is 0)."""
-    from renio_core.stages.run_loop import run_loop
+    from renio_core.run.loop import run_loop
 
     run_dir = tmp_path / "run"
     run_loop(load_run_config(CONFIG, [f"run_dir={run_dir}", "iterations=2", *ONE_STEP,
@@ -348,7 +349,7 @@ def test_fill_filtered_trains_on_as_many_rows_as_unfiltered(tmp_path, toy_world)
     rows of the kept kind exist; the rows are the ordinary rollout rows of those prompts, the
     first ones of the kind in prompt order, and the student's own accuracy is recorded over
     every row sampled."""
-    from renio_core.stages.run_loop import run_loop
+    from renio_core.run.loop import run_loop
 
     common = ["iterations=1", "prompts_per_iteration=8", "rollout.n=2", "eval_every=0",
               "rollout.max_new_tokens=48", "weight.filter=incorrect", "weight.scheme=uniform"]
@@ -544,7 +545,7 @@ def test_score_in_train_step_writes_the_shards_the_separate_pass_writes(tmp_path
     scores the privileged prompt with the adapter switched off."""
     from safetensors.torch import load_file
 
-    from renio_core.stages.run_loop import run_loop
+    from renio_core.run.loop import run_loop
 
     common = [f"teacher={teacher}", "iterations=2", *ONE_STEP, "rollout.n=4", LIVE]
     separate, in_step = tmp_path / "separate", tmp_path / "in-step"
@@ -598,7 +599,7 @@ def test_score_in_train_step_killed_after_its_shards_reruns_exactly(tmp_path, to
 
 @pytest.mark.integration
 def test_a_second_run_on_one_run_dir_is_refused_at_once(tmp_path, toy_world):
-    from renio_core.stages.run_loop import _lock_run_dir
+    from renio_core.run.loop import _lock_run_dir
 
     run_dir = tmp_path / "run"
     args = [*RENIO, "run", "--config", str(CONFIG), f"run_dir={run_dir}", *SMALL]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from renio_core.stages.run_loop import load_run_config
+from renio_core.run.config import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "sample_configs"
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
