@@ -39,10 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from renio_core.stages.train_data import MicroBatch, pack  # noqa: E402
-from renio_core.stages.train_losses import LossSpec  # noqa: E402
-from renio_core.stages.train_data import LiveWeightSpec  # noqa: E402
-from renio_core.stages.train_module import DistillModule, naive_loss  # noqa: E402
+from renio_core.training.data import LiveWeightSpec, MicroBatch, pack  # noqa: E402
+from renio_core.training.losses import LossSpec  # noqa: E402
+from renio_core.training.module import DistillModule, naive_loss  # noqa: E402
 
 
 class LogprobPassFirst(DistillModule):

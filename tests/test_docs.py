@@ -8,7 +8,8 @@ import re
 from pathlib import Path
 
 DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
-PACKAGES = ("formulas", "data", "modeling", "backends", "stages", "run", "grading", "report")
+PACKAGES = ("formulas", "data", "modeling", "backends", "stages", "training", "run", "grading",
+            "report")
 
 
 def _cited_names() -> set[str]:

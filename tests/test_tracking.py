@@ -1,4 +1,4 @@
-"""W&B and TensorBoard logging through renio_core/stages/tracking.py, in W&B's offline mode (no network).
+"""W&B and TensorBoard logging through renio_core/tracking.py, in W&B's offline mode (no network).
 
 The values W&B recorded are read back from the offline run's own files and compared with the
 metrics renio writes itself (``metrics.jsonl`` of the run and of each checkpoint).

@@ -30,9 +30,9 @@ from renio_core.formulas import losses
 from renio_core.modeling import models
 from renio_core.modeling.models import auto_chunk
 from renio_core.stages.train import TrainConfig, run_train
-from renio_core.stages.train_data import pack, read_micro_batches
-from renio_core.stages.train_losses import LossSpec
-from renio_core.stages.train_module import DistillModule, naive_loss
+from renio_core.training.data import pack, read_micro_batches
+from renio_core.training.losses import LossSpec
+from renio_core.training.module import DistillModule, naive_loss
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,7 @@ def _naive_live_reference(module, packed, spec):
     """Live weights the independent way: each sampled token's log-prob from the whole
     micro-batch's full logits (log_softmax, not the chunks), the weight formula by
     ``live_weights``, then the naive loss with those weights."""
-    from renio_core.stages.train_data import live_weights
+    from renio_core.training.data import live_weights
 
     lm = models.causal_lm(module.model)
     with torch.no_grad():
@@ -262,7 +262,7 @@ def test_live_weights_in_the_loss_pass_equal_the_naive_reference(world, weights_
     are computed after the last chunk and scale the kept gradients; with a trained head (full
     fine-tuning) a log-prob pass runs first. Either way: the same log-probs, weights, loss and
     gradients as the full-logits reference weighted by hand."""
-    from renio_core.stages.train_data import LiveWeightSpec
+    from renio_core.training.data import LiveWeightSpec
 
     # The self-teacher's log-ratios are small here: every token pivotal, so the weights differ.
     spec = LiveWeightSpec(1.0, threshold, 1.0, "batch_mean", "renio")
@@ -1094,7 +1094,7 @@ def test_steps_per_batch_splits_the_shard(world, weights_file, tmp_path):
 
 
 def test_live_weights_by_hand():
-    from renio_core.stages.train_data import LiveWeightSpec, live_weights
+    from renio_core.training.data import LiveWeightSpec, live_weights
 
     spec = LiveWeightSpec(clip=2.0, threshold=1.0, tem=1.0, norm="batch_mean", scheme="renio")
     # Row 0: ratios [3 -> clipped 2, 0.5, 1.0]: pivotal {2, 1}, mean 1.5, raw e^1.5.
@@ -1147,7 +1147,7 @@ def test_resume_after_a_kill_between_the_saves_two_renames(world, weights_file, 
 
 
 def test_recover_interrupted_save_by_hand(tmp_path):
-    from renio_core.stages.train_checkpoint import recover_interrupted_save
+    from renio_core.training.checkpoint import recover_interrupted_save
 
     out = tmp_path / "ckpt"
     # Only the old one survived: better than no checkpoint.

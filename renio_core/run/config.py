@@ -25,10 +25,10 @@ from renio_core.stages.rollout import (
     RolloutConfig,
 )
 from renio_core.stages.score import ScoreConfig
-from renio_core.stages.tracking import check_available
 from renio_core.stages.train import TrainConfig
-from renio_core.stages.train_losses import LOSS_TABLE
 from renio_core.stages.weight import WeightConfig
+from renio_core.tracking import check_available
+from renio_core.training.losses import LOSS_TABLE
 
 SECTIONS = ("rollout", "score", "weight", "train", "eval")
 # Fields of the stage configs that the loop sets itself.

@@ -23,7 +23,7 @@ continues exactly from the last complete stage.
 Scoring inside the train step (``score_in_train_step``): as the official trainer, one forward
 of student and teacher per iteration gives the loss, the sampled-token log-probs and the live
 weights; the scores and weights shards are written from them before the checkpoint
-(``renio_core.stages.score_in_train_step``). ``auto`` (the default) takes this path wherever
+(``renio_core.training.score_in_step``). ``auto`` (the default) takes this path wherever
 its conditions hold and the separate score pass elsewhere; the run's first lines say which
 and why (:meth:`RunConfig.scoring`).
 
@@ -86,14 +86,14 @@ from renio_core.stages.rollout import (
     run_rollout,
 )
 from renio_core.stages.score import ScoreConfig, resolve, run_score
-from renio_core.stages.score_in_train_step import ScoreInTrainStep
-from renio_core.stages.tracking import Tracker
 from renio_core.stages.train import TRACKED
-from renio_core.stages.train_checkpoint import (
+from renio_core.stages.weight import run_weight
+from renio_core.tracking import Tracker
+from renio_core.training.checkpoint import (
     STATE_FILE,
     verify_checkpoint,
 )
-from renio_core.stages.weight import run_weight
+from renio_core.training.score_in_step import ScoreInTrainStep
 
 
 def graded_at_rollout(cfg: RunConfig, prompts: PromptSet) -> bool:
@@ -497,7 +497,7 @@ class _Loop:
                                        timings: dict[str, float]) -> Any:
         """``score_in_train_step``: train on the rollouts, the step scoring them; the trainer
         writes the scores and weights shards from the step's log-probs before the checkpoint
-        (renio_core/stages/score_in_train_step.py) and says how long each took. A checkpoint
+        (renio_core/training/score_in_step.py) and says how long each took. A checkpoint
         already complete had its shards written first, so only the weight summary is read
         again."""
         score_cfg = stage_cfgs["score"]

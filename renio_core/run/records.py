@@ -13,7 +13,7 @@ from typing import Any
 
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
-from renio_core.stages.train_checkpoint import (
+from renio_core.training.checkpoint import (
     CONFIG_FILE,
     METRICS_FILE,
 )

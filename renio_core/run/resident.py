@@ -16,11 +16,11 @@ from renio_core.run.config import RunConfig
 from renio_core.stages.rollout import (
     make_sampler,
 )
-from renio_core.stages.score_in_train_step import ScoreInTrainStep
 from renio_core.stages.train import attach_lora, run_train
-from renio_core.stages.train_checkpoint import (
+from renio_core.training.checkpoint import (
     verify_checkpoint,
 )
+from renio_core.training.score_in_step import ScoreInTrainStep
 
 
 class Resident:

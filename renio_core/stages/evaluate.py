@@ -44,6 +44,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from renio_core import option_help
 from renio_core.backends import vllm as vllm_backend
 from renio_core.data import shards
 from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
@@ -55,9 +56,8 @@ from renio_core.grading.grader import extract_last_boxed, grade_math
 from renio_core.grading.sandbox import SandboxUnavailable, choose_isolation, grade_code
 from renio_core.modeling import models
 from renio_core.modeling.toy import ensure_toy_world
-from renio_core.stages import option_help
 from renio_core.stages.rollout import RolloutConfig, fit_to_context, make_sampler
-from renio_core.stages.train_checkpoint import verify_checkpoint
+from renio_core.training.checkpoint import verify_checkpoint
 
 Advance = Callable[[int], None]
 

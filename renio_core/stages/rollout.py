@@ -43,6 +43,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from renio_core import option_help
 from renio_core.backends import vllm as vllm_backend
 from renio_core.backends.hf import HFSampler
 from renio_core.backends.protocols import Sampler
@@ -53,7 +54,6 @@ from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
-from renio_core.stages import option_help
 
 BACKENDS = ("hf", "vllm")
 

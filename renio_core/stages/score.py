@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from renio_core import option_help
 from renio_core.backends import vllm as vllm_backend
 from renio_core.backends.hf import HFScorer
 from renio_core.backends.protocols import Scorer
@@ -53,7 +54,6 @@ from renio_core.data.chunked_output import (
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
-from renio_core.stages import option_help
 
 BACKENDS = ("hf", "vllm")
 TEACHER_PROMPTS = ("plain", "privileged")

@@ -12,15 +12,16 @@ from the stored top-k, or ``rkl`` from the stored teacher log-probs).
 
 How it stays within memory: the student's decoder runs once per micro-batch; the LM head and
 the divergence then run on the completion positions only, ``chunk_size`` positions at a time
-(``train_module.ChunkedHeadLoss``). Neither the student's nor the teacher's batch x length x
+(``training.module.ChunkedHeadLoss``). Neither the student's nor the teacher's batch x length x
 vocabulary logits ever exist; the extra peak is about ``chunk_size x vocabulary`` floats. By
 default the chunk comes from a memory budget (``chunk_budget_mb``, ``models.auto_chunk``):
 small vocabularies get long chunks, Qwen3's 151,936 tokens get short ones.
 
-The parts: ``train_losses`` (the table of losses), ``train_data`` (micro-batches),
-``train_module`` (the student and its loss as one module), ``train_parallel`` (torchrun),
-``train_checkpoint`` (save, resume, ``--init-from``); this module holds the config and the
-trainer (:class:`Trainer`: setup steps, :meth:`Trainer._loss_step`, :meth:`Trainer.train`).
+The parts, in ``renio_core/training/``: ``losses`` (the table of losses), ``data``
+(micro-batches), ``module`` (the student and its loss as one module), ``parallel`` (torchrun),
+``checkpoint`` (save, resume, ``--init-from``), ``score_in_step`` (``renio run``'s scoring in
+the train step); this module holds the config and the trainer (:class:`Trainer`: setup
+steps, :meth:`Trainer._loss_step`, :meth:`Trainer.train`).
 
 Deliberate differences from the official code:
 
@@ -63,12 +64,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from renio_core import tracking
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.formulas.schedule import lr_factor
 from renio_core.modeling import models
-from renio_core.stages import tracking
-from renio_core.stages.train_checkpoint import (
+from renio_core.training.checkpoint import (
     METRICS_FILE,
     STATE_FILE,
     load_optimizer,
@@ -78,7 +79,7 @@ from renio_core.stages.train_checkpoint import (
     schedule_position,
     set_rng_state,
 )
-from renio_core.stages.train_data import (
+from renio_core.training.data import (
     LiveWeightSpec,
     MicroBatch,
     check_token_ids,
@@ -86,20 +87,20 @@ from renio_core.stages.train_data import (
     pack,
     read_micro_batches,
 )
-from renio_core.stages.score_in_train_step import ScoreInTrainStep, StepLogprobs, StepShards
-from renio_core.stages.train_losses import LOSS_TABLE, LOSSES, LossSpec, losses_help
-from renio_core.stages.train_module import DistillModule, lm_head
-from renio_core.stages.train_parallel import (
+from renio_core.training.losses import LOSS_TABLE, LOSSES, LossSpec, losses_help
+from renio_core.training.module import DistillModule, lm_head
+from renio_core.training.parallel import (
     Dist,
     all_reduce_sum,
     init_distributed,
     wrap,
 )
+from renio_core.training.score_in_step import ScoreInTrainStep, StepLogprobs, StepShards
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 WEIGHTS_FROM = ("shard", "live")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Per-step scalars sent to TensorBoard and W&B (renio_core/stages/tracking.py).
+# Per-step scalars sent to TensorBoard and W&B (renio_core/tracking.py).
 TRACKED = ("loss", "mean_weight", "pivotal_share", "grad_norm", "tokens_per_s", "lr")
 
 # progress(step, total_steps, metrics of that step), after each step, and once before the

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from renio_core import option_help
 from renio_core.data import shards
 from renio_core.data.schema import WEIGHT_COLUMNS, spec
 from renio_core.errors import RenioInputError
 from renio_core.formulas import weighting
-from renio_core.stages import option_help
 
 INPUT_COLUMNS = [
     spec("completion_ids"),

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
-from renio_core.stages.train_module import DistillModule
-from renio_core.stages.train_parallel import Dist
+from renio_core.training.module import DistillModule
+from renio_core.training.parallel import Dist
 
 STATE_FILE = "trainer_state.pt"
 # sha256 of each file of a checkpoint as saved, checked before a checkpoint is used again.

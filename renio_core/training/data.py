@@ -19,7 +19,7 @@ from renio_core.data.schema import spec
 from renio_core.errors import RenioInputError
 from renio_core.formulas import weighting
 from renio_core.modeling import models
-from renio_core.stages.train_losses import LOSS_TABLE, PackedBatch
+from renio_core.training.losses import LOSS_TABLE, PackedBatch
 
 
 @dataclasses.dataclass

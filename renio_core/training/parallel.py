@@ -1,7 +1,7 @@
 """Several processes under torchrun: which one this is, and the DDP or FSDP wrapping.
 
 One process is the default and needs none of this. Under ``torchrun`` each rank trains on its
-share of the micro-batches (``train_data.read_micro_batches``); gradients are all-reduced once
+share of the micro-batches (``data.read_micro_batches``); gradients are all-reduced once
 per optimizer step. nccl on GPUs, gloo on CPU (tested: 2 processes and FSDP give the same
 adapter as 1 process).
 """

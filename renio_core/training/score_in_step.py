@@ -40,8 +40,8 @@ from renio_core.data import shards
 from renio_core.errors import RenioInputError
 from renio_core.modeling import models
 from renio_core.stages.score import ScoreConfig, ScoreSummary, run_score
-from renio_core.stages.train_data import LiveWeightSpec, MicroBatch
 from renio_core.stages.weight import WeightConfig, WeightSummary, group_ids, run_weight
+from renio_core.training.data import LiveWeightSpec, MicroBatch
 
 # {row: (student log-probs, teacher log-probs)} of the rows the step trained on.
 StepLogprobs = dict[int, tuple[list[float], list[float]]]

@@ -4,7 +4,7 @@ The student's decoder runs once per micro-batch; the LM head and the divergence 
 the completion positions only, ``chunk`` positions at a time, inside one autograd function
 that computes each chunk's gradient right away (:class:`ChunkedHeadLoss`). Neither the
 student's nor the teacher's batch x length x vocabulary logits ever exist. Which divergence,
-and what it reads, comes from ``train_losses.LOSS_TABLE``; :func:`naive_loss` is the
+and what it reads, comes from ``losses.LOSS_TABLE``; :func:`naive_loss` is the
 unchunked reference the tests hold the chunked path to.
 """
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from renio_core.errors import RenioInputError
 from renio_core.formulas import losses
 from renio_core.modeling import models
-from renio_core.stages.train_data import LiveWeightSpec, live_weights
-from renio_core.stages.train_losses import (
+from renio_core.training.data import LiveWeightSpec, live_weights
+from renio_core.training.losses import (
     LOSS_TABLE,
     Grid,
     LossSpec,
