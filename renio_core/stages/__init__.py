@@ -1,1 +1,1 @@
-"""The pipeline's stages (rollout, score, weight, train, eval) and the run loop."""
+"""The pipeline's stages, one module each: rollout, score, weight, train, evaluate (renio eval)."""
