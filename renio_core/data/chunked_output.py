@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,64 @@ class ChunkedOutput:
                     writer.write(rb)
         shutil.rmtree(self.staging_dir, ignore_errors=True)
         return self.final.out
+
+
+@dataclasses.dataclass
+class ChunksWritten:
+    written: int  # parts computed and written now
+    skipped: int  # parts found complete
+    busy: float  # seconds inside ``work``: the backend's loading left out
+
+
+def write_chunks(
+    out: ChunkedOutput,
+    num_chunks: int,
+    base_meta: dict[str, Any],
+    work: Callable[[Any, int], pa.Table],
+    *,
+    make_backend: Callable[[], Any],
+    backend: Any = None,
+    first_use: Callable[[Any], None] | None = None,
+    on_skip: Callable[[int], None] | None = None,
+) -> ChunksWritten:
+    """The whole write of an expensive stage's output (``rollout``, ``score``), once its
+    caller has found it not already final: take the output's lock, write every missing part
+    this shard owns, merge them (a single-file output), release the lock.
+
+    ``work(backend, k)`` computes chunk ``k`` with the stage's sampler or scorer: the
+    caller's ``backend`` (kept open), or one made by ``make_backend()`` at the first missing
+    part (never when every part is complete) and closed here. ``first_use(backend)`` runs
+    before the first part is computed (checks that must fail before anything is written).
+    """
+    own = backend is None
+    state: dict[str, Any] = {"backend": backend, "used": False}
+    busy = 0.0
+
+    def make_chunk(k: int) -> pa.Table:
+        nonlocal busy
+        if state["backend"] is None:
+            state["backend"] = make_backend()
+        if not state["used"]:
+            state["used"] = True
+            if first_use is not None:
+                first_use(state["backend"])
+        t0 = time.perf_counter()
+        table = work(state["backend"], k)
+        busy += time.perf_counter() - t0
+        return table
+
+    out.prepare(num_chunks)
+    try:
+        try:
+            written, skipped = run_chunks(out, num_chunks, base_meta, make_chunk,
+                                          on_skip=on_skip)
+        finally:
+            if own and state["backend"] is not None:
+                state["backend"].close()  # a vLLM engine's worker processes
+        out.finalize(num_chunks, base_meta)
+    finally:
+        out.release()  # the output's lock
+    return ChunksWritten(written, skipped, busy)
 
 
 def run_chunks(

@@ -35,7 +35,6 @@ can build OPSD's privileged prompt per row.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from renio_core.backends.hf import HFSampler
 from renio_core.backends.protocols import Sampler
 from renio_core.backends.rows import prompt_task, render_prompt
 from renio_core.data import shards
-from renio_core.data.chunked_output import ChunkedOutput, parse_shard, run_chunks
+from renio_core.data.chunked_output import ChunkedOutput, parse_shard, write_chunks
 from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
@@ -357,52 +356,36 @@ def run_rollout(
         count(shards.read_table(cfg.out))
         summary.tokens = 0  # nothing sampled now: tokens/s only counts fresh work
         return summary
-    out.prepare(n_chunks)
-    try:
 
-        own_sampler = sampler is None  # one made here is closed here; a caller's is kept
+    def new_sampler() -> Sampler:
+        made = make_sampler(cfg, tokenizer, model=model)
+        # A refill the model's cache cannot take falls back; say so.
+        summary.sampler = (
+            "vLLM" if not isinstance(made, HFSampler) else
+            "refilled batches" if made.refill else
+            "fixed batches (this model's cache cannot be refilled)" if cfg.refill else
+            "fixed batches")
+        return made
 
-        def get_sampler() -> Sampler:
-            nonlocal sampler
-            if sampler is None:
-                sampler = make_sampler(cfg, tokenizer, model=model)
-                # A refill the model's cache cannot take falls back; say so.
-                summary.sampler = (
-                    "vLLM" if not isinstance(sampler, HFSampler) else
-                    "refilled batches" if sampler.refill else
-                    "fixed batches (this model's cache cannot be refilled)" if cfg.refill else
-                    "fixed batches")
-            return sampler
+    fresh_tokens = 0
 
-        fresh_tokens = 0
-        busy = [0.0]  # seconds spent sampling (model loading excluded), for tokens/s
+    def sample_chunk(sampler_now: Sampler, k: int) -> pa.Table:
+        nonlocal fresh_tokens
+        table = sampler_now.sample(chunk_prompts(k), cfg, progress)
+        count(table)
+        fresh_tokens += int(pc.sum(
+            pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
+        return table
 
-        def make_chunk(k: int) -> pa.Table:
-            nonlocal fresh_tokens
-            sampler_now = get_sampler()
-            t0 = time.perf_counter()
-            table = sampler_now.sample(chunk_prompts(k), cfg, progress)
-            busy[0] += time.perf_counter() - t0
-            count(table)
-            fresh_tokens += int(pc.sum(
-                pc.list_value_length(table.column("completion_ids"))).as_py() or 0)
-            return table
+    def on_skip(k: int) -> None:
+        if progress is not None:
+            progress(len(chunk_prompts(k)) * cfg.n)
+        count(shards.read_table(out.parts.part_path(k)))
 
-        def on_skip(k: int) -> None:
-            if progress is not None:
-                progress(len(chunk_prompts(k)) * cfg.n)
-            count(shards.read_table(out.parts.part_path(k)))
-
-        try:
-            summary.parts_written, summary.parts_skipped = run_chunks(
-                out, n_chunks, meta, make_chunk, on_skip=on_skip)
-        finally:
-            if own_sampler and sampler is not None:
-                sampler.close()  # a vLLM engine's worker processes
-        out.finalize(n_chunks, meta)
-    finally:
-        out.release()  # the output's lock
-    summary.seconds = busy[0]
+    done = write_chunks(out, n_chunks, meta, sample_chunk, make_backend=new_sampler,
+                        backend=sampler, on_skip=on_skip)
+    summary.parts_written, summary.parts_skipped = done.written, done.skipped
+    summary.seconds = done.busy
     summary.tokens = fresh_tokens
     return summary
 

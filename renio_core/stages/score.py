@@ -31,7 +31,6 @@ tokens in both contexts.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,9 +46,8 @@ from renio_core.backends.protocols import Scorer
 from renio_core.data import schema, shards
 from renio_core.data.chunked_output import (
     ChunkedOutput,
-    owned_chunks,
     parse_shard,
-    run_chunks,
+    write_chunks,
 )
 from renio_core.data.prompts import TASKS
 from renio_core.errors import RenioInputError
@@ -398,7 +396,6 @@ def run_score(
     is called with the number of rows scored (or found complete) since the last call.
     ``extra_meta`` adds keys to the shard's metadata (where the log-probs came from).
     """
-    busy = [0.0]  # seconds spent scoring (model loading excluded), for tokens/s
     inputs = shards.open_inputs(cfg.input, INPUT_COLUMNS)
     resolved = resolve(cfg, inputs)
     shards.refuse_overwriting_inputs(cfg.out, cfg.input, *inputs.files, resolved.student,
@@ -447,7 +444,6 @@ def run_score(
         if summary.tokens:
             summary.mean_student_logprob = summary._sums[0] / summary.tokens
             summary.mean_teacher_logprob = summary._sums[1] / summary.tokens
-        summary.seconds = busy[0]
         return summary
 
     if out.already_final(meta):
@@ -456,59 +452,39 @@ def run_score(
             progress(total)
         count(shards.read_table(cfg.out))
         return finish()
-    out.prepare(n_chunks)
-    try:
 
-        state: dict[str, Any] = {"scorer": scorer}
+    def new_scorer() -> Scorer:
+        student, student_tok, teacher, teacher_tok = load_scoring_models(
+            cfg, resolved, inputs.files[0])
+        if cfg.backend == "vllm":
+            return vllm_backend.VllmScorer(cfg, resolved, student_tok, teacher_tok)
+        return HFScorer(cfg, resolved, student, student_tok, teacher, teacher_tok)
 
-        def get_scorer() -> Any:
-            if state["scorer"] is None:
-                student, student_tok, teacher, teacher_tok = load_scoring_models(
-                    cfg, resolved, inputs.files[0])
-                if cfg.backend == "vllm":
-                    state["scorer"] = vllm_backend.VllmScorer(cfg, resolved, student_tok,
-                                                              teacher_tok)
-                else:
-                    state["scorer"] = HFScorer(cfg, resolved, student, student_tok, teacher,
-                                             teacher_tok)
-            return state["scorer"]
+    def check_vocabularies(scorer_now: Scorer) -> None:
+        # Every id is checked against both vocabularies before any part is written, so bad
+        # input never leaves a half-scored output behind.
+        for name, vocab in scorer_now.vocab_sizes().items():
+            check_ids_in_vocab(inputs, vocab, name)
+            if name == "teacher" and cfg.topk > vocab:
+                raise RenioInputError(f"--topk {cfg.topk}: larger than the teacher's "
+                                      f"vocabulary of {vocab}")
 
-        pending = [k for k in owned_chunks(shard, n_chunks)
-                   if not out.is_complete(k, out.part_meta(meta, k, n_chunks))]
-        if pending:
-            # Models load and every id is checked against both vocabularies before any part is
-            # written, so bad input never leaves a half-scored output behind.
-            sc = get_scorer()
-            for name, vocab in sc.vocab_sizes().items():
-                check_ids_in_vocab(inputs, vocab, name)
-                if name == "teacher" and cfg.topk > vocab:
-                    raise RenioInputError(f"--topk {cfg.topk}: larger than the teacher's "
-                                          f"vocabulary of {vocab}")
+    def score_chunk(scorer_now: Scorer, k: int) -> pa.Table:
+        lo, hi = chunk_rows(k)
+        scored = scorer_now.score_table(read_rows(inputs, lo, hi), progress)
+        count(scored)
+        summary.fresh_tokens += int(
+            pc.sum(pc.list_value_length(scored.column("completion_ids"))).as_py() or 0)
+        return scored
 
-        def make_chunk(k: int) -> pa.Table:
-            lo, hi = chunk_rows(k)
-            scorer_now = get_scorer()
-            t0 = time.perf_counter()
-            scored = scorer_now.score_table(read_rows(inputs, lo, hi), progress)
-            busy[0] += time.perf_counter() - t0
-            count(scored)
-            summary.fresh_tokens += int(
-                pc.sum(pc.list_value_length(scored.column("completion_ids"))).as_py() or 0)
-            return scored
+    def on_skip(k: int) -> None:
+        lo, hi = chunk_rows(k)
+        if progress is not None:
+            progress(hi - lo)
+        count(shards.read_table(out.parts.part_path(k)))
 
-        def on_skip(k: int) -> None:
-            lo, hi = chunk_rows(k)
-            if progress is not None:
-                progress(hi - lo)
-            count(shards.read_table(out.parts.part_path(k)))
-
-        try:
-            summary.parts_written, summary.parts_skipped = run_chunks(
-                out, n_chunks, meta, make_chunk, on_skip=on_skip)
-        finally:
-            if scorer is None and state["scorer"] is not None:
-                state["scorer"].close()  # vLLM engines made here; a caller's scorer is kept
-        out.finalize(n_chunks, meta)
-    finally:
-        out.release()  # the output's lock
+    done = write_chunks(out, n_chunks, meta, score_chunk, make_backend=new_scorer,
+                        backend=scorer, first_use=check_vocabularies, on_skip=on_skip)
+    summary.parts_written, summary.parts_skipped = done.written, done.skipped
+    summary.seconds = done.busy  # scoring alone, the models' loading left out: for tokens/s
     return finish()
