@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import json
@@ -288,8 +289,15 @@ def test_rollout_settings_are_the_fields_both_configs_share() -> None:
     overwrite means another file); ``_rollout_config`` hands each one over by name."""
     eval_types = typing.get_type_hints(EvalConfig)
     rollout_types = typing.get_type_hints(RolloutConfig)
+    eval_fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
+    rollout_fields = {f.name: f for f in dataclasses.fields(RolloutConfig)}
     for name in ROLLOUT_SETTINGS:
         assert eval_types[name] == rollout_types[name], name
+        # Declared once, by RolloutConfig: the same help; the same default but eval's avg@16.
+        assert eval_fields[name].metadata["help"] == rollout_fields[name].metadata["help"], name
+        if name not in ("n", "temperature"):
+            assert eval_fields[name].default == rollout_fields[name].default, name
+    assert (eval_fields["n"].default, eval_fields["temperature"].default) == (16, 1.0)
     assert set(eval_types) & set(rollout_types) == {*ROLLOUT_SETTINGS, "model", "out", "overwrite"}
     cfg = EvalConfig(bench="toy", out="o.parquet", model="m", adapter="a", n=3, temperature=0.7,
                      top_p=0.9, top_k=5, max_new_tokens=77, seed=4, batch_size=8, dtype="float32",

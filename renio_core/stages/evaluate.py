@@ -44,7 +44,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from renio_core import option_help
 from renio_core.backends import vllm as vllm_backend
 from renio_core.data import shards
 from renio_core.data.prompt_io import Prompt, PromptSet, load_prompts
@@ -77,11 +76,21 @@ NAMED_BENCHES: dict[str, dict[str, Any]] = {
 }
 SUMMARY_VERSION = 1
 # The EvalConfig fields that are RolloutConfig's settings of the same name and meaning: an eval
-# samples with them exactly as ``renio rollout`` would (``_rollout_config``). Each keeps eval's
-# own default and help (n 16 and temperature 1.0 here, 1 and the official 1.1 there).
+# samples with them exactly as ``renio rollout`` would (``_rollout_config``). They are declared
+# once, by RolloutConfig: EvalConfig takes each field's help and default from there
+# (:func:`_rollout_setting`), keeping two defaults of its own (n 16 and temperature 1.0, the
+# paper's avg@16 evaluation, where a rollout takes 1 sample at the official 1.1).
 ROLLOUT_SETTINGS = ("adapter", "n", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
                     "backend", "vllm_memory", "tensor_parallel_size", "device_map",
                     "batch_size", "device", "dtype", "skip_long_prompts")
+
+
+def _rollout_setting(name: str, **default: Any) -> Any:
+    """EvalConfig's field ``name`` as RolloutConfig declares it (help, default), but for a
+    ``default=`` of eval's own."""
+    field = next(f for f in dataclasses.fields(RolloutConfig) if f.name == name)
+    return dataclasses.field(default=default.get("default", field.default),
+                             metadata=field.metadata)
 
 
 @dataclasses.dataclass
@@ -95,33 +104,25 @@ class EvalConfig:
     model: str | None = dataclasses.field(
         default=None, metadata={"help": "Model to sample from: hub name, local path, or "
                                         "toy:student / toy:teacher."})
-    adapter: str | None = dataclasses.field(
-        default=None, metadata={"help": "PEFT adapter directory to apply to --model."})
+    adapter: str | None = _rollout_setting("adapter")
     completions: str | None = dataclasses.field(
         default=None, metadata={"help": "Grade existing completions instead: a rollouts shard "
                                         "or JSONL with prompt_id and completion_text."})
-    n: int = dataclasses.field(default=16, metadata={"help": "Samples per problem (with --model)."})
-    temperature: float = dataclasses.field(
-        default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
-    top_p: float = dataclasses.field(default=0.95, metadata={"help": "Nucleus sampling threshold."})
-    top_k: int = dataclasses.field(default=20, metadata={"help": "Top-k sampling (0 = off)."})
-    max_new_tokens: int = dataclasses.field(
-        default=1024, metadata={"help": "Completion length cap; reaching it counts as "
-                                        "truncated."})
-    seed: int = dataclasses.field(default=0, metadata={"help": "Sampling seed."})
-    backend: str = dataclasses.field(default="hf", metadata={"help": option_help.BACKEND})
-    vllm_memory: float = dataclasses.field(
-        default=0.9, metadata={"help": option_help.VLLM_MEMORY})
-    tensor_parallel_size: int = dataclasses.field(
-        default=1, metadata={"help": option_help.TENSOR_PARALLEL})
-    device_map: str = dataclasses.field(default="none", metadata={"help": option_help.DEVICE_MAP})
+    n: int = _rollout_setting("n", default=16)
+    temperature: float = _rollout_setting("temperature", default=1.0)
+    top_p: float = _rollout_setting("top_p")
+    top_k: int = _rollout_setting("top_k")
+    max_new_tokens: int = _rollout_setting("max_new_tokens")
+    seed: int = _rollout_setting("seed")
+    backend: str = _rollout_setting("backend")
+    vllm_memory: float = _rollout_setting("vllm_memory")
+    tensor_parallel_size: int = _rollout_setting("tensor_parallel_size")
+    device_map: str = _rollout_setting("device_map")
     limit: int | None = dataclasses.field(
         default=None, metadata={"help": "Only the first N problems of the benchmark."})
-    batch_size: int = dataclasses.field(
-        default=64, metadata={"help": "Sequences per generate call."})
-    device: str = dataclasses.field(default="auto", metadata={"help": option_help.DEVICE})
-    dtype: str = dataclasses.field(
-        default="auto", metadata={"help": "auto, float32, bfloat16 or float16."})
+    batch_size: int = _rollout_setting("batch_size")
+    device: str = _rollout_setting("device")
+    dtype: str = _rollout_setting("dtype")
     summary: str | None = dataclasses.field(
         default=None, metadata={"help": "Summary JSON (default: --out with .json)."})
     code_timeout_s: float = dataclasses.field(
@@ -135,8 +136,7 @@ class EvalConfig:
         metadata={"help": "Where bubblewrap is missing, grade code anyway with the weaker "
                           "in-process guard (generated code can escape it). Each row records "
                           "its isolation."})
-    skip_long_prompts: bool = dataclasses.field(
-        default=False, metadata={"help": option_help.SKIP_LONG_PROMPTS})
+    skip_long_prompts: bool = _rollout_setting("skip_long_prompts")
     overwrite: bool = dataclasses.field(
         default=False, metadata={"help": "Replace an --out made with other inputs or settings."})
 
