@@ -104,7 +104,6 @@ class ScoreInTrainStep:
     micro: list[MicroBatch]  # teacher_logprobs None, rows set
     temperature: float
     teacher: str
-    live: LiveWeightSpec
     score_cfg: ScoreConfig
     weight_cfg: WeightConfig
     row_keys: list[tuple[str, int]]  # of the rollouts' rows, in order
@@ -117,8 +116,13 @@ class ScoreInTrainStep:
            teacher: str, vocab_sizes: dict[str, int]) -> ScoreInTrainStep:
         """From the rollouts shard's rows and the iteration's stage configs."""
         return cls(inputs, micro_batches(table, teacher_prompts, weight_cfg), temperature,
-                   teacher, live_spec(weight_cfg), score_cfg, weight_cfg, row_keys(table),
-                   teacher_prompts, vocab_sizes)
+                   teacher, score_cfg, weight_cfg, row_keys(table), teacher_prompts,
+                   vocab_sizes)
+
+    @property
+    def live(self) -> LiveWeightSpec:
+        """The weight stage's settings, for the step's live weights."""
+        return live_spec(self.weight_cfg)
 
     def write_shards(self, logprobs: StepLogprobs) -> StepShards:
         t0 = time.perf_counter()
