@@ -1128,10 +1128,22 @@ def sd_text(xs: list[float | None]) -> str:
 
 def code_text(run: dict, results: dict) -> str:
     commits = sorted({c for wr in results.values() for c in wr.get("commits", []) if c})
-    made = f"commit {run['commit']}"
+    made = f"commit {run['commit']} (renio_core + renio_cli digest {run['code_digest']})"
     if commits and commits != [run["commit"]]:
-        made += f"; the runs were made at {', '.join(commits)}"
-    return f"{made} (renio_core + renio_cli digest {run['code_digest']})"
+        # collect() takes another code's records only where --verify found them equal.
+        made += (f"; the runs were made at {', '.join(commits)}, and where that was other code, "
+                 "`--verify` remade each condition's first replicate at this code and every "
+                 "number was equal to the last bit (`experiments/records/verified.json`)")
+    return made
+
+
+def run_time_text(run: dict, results: dict) -> str:
+    """The runs' own time, summed from their records: one invocation's wall time is only the
+    part of the experiment that ran in that sitting."""
+    runs = [r for wr in results.values() for rs in wr.get("runs", {}).values() for r in rs]
+    hours = sum(r.get("seconds", 0.0) for r in runs) / 3600
+    return (f"{len(runs)} runs of {hours:.1f} h in all (each run's own time, summed; on a "
+            f"{run['cpus']}-core machine, {run['jobs']} runs at a time)")
 
 
 def write_report(docs: Path, run: dict, results: dict, analysis: dict) -> str:
@@ -1142,8 +1154,7 @@ def write_report(docs: Path, run: dict, results: dict, analysis: dict) -> str:
                   "experiment; its numbers mean nothing.**", ""]
     lines += [
         f"Made by `python experiments/replicate.py` at {code_text(run, results)}; "
-        f"{run['wall_s'] / 60:.1f} min of wall time in all on a {run['cpus']}-core machine, "
-        f"{run['jobs']} runs at a time. The design, the tests and the decision rule are fixed "
+        f"{run_time_text(run, results)}. The design, the tests and the decision rule are fixed "
         "in the script's docstring before the first run: replicates 0-9 and no more; inside "
         "a replicate every condition has the same seed, so all start from one base evaluation, "
         "the same first rollouts and the same evaluation seeds; every run is `renio run` with "

@@ -537,7 +537,11 @@ def test_report_text(rep, tmp_path):
     text = rep.write_report(tmp_path, RUN, results, analysis)
     assert (tmp_path / "replication.md").read_text() == text
     assert "commit abc123 (renio_core + renio_cli digest feedfacefeedface)" in text
-    assert "90.0 min of wall time" in text
+    # 7 x 10 reflect runs and 4 x 3 chain runs of 60 s each: 82 min.
+    assert "82 runs of 1.4 h in all" in text and "verified.json" not in text
+    results["chain"]["commits"] = ["abc123", "def456"]
+    text = rep.write_report(tmp_path, RUN, results, analysis)
+    assert "the runs were made at abc123, def456, and where that was other code" in text
     rows = {}
     for ln in text.splitlines():  # the primary table comes before the iteration-16 one
         if ln.startswith("| ("):
