@@ -482,6 +482,21 @@ def reuse_decision(run_dir: Path, stamp: dict, *, rerun_stale: bool = False,
     return "reuse" if state in ("finished", "recorded") else "run"
 
 
+class BuildLog:
+    """A world build's progress as plain lines (start and end of each phase), so that a log
+    shows why nothing else happens for minutes. Called only when the world is built."""
+
+    def __init__(self, world: str):
+        self.world, self.t0 = world, time.perf_counter()
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if done in (1, total):
+            state = "started" if done == 1 and total > 1 else "done"
+            steps = f"{total} step{'s' if total > 1 else ''}"
+            print(f"building the {self.world} world: {what} ({steps}) {state}; "
+                  f"{(time.perf_counter() - self.t0) / 60:.1f} min", flush=True)
+
+
 def all_recorded(records: Path, world: str, replicates: list[int], digest: str,
                  commit: str) -> bool:
     """Whether every run of ``world`` has a record that counts for this code."""
@@ -1343,7 +1358,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in args.worlds:
             if w not in files and (args.verify or args.trial or not all_recorded(
                     args.records, w, replicates, digest, commit)):
-                builders[w]()
+                builders[w](progress=BuildLog(w))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     t0 = time.perf_counter()
     failures: list[str] = []

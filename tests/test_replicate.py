@@ -374,6 +374,18 @@ def test_a_world_whose_runs_are_all_recorded_needs_no_build(rep, tmp_path):
     assert not rep.all_recorded(records, "chain", [0, 1], new, "c2")
 
 
+def test_a_world_build_logs_the_start_and_end_of_each_phase(rep, capsys):
+    log = rep.BuildLog("reflect")
+    for step in range(1, 101):
+        log("train reflect student", step, 100)
+    log("measure reflect world", 1, 1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(";")[0] for ln in lines] == [
+        "building the reflect world: train reflect student (100 steps) started",
+        "building the reflect world: train reflect student (100 steps) done",
+        "building the reflect world: measure reflect world (1 step) done"]
+
+
 def test_records_of_older_code_count_once_the_current_code_remade_them(rep, tmp_path):
     records = tmp_path / "records"
     old, mid, new = "a" * 16, "b" * 16, "c" * 16
