@@ -500,9 +500,8 @@ class BuildLog:
 def all_recorded(records: Path, world: str, replicates: list[int], digest: str,
                  commit: str) -> bool:
     """Whether every run of ``world`` has a record that counts for this code."""
-    return all(read_record(record_path(records, world, name, rep),
-                           run_stamp(world, name, rep, digest, commit)) is not None
-               for rep in replicates for name in world_conditions(world))
+    return all(read_record(record_path(records, *task), run_stamp(*task, digest, commit))
+               is not None for task in plan([world], replicates))
 
 
 def plan(worlds: list[str], replicates: list[int], only: list[str] | None = None
